@@ -6,10 +6,32 @@ scaling_factor(rule, alpha, rank, n_clients, **kw) -> float
     gamma for "lora", "rslora", "sfed" and "sfed-general" (rho, weights, participating).
 effective_clients(n_clients, rho, weights, participating) -> float
     N_eff = 1 / (rho + (1 - rho) * sum p_i^2).
+predicted_norm(quantity, rule, *, regime, scheme, rank, n_clients, ...) -> float
+    sqrt of a derived second moment (adapter output, update, gradients) under a rule.
+predicted_exponent(quantity, rule, *, wrt, ranks, n_clients, ...) -> float
+    least-squares log-log slope of predicted_norm over a measurement's grid.
+derive(quantity, scheme, regime) -> Derivation;  solve_invariance(scheme, regime) -> Invariance
+    the symbolic derivation (index expression, Wick pairings, closed form) and the solved gamma.
 """
 
+from sfed_theory.derivation import Derivation, Invariance, closed_form, derive, derive_all, solve_invariance
+from sfed_theory.predict import predicted_exponent, predicted_norm
 from sfed_theory.rules import RULES, effective_clients, scaling_factor, weights_sum_squares
 
 __version__ = "0.1.0"
 
-__all__ = ["RULES", "scaling_factor", "effective_clients", "weights_sum_squares", "__version__"]
+__all__ = [
+    "RULES",
+    "scaling_factor",
+    "effective_clients",
+    "weights_sum_squares",
+    "predicted_norm",
+    "predicted_exponent",
+    "derive",
+    "derive_all",
+    "closed_form",
+    "solve_invariance",
+    "Derivation",
+    "Invariance",
+    "__version__",
+]

@@ -1,0 +1,205 @@
+"""The one-round random model of THEORY.md as explicit objects.
+
+Everything the derivation uses is declared here: the sympy symbols, the Gaussian random tensors
+(with their shapes, entry variances and client correlation), the named assumptions, the two
+optimizer regimes and the four aggregation schemes. :mod:`sfed_theory.schemes` builds the
+quantities from these objects and :mod:`sfed_theory.wick` takes expectations; nothing downstream
+adds an assumption that is not listed in :data:`ASSUMPTIONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy as sp
+
+__all__ = [
+    "SYM",
+    "Symbols",
+    "GaussianField",
+    "Assumption",
+    "Regime",
+    "Scheme",
+    "FIELDS",
+    "ASSUMPTIONS",
+    "REGIMES",
+    "SCHEMES",
+    "power_sum",
+    "range_size",
+]
+
+
+@dataclass(frozen=True)
+class Symbols:
+    """The sympy symbols of the model (all positive except ``rho``, which lies in [0, 1])."""
+
+    gamma: sp.Symbol  # scaling factor in dW = gamma * B @ A
+    alpha: sp.Symbol  # LoRA alpha (target scale of the invariance condition)
+    d: sp.Symbol  # output dimension (rows of B)
+    k: sp.Symbol  # input dimension (columns of A)
+    r: sp.Symbol  # adapter rank
+    N: sp.Symbol  # number of clients averaged in one round
+    rho: sp.Symbol  # correlation of two clients' increments at the same entry
+    s_A: sp.Symbol  # std of the entries of the shared init A
+    s_B: sp.Symbol  # std of the entries of a client's B increment (Adam regime)
+    s_dA: sp.Symbol  # std of the entries of a client's A increment (Adam regime, not FFA)
+    tau: sp.Symbol  # std of the entries of gradients: client G_i = dL_i/dW (SGD) and probe g = dL/dy
+    eta: sp.Symbol  # SGD learning rate
+    X2: sp.Symbol  # ||x||^2 of the deterministic probe input
+
+
+SYM = Symbols(
+    gamma=sp.Symbol("gamma", positive=True),
+    alpha=sp.Symbol("alpha", positive=True),
+    d=sp.Symbol("d", positive=True, integer=True),
+    k=sp.Symbol("k", positive=True, integer=True),
+    r=sp.Symbol("r", positive=True, integer=True),
+    N=sp.Symbol("N", positive=True, integer=True),
+    rho=sp.Symbol("rho", nonnegative=True),
+    s_A=sp.Symbol("s_A", positive=True),
+    s_B=sp.Symbol("s_B", positive=True),
+    s_dA=sp.Symbol("s_dA", positive=True),
+    tau=sp.Symbol("tau", positive=True),
+    eta=sp.Symbol("eta", positive=True),
+    X2=sp.Symbol("X2", positive=True),  # printed as X2 = ||x||^2
+)
+
+
+@lru_cache(maxsize=None)
+def power_sum(m: int) -> sp.Expr:
+    """``S_m = sum_i p_i^m`` over the averaged clients (``S_1 = 1`` because the weights sum to one)."""
+    if m < 1:
+        raise ValueError(f"power sums start at m = 1, got {m}")
+    if m == 1:
+        return sp.Integer(1)
+    return sp.Symbol(f"S{m}", positive=True)
+
+
+def range_size(rng: str) -> sp.Expr:
+    """Size of an index range: ``d``, ``k``, ``r``, ``N`` (clients) or ``1`` (a column of a vector)."""
+    sizes = {"d": SYM.d, "k": SYM.k, "r": SYM.r, "N": SYM.N, "1": sp.Integer(1)}
+    if rng not in sizes:
+        raise ValueError(f"unknown index range {rng!r}; allowed: {sorted(sizes)}")
+    return sizes[rng]
+
+
+@dataclass(frozen=True)
+class GaussianField:
+    """A zero-mean Gaussian random tensor with iid entries (up to the client correlation).
+
+    ``Cov(F[i]_a, F[i']_a') = variance * prod(delta(a, a')) * (rho + (1 - rho) delta(i, i'))`` for a
+    per-client field, and ``variance * prod(delta(a, a'))`` for a shared one.
+    """
+
+    name: str
+    latex: str
+    shape: tuple[str, ...]
+    variance: sp.Expr
+    per_client: bool
+    description: str
+
+
+FIELDS: dict[str, GaussianField] = {
+    f.name: f
+    for f in (
+        GaussianField("A", "A", ("r", "k"), SYM.s_A**2, False, "shared LoRA init A (r x k), iid N(0, s_A^2)"),
+        GaussianField(
+            "B", "B", ("d", "r"), SYM.s_B**2, True,
+            "client i's increment of B (d x r) in the Adam regime; B starts at 0, so this is B_i",
+        ),
+        GaussianField(
+            "D", r"\Delta", ("r", "k"), SYM.s_dA**2, True,
+            "client i's increment of A (r x k) in the Adam regime: A_i = A + Delta_i (absent for FFA)",
+        ),
+        GaussianField(
+            "G", "G", ("d", "k"), SYM.tau**2, True,
+            "client i's loss gradient wrt W, G_i = dL_i/dW (d x k), SGD regime",
+        ),
+        GaussianField("g", "g", ("d", "1"), SYM.tau**2, False, "probe output gradient g = dL/dy (d), iid N(0, tau^2)"),
+    )
+}
+"""Every random tensor of the model; they are mutually independent."""
+
+DETERMINISTIC: dict[str, str] = {"x": "probe input x (k), deterministic, ||x||^2 = X2"}
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """A named assumption of the random model, with a plain-text and a LaTeX statement."""
+
+    name: str
+    text: str
+    latex: str
+
+
+ASSUMPTIONS: tuple[Assumption, ...] = (
+    Assumption("A_init", "A has iid N(0, s_A^2) entries (Kaiming-like: s_A^2 ~ 1/k)",
+               r"A_{lm} \sim \mathcal{N}(0, s_A^2)\ \text{iid}"),
+    Assumption("client_correlation",
+               "per-client increments have iid entries across positions, and two clients' entries at the "
+               "same position have correlation rho",
+               r"\mathrm{Cov}(F^{(i)}_{a}, F^{(i')}_{a'}) = s_F^2\,\delta_{aa'}\,(\rho + (1-\rho)\delta_{ii'})"),
+    Assumption("gaussian", "all random tensors are jointly Gaussian (Isserlis/Wick gives every moment)",
+               r"\mathbb{E}[\prod_n z_n] = \sum_{\text{pairings}} \prod \mathbb{E}[z_a z_b]"),
+    Assumption("independence", "A, the B increments, the A increments, the client gradients G and the probe g "
+               "are mutually independent", r"A \perp B \perp \Delta \perp G \perp g"),
+    Assumption("weights", "the server averages with weights p_i >= 0, sum p_i = 1; S_m = sum p_i^m",
+               r"\bar F = \sum_i p_i F^{(i)},\ \sum_i p_i = 1,\ S_m = \sum_i p_i^m"),
+    Assumption("participation", "K of N clients are sampled per round and averaged with equal weights, "
+               "so S_m = K^(1-m); with unequal weights S_m is that of the renormalised sampled weights",
+               r"S_m = K^{1-m}"),
+    Assumption("probe", "the adapter is probed with a deterministic input x (||x||^2 = X2) and an output "
+               "gradient g with iid N(0, tau^2) entries, independent of everything else",
+               r"\|x\|^2 = X_2,\ g_j \sim \mathcal{N}(0, \tau^2)"),
+    Assumption("zero_init_B", "B is initialised to zero, so a client's B after the round is its increment",
+               r"B_0 = 0"),
+)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How a client's increments depend on gamma."""
+
+    name: str
+    text: str
+    latex: str
+
+
+REGIMES: dict[str, Regime] = {
+    "adam": Regime(
+        "adam",
+        "Adam/sign-like: increment scale does not depend on gamma; B_i has iid N(0, s_B^2) entries and, "
+        "except for FFA, A_i = A + Delta_i with Delta_i iid N(0, s_dA^2); both client-correlated (rho)",
+        r"B_i \sim s_B,\ A_i = A + \Delta_i",
+    ),
+    "sgd": Regime(
+        "sgd",
+        "SGD: one local step of size eta from B = 0. dL_i/dB = gamma G_i A^T, so B_i = -gamma eta G_i A^T "
+        "(proportional to gamma, aligned with A^T; the client-specific part of G_i is the noise), and "
+        "dL_i/dA = gamma B^T G_i = 0 at B = 0, so A_i = A",
+        r"B_i = -\gamma\eta\,G_i A^\top,\ A_i = A",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An aggregation scheme: what the server's update dW is, and the factors of the new adapter."""
+
+    name: str
+    text: str
+    update_latex: str
+
+
+SCHEMES: dict[str, Scheme] = {
+    "ffa": Scheme("ffa", "FFA-LoRA: A frozen and shared, B averaged; dW = gamma Bbar A, factors (Bbar, A)",
+                  r"\gamma \bar B A"),
+    "fedit": Scheme("fedit", "FedIT: A and B averaged separately (product of averages); dW = gamma Bbar Abar, "
+                    "factors (Bbar, Abar)", r"\gamma \bar B \bar A"),
+    "fedsa": Scheme("fedsa", "FedSA-LoRA: A averaged, B stays local; the update is one client c's "
+                    "personalised model dW = gamma B_c Abar, factors (B_c, Abar)", r"\gamma B_c \bar A"),
+    "exact": Scheme("exact", "exact aggregation (average of products, FedEx-style): dW = gamma sum_i p_i B_i A_i; "
+                    "the residual dW - gamma Bbar Abar is folded into W0, so the adapter factors carried on "
+                    "are (Bbar, Abar)", r"\gamma \sum_i p_i B_i A_i"),
+}

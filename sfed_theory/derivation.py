@@ -1,0 +1,171 @@
+"""Derive the closed-form moments and solve the invariance condition for gamma.
+
+``derive(quantity, scheme, regime)`` builds the index expression (:mod:`sfed_theory.schemes`),
+takes its expectation by Wick pairings and delta contraction (:mod:`sfed_theory.wick`) and keeps
+every step for printing. ``solve_invariance`` then asks sympy for the gamma that keeps the moment
+at its single-client, rank-1 value. Results are cached (``lru_cache``): the first full derivation
+takes about a second, later calls are dictionary look-ups.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import lru_cache
+
+import sympy as sp
+
+from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
+from sfed_theory.schemes import QUANTITIES, QUANTITY_TEXT, build, check_names
+from sfed_theory.wick import Pairing, Term, expect, term_latex
+
+__all__ = [
+    "Derivation",
+    "Invariance",
+    "C_N",
+    "derive",
+    "closed_form",
+    "derive_all",
+    "defined_combinations",
+    "solve_invariance",
+    "in_terms_of_c",
+    "clear_caches",
+]
+
+C_N = sp.Symbol("c_N", positive=True)
+"""Display symbol for ``rho + (1 - rho) * S2 = 1 / N_eff`` (used only for printing)."""
+
+_WEIGHT_SUMS = tuple(power_sum(m) for m in range(2, 5))
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """Every step of one derivation: the index expression, the pairings, the closed form."""
+
+    quantity: str
+    scheme: str
+    regime: str
+    terms: tuple[Term, ...]
+    pairings: tuple[Pairing, ...]
+    result: sp.Expr  # factored closed form of the expectation
+
+    def latex(self) -> str:
+        """The derivation as LaTeX lines: quantity, index expression, pairings, result."""
+        lines = [rf"\text{{{self.quantity}, scheme {self.scheme}, regime {self.regime}}}"]
+        expr = " + ".join(term_latex(t) for t in self.terms)
+        lines.append(rf"Q = {expr}")
+        for p in self.pairings:
+            lines.append(rf"[{p.term}]\ {p.latex()}")
+        lines.append(rf"\mathbb{{E}}[Q] = {sp.latex(self.result)}")
+        return "\n".join(lines)
+
+    def text(self, steps: bool = True) -> str:
+        """Plain-text summary (the pairings only as a count unless ``steps``)."""
+        head = f"{self.quantity} [{self.scheme}/{self.regime}]: {QUANTITY_TEXT[self.quantity]}"
+        lines = [head, f"  index terms: {len(self.terms)}, Wick pairings (after rho split): {len(self.pairings)}"]
+        if steps:
+            for t in self.terms:
+                lines.append(f"  term: {term_latex(t)}")
+            for p in self.pairings:
+                lines.append(f"  pairing[{p.term}] -> {p.value}")
+        lines.append(f"  E = {self.result}")
+        lines.append(f"    = {in_terms_of_c(self.result)}   (c_N = rho + (1 - rho)*S2)")
+        return "\n".join(lines)
+
+
+@lru_cache(maxsize=None)
+def derive(quantity: str, scheme: str = "ffa", regime: str = "adam") -> Derivation:
+    """Derive ``E[quantity]`` for an aggregation scheme and optimizer regime (cached)."""
+    check_names(quantity, scheme, regime)
+    terms = build(quantity, scheme, regime)
+    total, pairings = expect(terms)
+    return Derivation(quantity, scheme, regime, tuple(terms), tuple(pairings), sp.factor(total))
+
+
+def closed_form(quantity: str, scheme: str = "ffa", regime: str = "adam") -> sp.Expr:
+    """The derived closed form of ``E[quantity]`` (a sympy expression)."""
+    return derive(quantity, scheme, regime).result
+
+
+def defined_combinations() -> list[tuple[str, str, str]]:
+    """All (quantity, scheme, regime) combinations the model defines."""
+    out = []
+    for q, s, r in itertools.product(QUANTITIES, SCHEMES, REGIMES):
+        try:
+            check_names(q, s, r)
+        except ValueError:
+            continue
+        out.append((q, s, r))
+    return out
+
+
+def derive_all() -> dict[tuple[str, str, str], Derivation]:
+    """Derive every defined combination (cached individually)."""
+    return {key: derive(*key) for key in defined_combinations()}
+
+
+def in_terms_of_c(expr: sp.Expr) -> sp.Expr:
+    """Rewrite ``S2`` through ``c_N = rho + (1 - rho) S2`` for display; the identity is checked."""
+    s2 = power_sum(2)
+    if not expr.has(s2):
+        return expr
+    out = sp.factor(sp.expand(expr.subs(s2, (C_N - SYM.rho) / (1 - SYM.rho))))
+    back = sp.expand(out.subs(C_N, SYM.rho + (1 - SYM.rho) * s2) - expr)
+    if sp.simplify(back) != 0:  # pragma: no cover - a display bug must not pass silently
+        raise AssertionError("display rewrite changed the expression")
+    return out
+
+
+@dataclass(frozen=True)
+class Invariance:
+    """The invariance condition ``Q(gamma; r, S) = Q(alpha; r = 1, N = 1)`` and its solution."""
+
+    quantity: str
+    scheme: str
+    regime: str
+    equation: sp.Eq
+    roots: tuple[sp.Expr, ...]  # everything sympy.solve returned
+    gamma_star: sp.Expr  # the root that is real and positive
+    at_rho0_equal: sp.Expr  # gamma_star at rho = 0, S_m = N^(1-m)
+    at_one_client: sp.Expr  # gamma_star at N = 1 (all S_m = 1)
+    at_rho1: sp.Expr  # gamma_star at rho = 1
+
+
+@lru_cache(maxsize=None)
+def solve_invariance(scheme: str = "ffa", regime: str = "adam", quantity: str = "adapter_output") -> Invariance:
+    """Solve for the gamma that keeps ``E[quantity] / d`` at its ``r = 1, N = 1, gamma = alpha`` value.
+
+    The reference value is the same closed form at rank 1 and one client (``S_m = 1``) with
+    ``gamma = alpha``, so the condition reads "as large as a rank-1 single-client adapter with
+    scale alpha", whatever r and N.
+    """
+    q = closed_form(quantity, scheme, regime)
+    if not q.has(SYM.gamma):
+        raise ValueError(f"{quantity} [{scheme}/{regime}] does not depend on gamma; nothing to solve")
+    reference = q.subs({SYM.gamma: SYM.alpha, SYM.r: 1, **{s: 1 for s in _WEIGHT_SUMS}})
+    eq = sp.Eq(q / SYM.d, reference / SYM.d)
+    roots = tuple(sp.solve(eq, SYM.gamma))
+    positive = [z for z in roots if _positive_at_generic_point(z)]
+    if len(positive) != 1:
+        raise RuntimeError(f"expected one positive root for gamma, sympy returned {roots}")
+    g = sp.simplify(positive[0])
+    n = SYM.N
+    equal = {power_sum(m): n ** (1 - m) for m in range(2, 5)}
+    return Invariance(
+        quantity, scheme, regime, eq, roots, g,
+        at_rho0_equal=sp.simplify(g.subs(SYM.rho, 0).subs(equal)),
+        at_one_client=sp.simplify(g.subs({s: 1 for s in _WEIGHT_SUMS})),
+        at_rho1=sp.simplify(g.subs(SYM.rho, 1)),
+    )
+
+
+def _positive_at_generic_point(z: sp.Expr) -> bool:
+    point = {s: sp.Rational(3, 7) + i / 5 for i, s in enumerate(sorted(z.free_symbols, key=str))}
+    val = complex(z.subs(point).evalf())
+    return abs(val.imag) < 1e-12 and val.real > 0
+
+
+def clear_caches() -> None:
+    """Forget every cached derivation (for cold-start timing)."""
+    derive.cache_clear()
+    solve_invariance.cache_clear()

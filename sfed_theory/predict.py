@@ -1,0 +1,187 @@
+"""Numerical predictions from the derived closed forms (the interface the validation harness uses).
+
+``predicted_norm`` evaluates ``sqrt(E[Q])`` for a quantity Q under a scaling rule, with the closed
+form taken from :func:`sfed_theory.derivation.closed_form` and compiled once with
+``sympy.lambdify`` (cached). ``predicted_exponent`` is the least-squares log-log slope of
+``predicted_norm`` over the grid points a measurement used, so theory and measurement are
+compared on identical grids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+
+import numpy as np
+import sympy as sp
+
+from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
+from sfed_theory.derivation import closed_form
+from sfed_theory.rules import RULES, scaling_factor
+
+__all__ = ["PREDICTABLE", "predicted_norm", "predicted_exponent", "weight_sums"]
+
+PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_B", "aggregation_error")
+"""Quantities ``predicted_norm`` accepts (sqrt of a second moment)."""
+
+_ARGS: tuple[sp.Symbol, ...] = (
+    SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
+    *(power_sum(m) for m in range(2, 5)),
+)
+
+
+@lru_cache(maxsize=None)
+def _compiled(quantity: str, scheme: str, regime: str) -> Callable[..., float]:
+    expr = closed_form(quantity, scheme, regime)
+    extra = expr.free_symbols - set(_ARGS)
+    if extra:  # pragma: no cover - would mean the model grew a symbol predict does not feed
+        raise RuntimeError(f"closed form has symbols predict cannot set: {sorted(map(str, extra))}")
+    return sp.lambdify(_ARGS, expr, "math")
+
+
+def weight_sums(n_averaged: int) -> tuple[float, float, float]:
+    """``(S2, S3, S4)`` for equal weights over ``n_averaged`` clients: ``S_m = K^(1 - m)``."""
+    return tuple(float(n_averaged) ** (1 - m) for m in range(2, 5))  # type: ignore[return-value]
+
+
+def _positive(name: str, value: float | None) -> float:
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number > 0, got {value!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def predicted_norm(
+    quantity: str,
+    rule: str,
+    *,
+    regime: str = "adam",
+    scheme: str = "ffa",
+    rank: int,
+    n_clients: int,
+    alpha: float = 16.0,
+    rho: float = 0.0,
+    participating: int | None = None,
+    d: int = 384,
+    k: int = 384,
+    s_A: float | None = None,
+    s_B: float = 1.0,
+    tau: float = 1.0,
+    eta: float = 1.0,
+    x_norm2: float | None = None,
+    s_dA: float | None = None,
+) -> float:
+    """Predicted RMS size ``sqrt(E[Q])`` of a quantity after one aggregation round.
+
+    Parameters
+    ----------
+    quantity:
+        ``"adapter_output"`` (``||gamma * dW_agg x||``), ``"update_fro"`` (``||dW||_F``),
+        ``"grad_A"``, ``"grad_B"`` (gradient norms at the aggregated adapter for an output gradient
+        with iid entries of variance ``tau^2``) or ``"aggregation_error"``
+        (``||dW - dW_exact||_F``; schemes ffa, fedit, exact).
+    rule:
+        Scaling rule of :func:`sfed_theory.scaling_factor`; for ``"sfed-general"`` ``rho`` and
+        ``participating`` are passed on.
+    regime, scheme:
+        ``"adam"`` or ``"sgd"``; ``"fedit"``, ``"fedsa"``, ``"ffa"`` or ``"exact"``.
+    rank, n_clients, participating:
+        r, N and K (clients averaged per round, equal weights; default N), so ``S2 = 1/K``.
+    rho:
+        Client correlation in [0, 1].
+    d, k, s_A, s_B, tau, eta, x_norm2:
+        Layer sizes, init std of A (default ``1/sqrt(k)``), std of a client's B increment (Adam),
+        gradient std, SGD learning rate, ``||x||^2`` of the probe input (default ``k``).
+    s_dA:
+        Std of a client's A increment in the Adam regime for fedit/fedsa/exact (default ``s_B``:
+        a sign-like step moves entries of A and B by the same amount). Unused by FFA and SGD.
+
+    Raises
+    ------
+    ValueError
+        On an unknown quantity, rule, regime or scheme, or an out-of-range number.
+    """
+    if quantity not in PREDICTABLE:
+        raise ValueError(f"unknown quantity {quantity!r}; allowed: {', '.join(PREDICTABLE)}")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; allowed: {', '.join(REGIMES)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; allowed rules: {', '.join(RULES)}")
+    r = _count("rank", rank)
+    n = _count("n_clients", n_clients)
+    kk = n if participating is None else _count("participating", participating)
+    if kk > n:
+        raise ValueError(f"participating={kk} exceeds n_clients={n}: at most N of N clients can take part")
+    rho_f = float(rho)
+    if not (math.isfinite(rho_f) and 0.0 <= rho_f <= 1.0):
+        raise ValueError(f"rho (client correlation) must lie in [0, 1], got {rho!r}")
+    dd, kd = _count("d", d), _count("k", k)
+    s_a = 1.0 / math.sqrt(kd) if s_A is None else _positive("s_A", s_A)
+    s_b = _positive("s_B", s_B)
+    s_da = s_b if s_dA is None else _positive("s_dA", s_dA)
+    x2 = float(kd) if x_norm2 is None else _positive("x_norm2", x_norm2)
+    extra = {"rho": rho_f, "participating": participating} if rule == "sfed-general" else {}
+    gamma = scaling_factor(rule, alpha, r, n, **extra)
+    f = _compiled(quantity, scheme, regime)
+    value = f(gamma, dd, kd, r, kk, rho_f, s_a, s_b, s_da, _positive("tau", tau), _positive("eta", eta), x2,
+              *weight_sums(kk))
+    return math.sqrt(max(float(value), 0.0))
+
+
+def predicted_exponent(
+    quantity: str,
+    rule: str,
+    *,
+    wrt: str,
+    ranks: Sequence[int] | int,
+    n_clients: Sequence[int] | int,
+    **kw: object,
+) -> float:
+    """Least-squares log-log slope of :func:`predicted_norm` in ``wrt`` over measured grid points.
+
+    ``ranks`` and ``n_clients`` are the grid a measurement used: either one of them is a scalar
+    and the other a sequence, or both are sequences of equal length (paired points). If the
+    other variable also varies across the points, ``log norm`` is regressed on both ``log r`` and
+    ``log N`` and the coefficient of ``wrt`` is returned (a partial slope). ``**kw`` goes to
+    ``predicted_norm`` (regime, scheme, alpha, rho, ...).
+    """
+    if wrt not in ("rank", "n_clients"):
+        raise ValueError(f"wrt must be 'rank' or 'n_clients', got {wrt!r}")
+    r_list = [ranks] if isinstance(ranks, (int, np.integer)) else list(ranks)
+    n_list = [n_clients] if isinstance(n_clients, (int, np.integer)) else list(n_clients)
+    if not r_list or not n_list:
+        raise ValueError("ranks and n_clients must not be empty")
+    if len(r_list) == 1:
+        r_list = r_list * len(n_list)
+    if len(n_list) == 1:
+        n_list = n_list * len(r_list)
+    if len(r_list) != len(n_list):
+        raise ValueError(f"ranks ({len(r_list)}) and n_clients ({len(n_list)}) must have equal length "
+                         "when both are sequences (paired grid points)")
+    x = np.log(np.asarray(r_list if wrt == "rank" else n_list, dtype=float))
+    other = np.log(np.asarray(n_list if wrt == "rank" else r_list, dtype=float))
+    if np.unique(x).size < 2:
+        raise ValueError(f"need at least two distinct values of {wrt} to fit a slope")
+    y = np.log([predicted_norm(quantity, rule, rank=int(r), n_clients=int(n), **kw)  # type: ignore[arg-type]
+                for r, n in zip(r_list, n_list)])
+    cols = [np.ones_like(x), x]
+    if np.unique(other).size > 1:
+        cols.append(other)
+    design = np.column_stack(cols)
+    if np.linalg.matrix_rank(design) < design.shape[1]:
+        raise ValueError("log rank and log n_clients are collinear on this grid; the slope in "
+                         f"{wrt} is not identifiable (vary one of them at a time)")
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(coef[1])

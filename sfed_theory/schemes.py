@@ -1,0 +1,119 @@
+"""The random quantities of one aggregation round, written as index expressions.
+
+For a (quantity, scheme, regime) this module builds the scalar whose expectation the engine in
+:mod:`sfed_theory.wick` takes. It only encodes the definitions of
+:mod:`sfed_theory.assumptions` (client factors, server update, adapter factors); no moment is
+computed here.
+"""
+
+from __future__ import annotations
+
+from sfed_theory.assumptions import REGIMES, SCHEMES, SYM
+from sfed_theory.wick import FIXED_CLIENT, Idx, IndexFactory, Mat, Term, frobenius_inner
+
+__all__ = ["QUANTITIES", "QUANTITY_TEXT", "check_names", "client_B", "client_A", "update", "factors", "build"]
+
+QUANTITY_TEXT: dict[str, str] = {
+    "adapter_output": "E||y||^2, y = dW x (aggregated adapter output for a probe input x)",
+    "update_fro": "E||dW||_F^2 (aggregated update)",
+    "grad_A": "E||dL/dA||_F^2 at the aggregated adapter, dL/dA = gamma B^T g x^T",
+    "grad_B": "E||dL/dB||_F^2 at the aggregated adapter, dL/dB = gamma g x^T A^T",
+    "aggregation_error": "E||dW - dW_exact||_F^2 (product of averages minus average of products)",
+    "loss_change": "E<G, dW> (first-order loss change; G = sum_i p_i G_i, or G_c for FedSA), SGD only",
+}
+QUANTITIES: tuple[str, ...] = tuple(QUANTITY_TEXT)
+
+
+def check_names(quantity: str, scheme: str, regime: str) -> None:
+    """Raise ValueError unless the names are known and the combination is defined."""
+    if quantity not in QUANTITY_TEXT:
+        raise ValueError(f"unknown quantity {quantity!r}; allowed: {', '.join(QUANTITIES)}")
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; allowed: {', '.join(REGIMES)}")
+    if quantity == "aggregation_error" and scheme == "fedsa":
+        raise ValueError("aggregation_error compares a global update with the exact average of products; "
+                         "FedSA-LoRA keeps B local, so it is defined for schemes ffa, fedit, exact only")
+    if quantity == "loss_change" and regime != "sgd":
+        raise ValueError("loss_change is defined in the 'sgd' regime only (under 'adam' the model's increments "
+                         "are independent of the gradient, so E<G, dW> = 0 by assumption)")
+
+
+def _a_moves(scheme: str, regime: str) -> bool:
+    # FFA freezes A; one SGD step from B = 0 leaves A unchanged (dL/dA = gamma B^T G = 0).
+    return regime == "adam" and scheme != "ffa"
+
+
+def client_B(regime: str, i: Idx) -> Mat:
+    """Client i's B after the round (B starts at 0)."""
+    if regime == "adam":
+        return Mat.field("B", i)
+    return (Mat.field("G", i) @ Mat.field("A").T).scale(-SYM.gamma * SYM.eta)
+
+
+def client_A(scheme: str, regime: str, i: Idx) -> Mat:
+    """Client i's A after the round."""
+    if _a_moves(scheme, regime):
+        return Mat.field("A") + Mat.field("D", i)
+    return Mat.field("A")
+
+
+def _abar(scheme: str, regime: str) -> Mat:
+    if not _a_moves(scheme, regime):
+        return Mat.field("A")  # every client holds the same A: its average is A
+    return Mat.client_average(lambda i: client_A(scheme, regime, i), "r", "k")
+
+
+def _bbar(regime: str) -> Mat:
+    return Mat.client_average(lambda i: client_B(regime, i), "d", "r")
+
+
+def _exact(scheme: str, regime: str) -> Mat:
+    return Mat.client_average(lambda i: client_B(regime, i) @ client_A(scheme, regime, i), "d", "k").scale(SYM.gamma)
+
+
+def update(scheme: str, regime: str) -> Mat:
+    """The server's update dW (gamma included)."""
+    if scheme == "exact":
+        return _exact(scheme, regime)
+    b, a = factors(scheme, regime)
+    return (b @ a).scale(SYM.gamma)
+
+
+def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
+    """The factors (B, A) of the adapter after aggregation, at which gradients are taken."""
+    if scheme == "fedsa":
+        return client_B(regime, FIXED_CLIENT), _abar(scheme, regime)
+    return _bbar(regime), _abar(scheme, regime)
+
+
+def build(quantity: str, scheme: str, regime: str) -> list[Term]:
+    """The scalar random quantity (before expectation) as a list of index terms."""
+    check_names(quantity, scheme, regime)
+    fac = IndexFactory()
+    x = Mat.vector_x()
+    g = Mat.field("g")
+    if quantity == "adapter_output":
+        y = update(scheme, regime) @ x
+        return frobenius_inner(y, y, fac)
+    if quantity == "update_fro":
+        dw = update(scheme, regime)
+        return frobenius_inner(dw, dw, fac)
+    if quantity == "grad_A":
+        b, _ = factors(scheme, regime)
+        grad = (b.T @ g @ x.T).scale(SYM.gamma)
+        return frobenius_inner(grad, grad, fac)
+    if quantity == "grad_B":
+        _, a = factors(scheme, regime)
+        grad = (g @ (a @ x).T).scale(SYM.gamma)
+        return frobenius_inner(grad, grad, fac)
+    if quantity == "aggregation_error":
+        err = update(scheme, regime) - _exact(scheme, regime)
+        return frobenius_inner(err, err, fac)
+    # loss_change (SGD): the gradient of the objective the update is applied to
+    if scheme == "fedsa":
+        grad_w = Mat.field("G", FIXED_CLIENT)
+    else:
+        grad_w = Mat.client_average(lambda i: Mat.field("G", i), "d", "k")
+    return frobenius_inner(grad_w, update(scheme, regime), fac)
