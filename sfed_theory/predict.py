@@ -9,6 +9,7 @@ compared on identical grids.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -18,9 +19,10 @@ import sympy as sp
 
 from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
 from sfed_theory.derivation import closed_form
+from sfed_theory.montecarlo import ModelParams
 from sfed_theory.rules import RULES, scaling_factor
 
-__all__ = ["PREDICTABLE", "predicted_norm", "predicted_exponent", "weight_sums"]
+__all__ = ["PREDICTABLE", "predicted_norm", "predicted_exponent", "weight_sums", "expected_value"]
 
 PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_B", "aggregation_error")
 """Quantities ``predicted_norm`` accepts (sqrt of a second moment)."""
@@ -43,6 +45,40 @@ def _compiled(quantity: str, scheme: str, regime: str) -> Callable[..., float]:
 def weight_sums(n_averaged: int) -> tuple[float, float, float]:
     """``(S2, S3, S4)`` for equal weights over ``n_averaged`` clients: ``S_m = K^(1 - m)``."""
     return tuple(float(n_averaged) ** (1 - m) for m in range(2, 5))  # type: ignore[return-value]
+
+
+def _subset_weight_sums(weights: Sequence[float], n_averaged: int) -> list[tuple[float, float, float]]:
+    """``(S2, S3, S4)`` of the renormalised weights of every K-subset (uniform client sampling)."""
+    w = np.asarray(weights, dtype=float)
+    if math.comb(w.size, n_averaged) > 20_000:
+        raise ValueError("too many client subsets to enumerate; use equal weights or fewer clients")
+    out = []
+    for subset in itertools.combinations(range(w.size), n_averaged):
+        p = w[list(subset)] / w[list(subset)].sum()
+        out.append(tuple(float(np.sum(p**m)) for m in range(2, 5)))
+    return out  # type: ignore[return-value]
+
+
+def expected_value(quantity: str, scheme: str, regime: str, params: ModelParams) -> float:
+    """The derived ``E[quantity]`` evaluated at the numbers of ``params``.
+
+    The closed forms hold for a fixed set of averaged clients. With unequal weights and partial
+    participation the weight sums ``S_m`` are random, so the closed form is averaged over all
+    equally likely K-subsets (exact, by enumeration).
+    """
+    f = _compiled(quantity, scheme, regime)
+    kk = params.n_averaged
+    if params.weights is None:
+        sums = [weight_sums(kk)]
+    elif kk == params.n_clients:
+        w = np.asarray(params.weights, dtype=float)
+        p = w / w.sum()
+        sums = [tuple(float(np.sum(p**m)) for m in range(2, 5))]
+    else:
+        sums = _subset_weight_sums(params.weights, kk)
+    base = (params.gamma, params.d, params.k, params.r, kk, params.rho, params.s_A, params.s_B, params.s_dA,
+            params.tau, params.eta, params.x_norm2)
+    return float(np.mean([f(*base, *s) for s in sums]))
 
 
 def _positive(name: str, value: float | None) -> float:

@@ -1,0 +1,252 @@
+"""Monte Carlo simulation of the random model of :mod:`sfed_theory.assumptions`.
+
+``simulate`` draws whole batches of samples at once with numpy (vectorised over samples and
+clients) and returns, for every quantity, the sample mean with its standard error, so a closed
+form can be checked against ``mean +- z * SE``. ``simulate_loop`` is a plain Python loop over
+samples (one small numpy draw per client per sample) written independently from the vectorised
+code; it serves the benchmark as the baseline and as a second implementation.
+
+Client correlation is generated as ``sqrt(rho) * Z_0 + sqrt(1 - rho) * Z_i`` (common plus
+private part), which has exactly correlation ``rho`` between two clients at the same entry.
+Partial participation draws ``K`` of ``N`` clients uniformly per sample and renormalises
+their weights; by exchangeability of the clients only the sampled ones need simulating.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sfed_theory.assumptions import REGIMES, SCHEMES
+from sfed_theory.schemes import QUANTITIES, check_names
+
+__all__ = ["ModelParams", "Estimate", "simulate", "simulate_loop", "applicable_quantities"]
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Numbers for one instance of the random model (see :mod:`sfed_theory.assumptions`)."""
+
+    d: int
+    k: int
+    r: int
+    n_clients: int
+    gamma: float = 1.0
+    rho: float = 0.0
+    weights: tuple[float, ...] | None = None  # one per client, normalised internally; None = equal
+    participating: int | None = None  # K of N per round; None = all
+    s_A: float = 1.0
+    s_B: float = 1.0
+    s_dA: float = 1.0
+    tau: float = 1.0
+    eta: float = 1.0
+    x_norm2: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("d", "k", "r", "n_clients"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho must lie in [0, 1], got {self.rho}")
+        if self.weights is not None and len(self.weights) != self.n_clients:
+            raise ValueError(f"weights has {len(self.weights)} entries, n_clients={self.n_clients}")
+        if self.participating is not None and not 1 <= self.participating <= self.n_clients:
+            raise ValueError(f"participating must be in [1, n_clients], got {self.participating}")
+
+    @property
+    def n_averaged(self) -> int:
+        """Clients averaged per round (K)."""
+        return self.n_clients if self.participating is None else self.participating
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Sample mean of a per-sample quantity with its standard error."""
+
+    mean: float
+    se: float
+    n: int
+    samples: np.ndarray = field(repr=False, compare=False, default_factory=lambda: np.empty(0))
+
+    def ci(self, z: float = 1.96) -> tuple[float, float]:
+        """``(mean - z*SE, mean + z*SE)``."""
+        return self.mean - z * self.se, self.mean + z * self.se
+
+    def contains(self, value: float, z: float = 1.96, atol: float = 0.0) -> bool:
+        """Whether ``value`` lies in the ``z`` interval (widened by ``atol`` for round-off)."""
+        lo, hi = self.ci(z)
+        return lo - atol <= value <= hi + atol
+
+
+def applicable_quantities(scheme: str, regime: str) -> tuple[str, ...]:
+    """Quantities defined for this scheme and regime."""
+    out = []
+    for q in QUANTITIES:
+        try:
+            check_names(q, scheme, regime)
+        except ValueError:
+            continue
+        out.append(q)
+    return tuple(out)
+
+
+def _probe_x(params: ModelParams, seed: int) -> np.ndarray:
+    # a fixed random direction: the closed forms depend on x only through ||x||^2
+    v = np.random.default_rng([seed, 7]).standard_normal(params.k)
+    return v * math.sqrt(params.x_norm2) / np.linalg.norm(v)
+
+
+def _weights(rng: np.random.Generator, params: ModelParams, s: int) -> np.ndarray:
+    """Per-sample weights (s, K) of the averaged clients."""
+    kk, n = params.n_averaged, params.n_clients
+    if params.weights is None:
+        return np.full((s, kk), 1.0 / kk)
+    w = np.asarray(params.weights, dtype=float)
+    if kk == n:
+        return np.broadcast_to(w / w.sum(), (s, kk)).copy()
+    pick = np.argsort(rng.random((s, n)), axis=1)[:, :kk]
+    pw = w[pick]
+    return pw / pw.sum(axis=1, keepdims=True)
+
+
+def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: str, s: int,
+           x: np.ndarray, quantities: tuple[str, ...]) -> dict[str, np.ndarray]:
+    kk, d, k, r = params.n_averaged, params.d, params.k, params.r
+    rho = params.rho
+
+    def correlated(*shape: int) -> np.ndarray:
+        common = rng.standard_normal((s, 1, *shape))
+        private = rng.standard_normal((s, kk, *shape))
+        return math.sqrt(rho) * common + math.sqrt(1.0 - rho) * private
+
+    p = _weights(rng, params, s)
+    a = params.s_A * rng.standard_normal((s, r, k))
+    gam = params.gamma
+    g_clients = None
+    if regime == "adam":
+        b_i = params.s_B * correlated(d, r)
+        a_i = a[:, None] + params.s_dA * correlated(r, k) if scheme != "ffa" else a[:, None]
+    else:
+        g_clients = params.tau * correlated(d, k)
+        b_i = -gam * params.eta * g_clients @ np.swapaxes(a, 1, 2)[:, None]
+        a_i = a[:, None]
+    b_bar = np.einsum("sc,scdr->sdr", p, b_i)
+    a_bar = np.einsum("sc,scrk->srk", p, np.broadcast_to(a_i, (s, kk, r, k)))
+    dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
+    if scheme == "ffa":
+        b_f, a_f = b_bar, a
+    elif scheme == "fedsa":
+        b_f, a_f = b_i[:, 0], a_bar  # client c = the first averaged client
+    else:
+        b_f, a_f = b_bar, a_bar
+    dw = dw_exact if scheme == "exact" else gam * b_f @ a_f
+    out: dict[str, np.ndarray] = {}
+    if "adapter_output" in quantities:
+        out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1)
+    if "update_fro" in quantities:
+        out["update_fro"] = np.sum(dw**2, axis=(1, 2))
+    if "grad_A" in quantities or "grad_B" in quantities:
+        g = params.tau * rng.standard_normal((s, d))
+        x2 = float(x @ x)
+        if "grad_A" in quantities:  # ||gamma B^T g x^T||_F^2 = gamma^2 ||B^T g||^2 ||x||^2
+            out["grad_A"] = gam**2 * np.sum(np.einsum("sdr,sd->sr", b_f, g) ** 2, axis=1) * x2
+        if "grad_B" in quantities:  # ||gamma g (A x)^T||_F^2
+            out["grad_B"] = gam**2 * np.sum(g**2, axis=1) * np.sum((a_f @ x) ** 2, axis=1)
+    if "aggregation_error" in quantities:
+        out["aggregation_error"] = np.sum((dw - dw_exact) ** 2, axis=(1, 2))
+    if "loss_change" in quantities:
+        assert g_clients is not None
+        grad_w = g_clients[:, 0] if scheme == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
+        out["loss_change"] = np.sum(grad_w * dw, axis=(1, 2))
+    return out
+
+
+def _estimates(values: dict[str, list[np.ndarray]]) -> dict[str, Estimate]:
+    res = {}
+    for q, chunks in values.items():
+        v = np.concatenate(chunks)
+        se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("inf")
+        res[q] = Estimate(float(v.mean()), se, int(v.size), v)
+    return res
+
+
+def _check(scheme: str, regime: str, quantities: tuple[str, ...] | None) -> tuple[str, ...]:
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; allowed: {', '.join(REGIMES)}")
+    if quantities is None:
+        return applicable_quantities(scheme, regime)
+    for q in quantities:
+        check_names(q, scheme, regime)
+    return tuple(quantities)
+
+
+def simulate(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, n_samples: int = 20_000,
+             seed: int = 0, quantities: tuple[str, ...] | None = None, batch: int = 4096) -> dict[str, Estimate]:
+    """Vectorised Monte Carlo estimate of every applicable quantity (mean and standard error)."""
+    qs = _check(scheme, regime, quantities)
+    rng = np.random.default_rng(seed)
+    x = _probe_x(params, seed)
+    values: dict[str, list[np.ndarray]] = {q: [] for q in qs}
+    done = 0
+    while done < n_samples:
+        s = min(batch, n_samples - done)
+        for q, v in _batch(rng, params, scheme, regime, s, x, qs).items():
+            values[q].append(v)
+        done += s
+    return _estimates(values)
+
+
+def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, n_samples: int = 2_000,
+                  seed: int = 0) -> dict[str, Estimate]:
+    """Reference sampler: a plain Python loop over samples and clients (for the benchmark)."""
+    qs = _check(scheme, regime, None)
+    rng = np.random.default_rng(seed)
+    x = _probe_x(params, seed)
+    kk, n = params.n_averaged, params.n_clients
+    w_all = np.ones(n) if params.weights is None else np.asarray(params.weights, dtype=float)
+    sr, sp_ = math.sqrt(params.rho), math.sqrt(1.0 - params.rho)
+    gam = params.gamma
+    values: dict[str, list[float]] = {q: [] for q in qs}
+    for _ in range(n_samples):
+        chosen = rng.permutation(n)[:kk] if kk < n else np.arange(n)
+        p = w_all[chosen] / w_all[chosen].sum()
+        a = params.s_A * rng.standard_normal((params.r, params.k))
+        common_b = rng.standard_normal((params.d, params.r))
+        common_da = rng.standard_normal((params.r, params.k))
+        common_g = rng.standard_normal((params.d, params.k))
+        bs, as_, gs = [], [], []
+        for _c in range(kk):
+            if regime == "adam":
+                bs.append(params.s_B * (sr * common_b + sp_ * rng.standard_normal((params.d, params.r))))
+                if scheme == "ffa":
+                    as_.append(a)
+                else:
+                    as_.append(a + params.s_dA * (sr * common_da + sp_ * rng.standard_normal((params.r, params.k))))
+            else:
+                gi = params.tau * (sr * common_g + sp_ * rng.standard_normal((params.d, params.k)))
+                gs.append(gi)
+                bs.append(-gam * params.eta * gi @ a.T)
+                as_.append(a)
+        b_bar = sum(pi * bi for pi, bi in zip(p, bs))
+        a_bar = sum(pi * ai for pi, ai in zip(p, as_))
+        exact = gam * sum(pi * bi @ ai for pi, bi, ai in zip(p, bs, as_))
+        b_f, a_f = (bs[0], a_bar) if scheme == "fedsa" else (b_bar, a if scheme == "ffa" else a_bar)
+        dw = exact if scheme == "exact" else gam * b_f @ a_f
+        g = params.tau * rng.standard_normal(params.d)
+        row = {
+            "adapter_output": float(np.sum((dw @ x) ** 2)),
+            "update_fro": float(np.sum(dw**2)),
+            "grad_A": gam**2 * float(np.sum((b_f.T @ g) ** 2)) * float(x @ x),
+            "grad_B": gam**2 * float(g @ g) * float(np.sum((a_f @ x) ** 2)),
+            "aggregation_error": float(np.sum((dw - exact) ** 2)),
+        }
+        if regime == "sgd":
+            grad_w = gs[0] if scheme == "fedsa" else sum(pi * gi for pi, gi in zip(p, gs))
+            row["loss_change"] = float(np.sum(grad_w * dw))
+        for q in qs:
+            values[q].append(row[q])
+    return _estimates({q: [np.asarray(v)] for q, v in values.items()})
