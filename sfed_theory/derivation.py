@@ -107,8 +107,8 @@ def derive_all() -> dict[tuple[str, str, str], Derivation]:
 def in_terms_of_c(expr: sp.Expr) -> sp.Expr:
     """Rewrite ``S2`` through ``c_N = rho + (1 - rho) S2`` for display; the identity is checked."""
     s2 = power_sum(2)
-    if not expr.has(s2):
-        return expr
+    if not expr.has(s2) or any(expr.has(power_sum(m)) for m in range(3, 5)):
+        return expr  # higher weight sums do not collapse into c_N; the factored form reads better
     out = sp.factor(sp.expand(expr.subs(s2, (C_N - SYM.rho) / (1 - SYM.rho))))
     back = sp.expand(out.subs(C_N, SYM.rho + (1 - SYM.rho) * s2) - expr)
     if sp.simplify(back) != 0:  # pragma: no cover - a display bug must not pass silently
