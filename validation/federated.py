@@ -1,0 +1,163 @@
+"""One federated LoRA run: config in, tidy rows out (one per round x layer, plus ``__all__``).
+
+Round t: sample K of N clients (seeded); measure gradients of the probe loss at the starting
+global adapter; every participating client starts from the global adapter (FedSA: its own B),
+runs ``local_steps`` steps of SGD/AdamW with a FRESH optimizer (no state kept across rounds) on
+its own data; the server aggregates (:mod:`validation.aggregation`) with equal weights or weights
+proportional to client data size; then the update norm, adapter output RMS, client correlation
+and eval loss/accuracy are measured. gamma comes from the rule with ``n_clients = K`` (the number
+of clients averaged per round); for ``sfed-general`` also rho, the data-size weights and K of N.
+A non-finite loss stops the run; its rows are returned with ``diverged=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import sfed_theory
+from validation.aggregation import SCHEME_TRAINS_A, aggregate, client_start, eval_adapter, init_state, total_delta
+from validation.backends import Divergence, make_backend
+from validation.config import RunConfig
+from validation.data import partition
+from validation.metrics import ALL, combine_layers, layer_metrics
+from validation.models import Task, build_task
+
+__all__ = ["run", "resolve_device", "gamma_for", "config_columns"]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' requested but CUDA is not available")
+    return torch.device(device)
+
+
+def gamma_for(cfg: RunConfig, client_sizes: np.ndarray | None = None) -> float:
+    """The rule's scaling factor for this run (see module docstring for N)."""
+    if cfg.rule == "sfed-general":
+        w = client_sizes if (cfg.weighted and client_sizes is not None) else None
+        return sfed_theory.scaling_factor("sfed-general", cfg.alpha, cfg.rank, cfg.n_clients, rho=cfg.rho,
+                                          weights=w, participating=cfg.k)
+    return sfed_theory.scaling_factor(cfg.rule, cfg.alpha, cfg.rank, cfg.k)
+
+
+def config_columns(cfg: RunConfig) -> dict:
+    """The config as flat row columns (lists joined to strings so Parquet columns stay scalar)."""
+    d = cfg.to_dict()
+    d["target_modules"] = ",".join(cfg.target_modules) if cfg.target_modules else ""
+    d["participating"] = cfg.k
+    return d
+
+
+def _batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[int], rnd: int,
+             device: torch.device) -> list[list[tuple[dict, torch.Tensor]]]:
+    """``out[t][i]``: step t's batch of client clients[i], seeded by (seed, round, client)."""
+    idx = []
+    for c in clients:
+        rng = np.random.default_rng([cfg.seed, rnd, c, 1])
+        n = len(parts[c])
+        rows = [parts[c][rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)] for _ in range(cfg.local_steps)]
+        idx.append(rows)
+    out = []
+    for t in range(cfg.local_steps):
+        step = []
+        for i in range(len(clients)):
+            sel = torch.as_tensor(idx[i][t])
+            step.append(({k: v[sel].to(device) for k, v in task.train_inputs.items()}, task.train_labels[sel].to(device)))
+        out.append(step)
+    return out
+
+
+def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
+    """Run one federated LoRA configuration and return its tidy rows."""
+    t_start = time.perf_counter()
+    task = task or build_task(cfg)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    labels = task.train_labels.numpy()
+    parts = partition(labels, cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    sizes = np.array([len(p) for p in parts], dtype=float)
+    gamma = gamma_for(cfg, sizes)
+    K = cfg.k
+    backend = make_backend(cfg.batched, task.model, task.targets, cfg.rank, gamma, device, K)
+    all_w = torch.as_tensor(sizes / sizes.sum() if cfg.weighted else np.full(cfg.n_clients, 1 / cfg.n_clients))
+    state = init_state(backend.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, all_w, dtype, device)
+    train_A = SCHEME_TRAINS_A[cfg.scheme]
+
+    g = np.random.default_rng([cfg.seed, 5])
+    probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
+    probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
+    probe_y = task.train_labels[probe_idx].to(device)
+    n_ev = min(cfg.eval_size, len(task.eval_labels))
+    eval_in = {k: v[:n_ev].to(device) for k, v in task.eval_inputs.items()}
+    eval_y = task.eval_labels[:n_ev].to(device)
+
+    base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
+            "backend": "batched" if cfg.batched else "loop", "gamma": gamma, "device_used": str(device)}
+    rows: list[dict] = []
+    diverged_round = None
+    error = ""
+    for rnd in range(1, cfg.rounds + 1):
+        try:
+            clients = (sorted(np.random.default_rng([cfg.seed, rnd, 9]).choice(cfg.n_clients, K, replace=False).tolist())
+                       if K < cfg.n_clients else list(range(cfg.n_clients)))
+            p = torch.as_tensor(sizes[clients] / sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
+                                dtype=dtype, device=device)
+            backend.set_base_delta(state.merged)
+            gA, gB = eval_adapter(state)
+            start = backend.probe(gA, gB, probe_in, probe_y, grads=True)
+
+            A0, B0 = client_start(state, clients)
+            batches = _batches(cfg, task, parts, clients, rnd, device)
+            t0 = time.perf_counter()
+            A1, B1, losses, accs = backend.train_clients(A0, B0, batches, train_A=train_A, optimizer=cfg.optimizer,
+                                                         lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            train_s = time.perf_counter() - t0
+            state, round_delta = aggregate(cfg.scheme, state, clients, A1, B1, p, gamma)
+
+            backend.set_base_delta(state.merged)
+            eA, eB = eval_adapter(state)
+            end = backend.probe(eA, eB, probe_in, probe_y, grads=True, capture=True)
+            ev_loss, ev_acc = backend.evaluate(eA, eB, eval_in, eval_y)
+            tot = total_delta(state, gamma)
+
+            layer_rows, incs = [], []
+            for n in task.targets:
+                parts_inc = [B1[n] - B0[n]] + ([A1[n] - A0[n]] if train_A else [])
+                inc = torch.cat([x.reshape(K, -1) for x in parts_inc], dim=1)
+                incs.append(inc)
+                m = layer_metrics(n, grad_A=start.grad_A[n], grad_B=start.grad_B[n], grad_A_end=end.grad_A[n],
+                                  grad_B_end=end.grad_B[n], round_delta=round_delta[n],
+                                  total=tot[n], layer_input=end.inputs[n], increments=inc, p=p)
+                m["d_out"], m["k_in"] = backend.shapes[n]
+                layer_rows.append(m)
+            allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
+            shapes = set(backend.shapes.values())
+            allrow["d_out"], allrow["k_in"] = shapes.pop() if len(shapes) == 1 else (-1, -1)
+            common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
+                      "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
+                      "probe_loss_start": start.loss, "probe_loss_end": end.loss,
+                      "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
+            new_rows = [{**base, **common, **m} for m in layer_rows + [allrow]]
+            if not all(math.isfinite(r[c]) for r in new_rows for c in ("update_fro", "adapter_rms", "eval_loss")):
+                raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
+            rows.extend(new_rows)
+        except Divergence as e:
+            diverged_round, error = rnd, str(e)
+            rows.append({**base, "round": rnd, "layer": ALL, "n_participating": K})
+            break
+    df = pd.DataFrame(rows)
+    df["diverged"] = diverged_round is not None
+    df["diverged_round"] = diverged_round if diverged_round is not None else -1
+    df["error"] = error
+    df["wall_s"] = time.perf_counter() - t_start
+    return df
