@@ -1,0 +1,143 @@
+"""The derivation: closed forms, the solved gamma and its reductions, flatness under gamma*."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sympy as sp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sfed_theory import scaling_factor, weights_sum_squares
+from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
+from sfed_theory.derivation import closed_form, defined_combinations, derive, solve_invariance
+
+S2, S3 = power_sum(2), power_sum(3)
+C = SYM.rho + (1 - SYM.rho) * S2
+SETTINGS = settings(derandomize=True, max_examples=200, deadline=None)
+
+
+def test_canonical_moment_matches_theory_md():
+    # THEORY.md: E||y||^2 = gamma^2 d r s_A^2 s_B^2 ||x||^2 (rho + (1 - rho)/N); here with S2 for 1/N.
+    expected = SYM.gamma**2 * SYM.d * SYM.r * SYM.s_A**2 * SYM.s_B**2 * SYM.X2 * C
+    assert sp.simplify(closed_form("adapter_output", "ffa", "adam") - expected) == 0
+
+
+def test_every_combination_derives_with_inspectable_steps():
+    combos = defined_combinations()
+    assert len(combos) == 42  # 4 quantities x 4 schemes x 2 regimes + 6 aggregation errors + 4 loss changes
+    for q, s, r in combos:
+        dv = derive(q, s, r)
+        assert dv.terms, (q, s, r)
+        latex = dv.latex()
+        assert r"\mathbb{E}[Q]" in latex and "Q =" in latex
+        if dv.result != 0:
+            assert dv.pairings and r"\langle" in latex
+
+
+def test_solved_gamma_is_the_general_rule_and_reduces_to_sfed_and_rslora():
+    inv = solve_invariance("ffa", "adam")
+    a, r, n = SYM.alpha, SYM.r, SYM.N
+    # gamma* > 0, so comparing squares is exact (sympy cannot tell sqrt(1/x) = 1/sqrt(x) without rho <= 1)
+    assert sp.simplify(inv.gamma_star**2 - a**2 / (r * C)) == 0
+    assert sp.simplify(inv.at_rho0_equal - a * sp.sqrt(n / r)) == 0
+    assert sp.simplify(inv.at_one_client - a / sp.sqrt(r)) == 0
+    assert sp.simplify(inv.at_rho1 - a / sp.sqrt(r)) == 0
+    assert len(inv.roots) == 2  # +-gamma; the negative one is discarded
+
+
+_GAMMA_STAR = sp.lambdify((SYM.alpha, SYM.r, SYM.rho, S2), solve_invariance("ffa", "adam").gamma_star, "math")
+
+
+@SETTINGS
+@given(
+    st.floats(0.1, 100.0),
+    st.integers(1, 4096),
+    st.integers(1, 256),
+    st.floats(0.0, 1.0),
+    st.data(),
+)
+def test_solved_gamma_equals_rules_scaling_factor(alpha, r, n, rho, data):
+    k = data.draw(st.integers(1, n))
+    derived = _GAMMA_STAR(alpha, r, rho, 1.0 / k)
+    rule = scaling_factor("sfed-general", alpha, r, n, rho=rho, participating=k)
+    assert derived == pytest.approx(rule, rel=1e-12)
+    if rho == 0.0 and k == n:
+        assert derived == pytest.approx(scaling_factor("sfed", alpha, r, n), rel=1e-12)
+    if n == 1 or rho == 1.0:
+        assert derived == pytest.approx(scaling_factor("rslora", alpha, r, n), rel=1e-12)
+
+
+@SETTINGS
+@given(st.lists(st.floats(0.01, 100.0), min_size=1, max_size=12), st.floats(0.0, 1.0), st.integers(1, 512))
+def test_solved_gamma_with_unequal_weights_equals_rule(weights, rho, r):
+    derived = _GAMMA_STAR(16.0, r, rho, weights_sum_squares(weights))
+    rule = scaling_factor("sfed-general", 16.0, r, len(weights), rho=rho, weights=weights)
+    assert derived == pytest.approx(rule, rel=1e-12)
+
+
+@pytest.mark.parametrize("regime", list(REGIMES))
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_moment_is_flat_in_r_and_clients_under_its_solved_gamma(scheme, regime):
+    inv = solve_invariance(scheme, regime)
+    q = closed_form("adapter_output", scheme, regime).subs(SYM.gamma, inv.gamma_star) / SYM.d
+    for var in (SYM.r, S2, S3, SYM.N):
+        assert sp.simplify(sp.diff(q, var)) == 0, (scheme, regime, var)
+    # and it is not flat under a gamma that ignores r (the condition has content)
+    assert sp.simplify(sp.diff(closed_form("adapter_output", scheme, regime).subs(SYM.gamma, SYM.alpha), SYM.r)) != 0
+
+
+def test_sgd_law_differs_from_adam_law():
+    # Under SGD the increment carries gamma, so E||y||^2 ~ gamma^4 and gamma* ~ (N / (r (k + r + 1)))^(1/4).
+    inv = solve_invariance("ffa", "sgd")
+    n, r, k, a = SYM.N, SYM.r, SYM.k, SYM.alpha
+    assert sp.simplify(inv.at_rho0_equal - a * ((k + 2) * n / (r * (k + r + 1))) ** sp.Rational(1, 4)) == 0
+    assert sp.simplify(inv.at_rho0_equal - solve_invariance("ffa", "adam").at_rho0_equal) != 0
+
+
+def test_sgd_loss_change_and_update_norm_scale_differently_in_rank():
+    # rsLoRA's gamma^2 = alpha^2 / r makes the first-order loss change flat in r but not ||dW||_F.
+    rs = {SYM.gamma: SYM.alpha / sp.sqrt(SYM.r)}
+    loss = closed_form("loss_change", "ffa", "sgd").subs(rs)
+    fro2 = closed_form("update_fro", "ffa", "sgd").subs(rs)
+    assert not loss.has(SYM.r)
+    assert fro2.has(SYM.r)
+    # the Wishart factor: E||dW||^2 / E<G,dW>^2 grows like (k + r + 1) / r, i.e. not in a fixed ratio
+    ratio = sp.simplify(fro2 / loss**2)
+    assert sp.simplify(ratio.subs(SYM.r, 2 * SYM.r) / ratio - 1) != 0
+
+
+def test_fedit_aggregation_error_vanishes_exactly_when_it_should():
+    err = closed_form("aggregation_error", "fedit", "adam")
+    assert err != 0
+    assert sp.simplify(err.subs({S2: 1, S3: 1})) == 0  # one client
+    assert sp.simplify(err.subs(SYM.rho, 1)) == 0  # identical clients
+    assert err.has(SYM.s_dA) and sp.simplify(err.subs(SYM.s_dA, 0)) == 0  # A does not move
+    for scheme in ("ffa", "exact"):
+        assert closed_form("aggregation_error", scheme, "adam") == 0
+    n = SYM.N
+    equal = sp.simplify(err.subs({S2: 1 / n, S3: 1 / n**2}))
+    assert sp.simplify(equal - SYM.gamma**2 * SYM.d * SYM.k * SYM.r * SYM.s_B**2 * SYM.s_dA**2
+                       * (1 - SYM.rho) ** 2 * (n - 1) / n**2) == 0
+
+
+def test_unknown_names_raise_clear_errors():
+    with pytest.raises(ValueError, match="unknown quantity"):
+        derive("nope", "ffa", "adam")
+    with pytest.raises(ValueError, match="unknown scheme.*allowed"):
+        derive("update_fro", "fedavg", "adam")
+    with pytest.raises(ValueError, match="unknown regime"):
+        derive("update_fro", "ffa", "adamw")
+    with pytest.raises(ValueError, match="sgd"):
+        derive("loss_change", "ffa", "adam")
+    with pytest.raises(ValueError, match="FedSA"):
+        derive("aggregation_error", "fedsa", "adam")
+
+
+def test_gamma_reference_is_positive_real():
+    for scheme in SCHEMES:
+        for regime in REGIMES:
+            g = solve_invariance(scheme, regime).gamma_star
+            val = g.subs({s: 0.5 for s in g.free_symbols}).evalf()
+            assert val.is_real and float(val) > 0 and math.isfinite(float(val))
