@@ -14,9 +14,28 @@ derive(quantity, scheme, regime) -> Derivation;  solve_invariance(scheme, regime
     the symbolic derivation (index expression, Wick pairings, closed form) and the solved gamma.
 """
 
-from sfed_theory.derivation import Derivation, Invariance, closed_form, derive, derive_all, solve_invariance
-from sfed_theory.predict import predicted_exponent, predicted_norm
+from importlib import import_module
+from typing import Any
+
 from sfed_theory.rules import RULES, effective_clients, scaling_factor, weights_sum_squares
+
+# sympy-backed parts load on first use, so `import sfed_theory.rules` stays light
+_LAZY = {
+    "predicted_norm": "sfed_theory.predict",
+    "predicted_exponent": "sfed_theory.predict",
+    "derive": "sfed_theory.derivation",
+    "derive_all": "sfed_theory.derivation",
+    "closed_form": "sfed_theory.derivation",
+    "solve_invariance": "sfed_theory.derivation",
+    "Derivation": "sfed_theory.derivation",
+    "Invariance": "sfed_theory.derivation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sfed_theory' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

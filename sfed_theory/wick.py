@@ -173,7 +173,8 @@ class Pairing:
 
     def latex(self) -> str:
         pairs = r"\,".join(rf"\langle {a.latex()}\,{b.latex()}\rangle" for a, b in self.pairs)
-        deltas = r"".join(rf"\delta_{{{a.latex()} {b.latex()}}}" for a, b in self.deltas if a != b)
+        shown = dict.fromkeys((a, b) for a, b in self.deltas if a != b)  # drop trivial and repeated deltas
+        deltas = r"".join(rf"\delta_{{{a.latex()} {b.latex()}}}" for a, b in shown)
         return rf"{pairs}\ \to\ {sp.latex(self.coeff)}\,{deltas}\ \to\ {sp.latex(self.value)}"
 
 

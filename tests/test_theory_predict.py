@@ -99,3 +99,19 @@ def test_predicted_exponent_bad_input():
         predicted_exponent("update_fro", "sfed", wrt="rank", ranks=[2, 4, 8], n_clients=[1, 2, 4])
     with pytest.raises(ValueError, match="equal length"):
         predicted_exponent("update_fro", "sfed", wrt="rank", ranks=[2, 4, 8], n_clients=[1, 2])
+
+
+@pytest.mark.parametrize(
+    ("args", "kw", "match"),
+    [
+        (("sfed-x", 16, 8, 4), {}, "unknown rule.*allowed rules"),
+        (("sfed", 16, 0, 4), {}, "rank must be an integer >= 1"),
+        (("sfed", float("inf"), 8, 4), {}, "alpha must be finite"),
+        (("rslora", 16, 8, 4), {"rho": 0.1}, "takes no extra arguments"),
+        (("sfed-general", 16, 8, 4), {"rho": -0.1}, r"rho .* \[0, 1\]"),
+        (("sfed-general", 16, 8, 4), {"participating": 5}, "exceeds n_clients"),
+    ],
+)
+def test_scaling_factor_bad_input_is_clear(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        scaling_factor(*args, **kw)
