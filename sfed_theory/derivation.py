@@ -129,6 +129,11 @@ class Invariance:
     at_rho0_equal: sp.Expr  # gamma_star at rho = 0, S_m = N^(1-m)
     at_one_client: sp.Expr  # gamma_star at N = 1 (all S_m = 1)
     at_rho1: sp.Expr  # gamma_star at rho = 1
+    power: int  # degree of gamma in the moment (2: Adam-like, 4: SGD adapter moments)
+
+    def readable(self) -> sp.Expr:
+        """``gamma*^power`` written with ``c_N`` (a rational expression, easy to read)."""
+        return in_terms_of_c(sp.factor(self.gamma_star**self.power))
 
 
 @lru_cache(maxsize=None)
@@ -156,6 +161,7 @@ def solve_invariance(scheme: str = "ffa", regime: str = "adam", quantity: str = 
         at_rho0_equal=sp.simplify(g.subs(SYM.rho, 0).subs(equal)),
         at_one_client=sp.simplify(g.subs({s: 1 for s in _WEIGHT_SUMS})),
         at_rho1=sp.simplify(g.subs(SYM.rho, 1)),
+        power=int(sp.degree(sp.expand(q), SYM.gamma)),
     )
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sfed_theory import scaling_factor, weights_sum_squares
 from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
-from sfed_theory.derivation import closed_form, defined_combinations, derive, solve_invariance
+from sfed_theory.derivation import C_N, closed_form, defined_combinations, derive, solve_invariance
 
 S2, S3 = power_sum(2), power_sum(3)
 C = SYM.rho + (1 - SYM.rho) * S2
@@ -141,3 +141,14 @@ def test_gamma_reference_is_positive_real():
             g = solve_invariance(scheme, regime).gamma_star
             val = g.subs({s: 0.5 for s in g.free_symbols}).evalf()
             assert val.is_real and float(val) > 0 and math.isfinite(float(val))
+
+
+def test_sgd_loss_change_invariance_recovers_sfed():
+    """Under SGD the first-order loss change, not the output norm, is what sqrt(N/r) keeps flat."""
+    inv = solve_invariance("ffa", "sgd", "loss_change")
+    assert inv.power == 2
+    assert sp.simplify(inv.at_rho0_equal - SYM.alpha * sp.sqrt(SYM.N / SYM.r)) == 0
+    assert sp.simplify(inv.at_one_client - SYM.alpha / sp.sqrt(SYM.r)) == 0
+    out = solve_invariance("ffa", "sgd", "adapter_output")
+    assert out.power == 4
+    assert sp.simplify(out.readable() - SYM.alpha**4 * (SYM.k + 2) / (C_N * SYM.r * (SYM.k + SYM.r + 1))) == 0
