@@ -67,7 +67,7 @@ class Derivation:
             for t in self.terms:
                 lines.append(f"  term: {term_latex(t)}")
             for p in self.pairings:
-                lines.append(f"  pairing[{p.term}] -> {p.value}")
+                lines.append(f"  pairing[{p.term}]: {p.text()}")
         lines.append(f"  E = {self.result}")
         lines.append(f"    = {in_terms_of_c(self.result)}   (c_N = rho + (1 - rho)*S2)")
         return "\n".join(lines)

@@ -171,6 +171,14 @@ class Pairing:
     coeff: sp.Expr  # coefficient incl. variances and rho / (1 - rho) factors
     value: sp.Expr  # contracted contribution to the expectation
 
+    def text(self) -> str:
+        """Plain-text form: the paired entries, the deltas, the contracted value."""
+        name = lambda e: e.field + (f"[{e.client.latex()}]" if e.client is not None else "")  # noqa: E731
+        pairs = " ".join(f"<{name(a)} {name(b)}>" for a, b in self.pairs)
+        deltas = " ".join(f"d({a.latex()},{b.latex()})" for a, b in dict.fromkeys(
+            (a, b) for a, b in self.deltas if a != b))
+        return f"{pairs} -> {self.coeff} {deltas} -> {self.value}"
+
     def latex(self) -> str:
         pairs = r"\,".join(rf"\langle {a.latex()}\,{b.latex()}\rangle" for a, b in self.pairs)
         shown = dict.fromkeys((a, b) for a, b in self.deltas if a != b)  # drop trivial and repeated deltas
