@@ -80,12 +80,14 @@ def test_paired_grid_gives_partial_slope():
         (dict(s_A=-1.0), "s_A"),
         (dict(x_norm2=float("nan")), "x_norm2"),
         (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(quantity="aggregation_error", scheme="fedsa"), "FedSA"),
     ],
 )
 def test_predicted_norm_bad_input(kwargs, match):
     args = dict(quantity="adapter_output", rule="sfed", rank=4, n_clients=4)
     args.update(kwargs)
     q, rule = args.pop("quantity"), args.pop("rule")
+    assert isinstance(q, str) and isinstance(rule, str)
     with pytest.raises(ValueError, match=match):
         predicted_norm(q, rule, **args)
 
