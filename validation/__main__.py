@@ -1,0 +1,5 @@
+"""``python -m validation`` == ``sfed-validate``."""
+
+from validation.cli import main
+
+raise SystemExit(main())
