@@ -1,0 +1,350 @@
+"""Tests of the Flower app (validation.flower_app).
+
+Two engines:
+
+* ``LocalGrid``: a duck-typed Flower ``Grid`` that hands every message to the real ``ClientApp``
+  in this process (no Ray). Fast; used for the logic (agreement for every scheme, partial
+  participation, drop-outs, wrong shapes, no reply).
+* Flower's simulation engine (``flwr.simulation.run_simulation`` on Ray): ONE simulation for the
+  module (Ray start-up dominates, ~10-40 s on a loaded 2-core box), several runs inside it: clean
+  runs compared with the in-process harness, and runs with injected faults compared with a
+  reference built from the harness's own components.
+
+Agreement tolerance: both sides do the same float32 operations in the same order, except that
+a Ray worker may run torch with a different thread count, which can change the summation order
+inside matmuls/reductions. That perturbs each result by a few float32 ulps (eps = 1.2e-7) times
+the reduction length (k <= 16 here), i.e. ~1e-6 relative; two rounds of two AdamW steps do not
+amplify it (AdamW's step is a smooth function of the gradient, and ~sign(g) at step 1). We
+therefore require ``|x - y| <= 1e-5 * |y| + 1e-5 * max|y|`` elementwise (rtol 1e-5; the scaled
+atol covers entries that are ~0). In-process (LocalGrid) the computation is identical, and we
+require bitwise equality there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
+
+import validation.federated as fed  # noqa: E402
+from validation import flower_app as fa  # noqa: E402
+from validation.aggregation import SCHEME_TRAINS_A, aggregate, client_start, init_state  # noqa: E402
+from validation.backends import LoopBackend  # noqa: E402
+from validation.config import RunConfig  # noqa: E402
+from validation.data import partition  # noqa: E402
+from validation.models import build_task  # noqa: E402
+
+BASE = RunConfig(model="synthetic", dataset="synthetic", n_clients=3, rank=4, rounds=2, batched=False,
+                 synth_examples=256, synth_dim=16, eval_size=32, probe_size=16, device="cpu",
+                 local_steps=2, batch_size=8, optimizer="adamw", lr=1e-2, seed=3)
+RTOL = 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+class LocalGrid:
+    """Minimal Flower Grid: delivers each message to ``fa.client_app`` in-process.
+
+    ``silent``: node ids that never answer (a client that vanished: no reply before the timeout)."""
+
+    def __init__(self, n: int, silent: set[int] = frozenset()):
+        from flwr.common.constant import SUPERLINK_NODE_ID
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
+        self.nodes = {5000 + 7 * i: i for i in range(n)}  # node ids unrelated to partition ids
+        self.silent = set(silent)
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            if node in self.silent and m.metadata.message_type == "train":
+                continue
+            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]},
+                          state=RecordDict(), run_config={})
+            try:
+                out.append(fa.client_app(m, ctx))
+            except Exception:  # what Flower's runtime does with a ClientApp exception
+                out.append(Message(Error(code=2, reason=traceback.format_exc()), reply_to=m))
+        return out[::-1]  # replies need not come back in order
+
+
+def harness_states(cfg: RunConfig, monkeypatch) -> tuple[pd.DataFrame, list]:
+    """The in-process harness run (validation.federated.run), with the server state it
+    aggregates each round captured by wrapping its ``aggregate``."""
+    captured = []
+    orig = fed.aggregate
+
+    def spy(*a, **k):
+        s, d = orig(*a, **k)
+        captured.append(fa._copy_state(s))
+        return s, d
+
+    with monkeypatch.context() as m:
+        m.setattr(fed, "aggregate", spy)
+        df = fed.run(cfg)
+    return df, captured
+
+
+def reference_states(cfg: RunConfig, answered: dict[int, list[int]]) -> list:
+    """Expected server states when only ``answered[round]`` are averaged: built from the harness's
+    components (client_start, LoopBackend.train_clients, aggregate), independently of the app's
+    server loop. Clients train with gamma from the K sampled; the round is aggregated with gamma
+    from the K' that answered (the app's documented policy)."""
+    task = build_task(cfg)
+    parts = partition(task.train_labels.numpy(), cfg.n_clients, cfg.partition,
+                      concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    sizes = np.array([len(p) for p in parts], float)
+    dtype, dev = torch.float32, torch.device("cpu")
+    bk0 = LoopBackend(task.model, task.targets, cfg.rank, 1.0, dev)
+    w = torch.full((cfg.n_clients,), 1 / cfg.n_clients)
+    state = init_state(bk0.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, w, dtype, dev)
+    out = []
+    for rnd in range(1, cfg.rounds + 1):
+        ok = answered[rnd]
+        g_sent = fed.gamma_for(cfg, sizes)
+        g_round = fed.gamma_for(dataclasses.replace(cfg, participating=len(ok)), sizes)
+        bk = LoopBackend(task.model, task.targets, cfg.rank, g_sent, dev)
+        bk.set_base_delta(state.merged)
+        A0, B0 = client_start(state, ok)
+        A1, B1, _, _ = bk.train_clients(A0, B0, fed._batches(cfg, task, parts, ok, rnd, dev),
+                                        train_A=SCHEME_TRAINS_A[cfg.scheme], optimizer=cfg.optimizer,
+                                        lr=cfg.lr, weight_decay=cfg.weight_decay)
+        p = torch.full((len(ok),), 1 / len(ok))
+        state, _ = aggregate(cfg.scheme, state, ok, A1, B1, p, g_round)
+        out.append(fa._copy_state(state))
+    return out
+
+
+def _tensors(state) -> dict[str, torch.Tensor]:
+    d = {f"A|{n}": t for n, t in state.A.items()}
+    d.update({f"B|{n}": t for n, t in state.B.items()})
+    d.update({f"M|{n}": t for n, t in state.merged.items()})
+    if state.B_local is not None:
+        d.update({f"Bloc|{n}": t for n, t in state.B_local.items()})
+    return d
+
+
+def state_diff(s1, s2) -> tuple[float, float]:
+    """(max abs diff, max abs diff / max abs value) over every tensor of two server states."""
+    t1, t2 = _tensors(s1), _tensors(s2)
+    assert t1.keys() == t2.keys()
+    mad = max(float((t1[k] - t2[k]).abs().max()) for k in t1)
+    scale = max(float(t2[k].abs().max()) for k in t2)
+    return mad, mad / scale if scale else 0.0
+
+
+def assert_states_close(got: list, want: list, exact: bool = False) -> None:
+    assert len(got) == len(want)
+    for rnd, (s1, s2) in enumerate(zip(got, want), 1):
+        t1, t2 = _tensors(s1), _tensors(s2)
+        assert t1.keys() == t2.keys()
+        for k in t1:
+            if exact:
+                assert torch.equal(t1[k], t2[k]), f"round {rnd} {k}: max diff {(t1[k] - t2[k]).abs().max()}"
+            else:
+                scale = float(t2[k].abs().max())
+                torch.testing.assert_close(t1[k], t2[k], rtol=RTOL, atol=RTOL * scale,
+                                           msg=lambda m, k=k, r=rnd: f"round {r} {k}: {m}")
+        # a broken pipeline would leave the adapter at its init: make sure something was learned
+        assert any(float(t.abs().max()) > 0 for n, t in t2.items() if not n.startswith("A|"))
+
+
+def assert_rows_match(flower: pd.DataFrame, harness: pd.DataFrame, rtol: float) -> None:
+    """Same columns (plus the documented extras), same keys, same measurements."""
+    assert set(harness.columns) <= set(flower.columns)
+    assert set(flower.columns) - set(harness.columns) == set(fa.EXTRA_COLUMNS)
+    assert (flower["backend"] == "flower").all()
+    key = ["round", "layer"]
+    f, h = flower.set_index(key).sort_index(), harness.set_index(key).sort_index()
+    assert list(f.index) == list(h.index)
+    for c in ("n_participating", "clients", "run_id", "rank", "n_clients", "scheme", "rule", "diverged"):
+        assert (f[c] == h[c]).all(), c
+    for c in ("gamma", "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat",
+              "n_eff_hat", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc"):
+        np.testing.assert_allclose(f[c].to_numpy(float), h[c].to_numpy(float), rtol=rtol, atol=rtol * 1e-3,
+                                   err_msg=c)
+
+
+# ------------------------------------------------------------------------------------------------
+# pure functions
+# ------------------------------------------------------------------------------------------------
+def test_encode_decode_roundtrip():
+    A = {"fc1": torch.randn(4, 16), "x.fc2": torch.randn(4, 8)}
+    B = {"fc1": torch.randn(16, 4), "x.fc2": torch.randn(12, 4)}
+    M = {"fc1": torch.randn(16, 16), "x.fc2": torch.randn(12, 8)}
+    a, b, m = fa.decode_adapter(fa.encode_adapter(A, B, M))
+    for want, got in ((A, a), (B, b), (M, m)):
+        assert want.keys() == got.keys()
+        for n in want:
+            assert torch.equal(want[n], got[n])
+
+
+def test_check_reply_errors_say_what_is_wrong():
+    shapes = {"fc1": (16, 8), "fc2": (16, 16)}
+    A = {"fc1": torch.zeros(4, 8), "fc2": torch.zeros(4, 16)}
+    B = {"fc1": torch.zeros(16, 4), "fc2": torch.zeros(16, 4)}
+    a, b = fa.check_reply(fa.encode_adapter(A, B), shapes, 4)
+    assert a.keys() == b.keys() == shapes.keys()
+    with pytest.raises(ValueError, match=r"wrong shape: B\|fc2 is \(16, 3\), expected \(16, 4\)"):
+        fa.check_reply(fa.encode_adapter(A, {**B, "fc2": torch.zeros(16, 3)}), shapes, 4)
+    with pytest.raises(ValueError, match=r"wrong shape: A\|fc1 is \(4, 9\), expected \(4, 8\)"):
+        fa.check_reply(fa.encode_adapter({**A, "fc1": torch.zeros(4, 9)}, B), shapes, 4)
+    with pytest.raises(ValueError, match=r"wrong layers: missing \['fc2'\]"):
+        fa.check_reply(fa.encode_adapter({"fc1": A["fc1"]}, {"fc1": B["fc1"]}), shapes, 4)
+    with pytest.raises(ValueError, match="non-finite"):
+        fa.check_reply(fa.encode_adapter(A, {**B, "fc1": torch.full((16, 4), float("nan"))}), shapes, 4)
+    with pytest.raises(ValueError, match="unexpected array 'W'"):
+        fa.check_reply(ArrayRecord({"W": torch.zeros(2)}), shapes, 4)
+
+
+def test_configs_from_run_config():
+    one = fa.configs_from_run_config({"config": '{"model": "synthetic", "dataset": "synthetic", "rank": 2}'})
+    assert len(one) == 1 and one[0].rank == 2
+    grid = fa.configs_from_run_config({"config": '{"base": {"model": "synthetic", "dataset": "synthetic"}, '
+                                                 '"ranks": [2, 4], "n_clients": [2], "rules": ["sfed"]}'})
+    assert [c.rank for c in grid] == [2, 4]
+    with pytest.raises(ValueError, match="unknown RunConfig fields"):
+        fa.configs_from_run_config({"config": '{"rnak": 2}'})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        fa.configs_from_run_config({"config": "{rank: 2"})
+
+
+# ------------------------------------------------------------------------------------------------
+# the app over an in-process grid (no Ray)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme,participating", [("fedit", None), ("fedsa", 2), ("ffa", None), ("exact", None)])
+def test_local_grid_matches_harness_bitwise(scheme, participating, monkeypatch):
+    cfg = dataclasses.replace(BASE, scheme=scheme, participating=participating)
+    grid = LocalGrid(cfg.n_clients)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, cfg.n_clients), keep_states=True)
+    df, states = harness_states(cfg, monkeypatch)
+    assert_states_close(res.states, states, exact=True)
+    assert_rows_match(res.rows, df, rtol=0.0)
+    assert (res.events["status"] == "ok").all() and len(res.events) == cfg.rounds * cfg.k
+    assert (res.rows["n_dropped"] == 0).all()
+
+
+def test_local_grid_drop_wrong_shape_and_silent_client():
+    cfg = dataclasses.replace(BASE, scheme="fedit", rounds=3)
+    grid = LocalGrid(3, silent={5000 + 7 * 0})  # client 0's node never answers a train message
+    faults = {(1, 2): "bad-shape", (2, 1): "drop"}
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), faults=faults, keep_states=True,
+                         round_timeout=1.0)
+    ev = res.events.set_index(["round", "client"])
+    assert ev.loc[(1, 0), "status"] == "no-reply" and "no reply within 1 s" in ev.loc[(1, 0), "reason"]
+    assert ev.loc[(1, 2), "status"] == "rejected"
+    assert "wrong shape: B|fc1 is (16, 3), expected (16, 4)" in ev.loc[(1, 2), "reason"]
+    assert ev.loc[(2, 1), "status"] == "error" and "dropped out in the middle of round 2" in ev.loc[(2, 1), "reason"]
+    assert ev.loc[(1, 1), "status"] == ev.loc[(2, 2), "status"] == ev.loc[(3, 1), "status"] == "ok"
+    allrows = res.rows[res.rows.layer == "__all__"].set_index("round")
+    assert allrows["n_participating"].tolist() == [1, 1, 2]
+    assert allrows["clients"].tolist() == ["1", "2", "1,2"]
+    assert allrows["dropped_clients"].tolist() == ["0,2", "0,1", "0"]
+    assert allrows["n_dropped"].tolist() == [2, 2, 1]
+    g3 = fed.gamma_for(cfg)
+    g1 = fed.gamma_for(dataclasses.replace(cfg, participating=1))
+    g2 = fed.gamma_for(dataclasses.replace(cfg, participating=2))
+    assert allrows["gamma_sent"].tolist() == [g3] * 3
+    assert allrows["gamma"].tolist() == [g1, g1, g2]
+    assert not res.rows["diverged"].any()
+    want = reference_states(cfg, {1: [1], 2: [2], 3: [1, 2]})
+    assert_states_close(res.states, want, exact=True)
+
+
+def test_local_grid_no_client_answers_keeps_adapter():
+    cfg = dataclasses.replace(BASE, scheme="ffa", rounds=1)
+    grid = LocalGrid(3)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), keep_states=True,
+                         faults={(1, c): "drop" for c in range(3)})
+    assert res.rows["n_participating"].tolist() == [0]
+    assert (res.events["status"] == "error").all()
+    assert all(float(t.abs().max()) == 0 for t in res.states[0].B.values())
+
+
+def test_discover_clients_reports_missing_partition():
+    grid = LocalGrid(2)
+    with pytest.raises(RuntimeError, match=r"only 2 Flower nodes connected"):
+        fa.discover_clients(grid, 3, wait_s=0.3)
+    grid.nodes = {1: 0, 2: 0, 3: 2}
+    with pytest.raises(RuntimeError, match=r"no node plays client\(s\) \[1\].*both claim partition-id 0"):
+        fa.discover_clients(grid, 3)
+
+
+def test_results_written_like_the_harness(tmp_path):
+    from validation.grid import is_complete, load_results, result_path
+
+    cfg = dataclasses.replace(BASE, scheme="ffa", rounds=1)
+    grid = LocalGrid(3)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3))
+    fa.write_flower_run(res, tmp_path)
+    assert is_complete(result_path(tmp_path, cfg)) and is_complete(fa.events_path(tmp_path, cfg))
+    back = load_results(tmp_path)  # the events sub-folder is not mixed into the results
+    assert len(back) == len(res.rows) and set(back.columns) == set(res.rows.columns)
+    ev = pd.read_parquet(fa.events_path(tmp_path, cfg))
+    assert list(ev.columns) == list(fa.EVENT_COLUMNS) and len(ev) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# a real Flower simulation (Ray), once for the module
+# ------------------------------------------------------------------------------------------------
+SIM_CLEAN = [dataclasses.replace(BASE, scheme="fedit"), dataclasses.replace(BASE, scheme="fedsa", participating=2)]
+SIM_FAULTY = [dataclasses.replace(BASE, scheme="exact", seed=4), dataclasses.replace(BASE, scheme="ffa", seed=4)]
+SIM_FAULTS = {(c.run_id, 1, 2): "bad-shape" for c in SIM_FAULTY} | {(c.run_id, 2, 1): "drop" for c in SIM_FAULTY}
+
+
+@pytest.fixture(scope="module")
+def simulation():
+    pytest.importorskip("ray")
+    t0 = time.perf_counter()
+    runs = fa.run_simulation_local(SIM_CLEAN + SIM_FAULTY, faults=SIM_FAULTS, keep_states=True, num_cpus=1)
+    return {r.config.run_id: r for r in runs}, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("i", range(len(SIM_CLEAN)))
+def test_simulation_matches_harness(simulation, i, monkeypatch):
+    runs, wall = simulation
+    cfg = SIM_CLEAN[i]
+    res = runs[cfg.run_id]
+    df, states = harness_states(cfg, monkeypatch)
+    mad, rel = state_diff(res.states[-1], states[-1])
+    print(f"\n{cfg.scheme}: Flower simulation vs in-process: max abs diff {mad:.3g}, rel {rel:.3g} "
+          f"(simulation wall {wall:.1f} s for all runs)")
+    assert_states_close(res.states, states)
+    assert_rows_match(res.rows, df, rtol=1e-4)
+    assert (res.events["status"] == "ok").all()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("i", range(len(SIM_FAULTY)))
+def test_simulation_drop_out_and_wrong_shape(simulation, i):
+    runs, _ = simulation
+    cfg = SIM_FAULTY[i]
+    res = runs[cfg.run_id]
+    ev = res.events.set_index(["round", "client"])
+    assert ev.loc[(1, 2), "status"] == "rejected" and "wrong shape" in ev.loc[(1, 2), "reason"]
+    assert ev.loc[(2, 1), "status"] == "error"
+    assert "dropped out in the middle of round 2" in ev.loc[(2, 1), "reason"]
+    assert (ev.drop(index=[(1, 2), (2, 1)])["status"] == "ok").all()
+    allrows = res.rows[res.rows.layer == "__all__"].set_index("round")
+    assert allrows["clients"].tolist() == ["0,1", "0,2"]
+    assert allrows["n_dropped"].tolist() == [1, 1]
+    assert allrows["gamma"].tolist() == [fed.gamma_for(dataclasses.replace(cfg, participating=2))] * 2
+    assert_states_close(res.states, reference_states(cfg, {1: [0, 1], 2: [0, 2]}))
