@@ -27,7 +27,13 @@ from validation.data import partition
 from validation.metrics import ALL, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
-__all__ = ["run", "resolve_device", "gamma_for", "config_columns"]
+__all__ = ["run", "resolve_device", "gamma_for", "config_columns", "MEASURED_COLUMNS"]
+
+# every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
+MEASURED_COLUMNS: tuple[str, ...] = (
+    "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
+    "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat", "n_eff_hat",
+    "rho_ratio", "n_eff_ratio", "d_out", "k_in")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -156,6 +162,9 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
             rows.append({**base, "round": rnd, "layer": ALL, "n_participating": K})
             break
     df = pd.DataFrame(rows)
+    for c in MEASURED_COLUMNS:
+        if c not in df:
+            df[c] = "" if c == "clients" else float("nan")
     df["diverged"] = diverged_round is not None
     df["diverged_round"] = diverged_round if diverged_round is not None else -1
     df["error"] = error

@@ -1,0 +1,135 @@
+"""Grid runner (atomic files, resume, divergence), analysis and CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sfed_theory
+import validation.grid as grid_mod
+from test_harness_helpers import synth
+from validation.analysis import fit_exponents, format_report
+from validation.cli import main
+from validation.config import GridConfig
+from validation.grid import is_complete, load_results, result_path, run_grid
+from validation.plots import coordinate_check
+
+
+def _grid(**kw) -> GridConfig:
+    return GridConfig(base=synth(rounds=1, local_steps=1, **kw), n_clients=(1, 2), ranks=(2,), rules=("lora",))
+
+
+def test_resume_skips_finished_and_ignores_half_written(tmp_path, monkeypatch):
+    g = _grid()
+    cfgs = g.runs()
+    res = run_grid(g, tmp_path, progress=False)
+    assert sorted(res.written) == sorted(c.run_id for c in cfgs) and not res.failed
+    df = load_results(tmp_path)
+    assert df["run_id"].nunique() == 2
+    assert (df["version"] == sfed_theory.__version__).all()
+    assert {"rank", "rule", "n_clients", "scheme", "optimizer", "seed", "layer", "round"} <= set(df.columns)
+
+    # a half-written result for a third cell and a stray temporary file
+    g3 = GridConfig(base=g.base, n_clients=(1, 2, 3), ranks=(2,), rules=("lora",))
+    third = [c for c in g3.runs() if c.n_clients == 3][0]
+    good = result_path(tmp_path, cfgs[0]).read_bytes()
+    result_path(tmp_path, third).write_bytes(good[: len(good) // 2])
+    (tmp_path / f".{third.run_id}.parquet.tmp-123").write_bytes(good)
+    assert not is_complete(result_path(tmp_path, third))
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert load_results(tmp_path)["run_id"].nunique() == 2
+
+    calls = []
+    real_run = grid_mod.run
+    monkeypatch.setattr(grid_mod, "run", lambda c: calls.append(c.run_id) or real_run(c))
+    res = run_grid(g3, tmp_path, progress=False)
+    assert calls == [third.run_id]
+    assert len(res.skipped) == 2 and res.written == [third.run_id]
+    assert load_results(tmp_path)["run_id"].nunique() == 3
+
+
+def test_divergence_is_flagged_and_grid_continues(tmp_path):
+    bad = synth(optimizer="sgd", lr=1e30, rounds=3, dtype="float32")  # the update overflows float32
+    good = synth(rounds=1)
+    missing = synth(n_clients=500, max_examples=50)  # N > data: a clear failure, not a crash
+    with pytest.warns(UserWarning, match="failed"):
+        res = run_grid([bad, missing, good], tmp_path, progress=False)
+    assert set(res.written) == {bad.run_id, good.run_id}
+    assert "exceeds the" in res.failed[missing.run_id]
+    df = load_results(tmp_path)
+    d = df[df.run_id == bad.run_id]
+    assert d["diverged"].all() and (d["diverged_round"] >= 1).all()
+    assert "non-finite" in d["error"].iloc[0]
+    assert not df.loc[df.run_id == good.run_id, "diverged"].any()
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_non_finite_loss_mid_run_is_flagged(batched):
+    import math
+
+    from validation.federated import run
+    from validation.models import build_task
+
+    cfg = synth(rounds=2, batched=batched)
+    task = build_task(cfg)
+    task.train_inputs["x"][task.train_labels == 0] = math.nan  # poisoned examples reach some client's batch
+    df = run(cfg, task)
+    assert df["diverged"].all()
+    assert "non-finite loss" in df["error"].iloc[0]
+    assert set(df.columns) >= {"update_fro", "train_loss", "rho_hat"}
+
+
+def _fake_results(slope_r: float, slope_n: float) -> pd.DataFrame:
+    """Rows with a known power law v = r^slope_r * N^slope_n * noise, 3 seeds x 4 layers."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for rule in ("lora", "sfed"):
+        for n in (1, 4, 16):
+            for r in (4, 16, 64):
+                for seed in range(3):
+                    for layer in ("l0", "l1", "l2", "l3"):
+                        v = r ** slope_r * n ** slope_n * np.exp(rng.normal(0, 0.05))
+                        rows.append(dict(rule=rule, n_clients=n, participating=n, n_participating=n, rank=r,
+                                         seed=seed, layer=layer, round=1, scheme="ffa", optimizer="adamw",
+                                         alpha=16.0, diverged=False, d_out=384, k_in=384, rho_hat=0.0,
+                                         adapter_rms=v, update_fro=v, grad_A_end=v, grad_B_end=v))
+    df = pd.DataFrame(rows)
+    agg = df.groupby([c for c in df.columns if c not in ("layer", "adapter_rms", "update_fro", "grad_A_end",
+                                                          "grad_B_end")], as_index=False)[
+        ["adapter_rms", "update_fro", "grad_A_end", "grad_B_end"]].apply(lambda x: np.sqrt((x ** 2).sum()))
+    agg["layer"] = "__all__"
+    return pd.concat([df, agg], ignore_index=True)
+
+
+def test_fit_exponents_recovers_known_slopes_and_reports_predictions(tmp_path):
+    fits = fit_exponents(_fake_results(-0.5, 0.25), n_boot=200)
+    r_fits = fits[fits.wrt == "rank"]
+    n_fits = fits[fits.wrt == "n_clients"]
+    assert np.allclose(r_fits["measured"], -0.5, atol=0.03)
+    assert np.allclose(n_fits["measured"], 0.25, atol=0.03)
+    assert ((fits["ci_low"] <= fits["measured"]) & (fits["measured"] <= fits["ci_high"])).all()
+    assert (fits["ci_high"] - fits["ci_low"] > 0).all()
+    # predictions come from sfed_theory.predict: adapter output of LoRA under Adam/FFA falls like r^-1/2
+    row = fits[(fits.rule == "lora") & (fits.quantity == "adapter_output") & (fits.wrt == "rank")].iloc[0]
+    assert row["predicted_rho0"] == pytest.approx(-0.5, abs=1e-6)
+    text = format_report(fits)
+    assert "adapter_output" in text and "sfed" in text
+    paths = coordinate_check(_fake_results(-0.5, 0.25), tmp_path)
+    assert paths and paths[0].stat().st_size > 10_000
+
+
+def test_cli_run_and_analyze(tmp_path, capsys):
+    out = tmp_path / "res"
+    argv = ["run", "--model", "synthetic", "--dataset", "synthetic", "--ranks", "2", "4", "--n-clients", "1", "2",
+            "--rules", "lora", "sfed", "--rounds", "1", "--out", str(out), "--no-progress", "--n-boot", "50",
+            "--set", "synth_examples=128", "synth_dim=8", "local_steps=1", "eval_size=16"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "written 8" in text and "exponent in rank r" in text
+    assert (out / "coord_check_ffa_adamw.png").exists() and (out / "exponents.csv").exists()
+    assert main(argv) == 0
+    assert "skipped (already finished) 8" in capsys.readouterr().out
+    assert main(["analyze", str(out), "--n-boot", "50"]) == 0
+    assert main(["run", "--rules", "nope", "--out", str(out)]) == 2
+    assert "unknown rule" in capsys.readouterr().err
