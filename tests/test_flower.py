@@ -213,8 +213,9 @@ def test_check_reply_errors_say_what_is_wrong():
 
 
 def test_configs_from_run_config():
-    one = fa.configs_from_run_config({"config": '{"model": "synthetic", "dataset": "synthetic", "rank": 2}'})
-    assert len(one) == 1 and one[0].rank == 2
+    one = fa.configs_from_run_config({"config": '{"model": "synthetic", "dataset": "synthetic", "rank": 2, '
+                                                '"n_clients": 3}'})
+    assert len(one) == 1 and one[0].rank == 2 and one[0].n_clients == 3
     grid = fa.configs_from_run_config({"config": '{"base": {"model": "synthetic", "dataset": "synthetic"}, '
                                                  '"ranks": [2, 4], "n_clients": [2], "rules": ["sfed"]}'})
     assert [c.rank for c in grid] == [2, 4]

@@ -581,8 +581,8 @@ def configs_from_run_config(rc: dict) -> list[RunConfig]:
         raise ValueError(f"run config 'config' is not valid JSON: {e}") from e
     if not isinstance(d, dict):
         raise ValueError("run config 'config' must be a JSON object (RunConfig or GridConfig fields)")
-    grid_keys = {f.name for f in dataclasses.fields(GridConfig)} - {"base"}
-    if "base" in d or grid_keys & set(d):
+    grid_only = {f.name for f in dataclasses.fields(GridConfig)} - {"base", "n_clients"}  # n_clients: both
+    if "base" in d or grid_only & set(d) or isinstance(d.get("n_clients"), list):
         return GridConfig.from_dict(d).runs()
     return [RunConfig.from_dict(d)]
 
@@ -662,3 +662,157 @@ def run_simulation_local(configs: list[RunConfig], *, num_supernodes: int | None
         lost = [c.run_id for c in configs if c.run_id not in done]
         raise RuntimeError(f"the Flower simulation ended without finishing run(s) {lost}; see the Flower log above")
     return sink
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line: simulate a grid, or compare Flower with the in-process harness
+# ------------------------------------------------------------------------------------------------
+class _CaptureStates:
+    """Context manager recording the server state after each aggregation of the in-process
+    harness (wraps ``validation.federated.aggregate`` for the duration; the harness's ``run``
+    does not return its adapters)."""
+
+    def __enter__(self):
+        from validation import federated
+
+        self._mod, self._orig, self.states = federated, federated.aggregate, []
+
+        def spy(*a, **k):
+            s, d = self._orig(*a, **k)
+            self.states.append(_copy_state(s))
+            return s, d
+
+        federated.aggregate = spy
+        return self
+
+    def __exit__(self, *exc):
+        self._mod.aggregate = self._orig
+        return False
+
+
+def _state_tensors(state) -> dict[str, torch.Tensor]:
+    d = {f"A|{n}": t for n, t in state.A.items()}
+    d.update({f"B|{n}": t for n, t in state.B.items()})
+    d.update({f"M|{n}": t for n, t in state.merged.items()})
+    if state.B_local is not None:
+        d.update({f"Bloc|{n}": t for n, t in state.B_local.items()})
+    return d
+
+
+def compare_states(s1, s2) -> dict[str, float]:
+    """Max abs diff over all adapter tensors, and that divided by the largest |value| of ``s2``."""
+    t1, t2 = _state_tensors(s1), _state_tensors(s2)
+    if t1.keys() != t2.keys():
+        raise ValueError(f"states hold different tensors: {sorted(t1.keys() ^ t2.keys())}")
+    mad = max(float((t1[k].double() - t2[k].double()).abs().max()) for k in t1)
+    scale = max(float(t2[k].abs().max()) for k in t2)
+    return {"max_abs_diff": mad, "max_rel_diff": mad / scale if scale else 0.0, "max_abs_value": scale}
+
+
+_MEASURES = ("grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat", "n_eff_hat",
+             "train_loss", "probe_loss_start", "probe_loss_end", "eval_loss")
+
+
+def compare(configs: list[RunConfig], *, num_cpus: int = 1) -> pd.DataFrame:
+    """Run ``configs`` in-process (peft loop and batched backends) and in Flower's simulation
+    engine; one row per config with the adapter agreement (final round) and the wall times.
+    The Flower wall time of a run is its ``wall_s`` (server loop, Ray already up; the first run
+    also pays the Ray actors' start-up and imports); the whole simulation, Ray start-up included,
+    is in ``flower_sim_total_s`` (same on every row). In-process times follow a discarded warm-up."""
+    out = []
+    ref = {}
+    from validation import federated
+
+    federated.run(dataclasses.replace(configs[0], batched=False))  # warm-up (imports, first-call costs)
+    federated.run(dataclasses.replace(configs[0], batched=True))
+    for cfg in configs:
+        row = {"run_id": cfg.run_id, "scheme": cfg.scheme, "n_clients": cfg.n_clients, "k": cfg.k,
+               "rank": cfg.rank, "rule": cfg.rule, "rounds": cfg.rounds}
+        for batched in (False, True):
+            c = dataclasses.replace(cfg, batched=batched)
+            t0 = time.perf_counter()
+            with _CaptureStates() as cap:
+                df = federated.run(c)
+            row[f"inproc_{'batched' if batched else 'loop'}_s"] = time.perf_counter() - t0
+            ref[(cfg.run_id, batched)] = (df, cap.states)
+        out.append(row)
+    t0 = time.perf_counter()
+    runs = {r.config.run_id: r for r in run_simulation_local(configs, keep_states=True, num_cpus=num_cpus)}
+    total = time.perf_counter() - t0
+    for row, cfg in zip(out, configs):
+        res = runs[cfg.run_id]
+        row["flower_run_s"] = float(res.rows["wall_s"].iloc[0])
+        row["flower_sim_total_s"] = total
+        for batched in (False, True):
+            tag = "batched" if batched else "loop"
+            df, states = ref[(cfg.run_id, batched)]
+            d = compare_states(res.states[-1], states[-1])
+            row[f"adapter_abs_diff_vs_{tag}"] = d["max_abs_diff"]
+            row[f"adapter_rel_diff_vs_{tag}"] = d["max_rel_diff"]
+            f = res.rows.set_index(["round", "layer"]).sort_index()
+            h = df.set_index(["round", "layer"]).sort_index()
+            rel = 0.0
+            for col in _MEASURES:
+                a, b = f[col].to_numpy(float), h[col].to_numpy(float)
+                ok = np.isfinite(a) & np.isfinite(b)
+                if ok.any():
+                    rel = max(rel, float(np.max(np.abs(a[ok] - b[ok]) / np.maximum(np.abs(b[ok]), 1e-12))))
+            row[f"rows_rel_diff_vs_{tag}"] = rel
+    return pd.DataFrame(out)
+
+
+def _configs_from_args(ns) -> list[RunConfig]:
+    if ns.config:
+        cfgs = GridConfig.from_file(ns.config).runs()
+    else:
+        cfgs = [RunConfig(model="synthetic", dataset="synthetic", n_clients=3, rank=4, rounds=2,
+                          synth_examples=512, synth_dim=32, device="cpu")]
+    sets = {}
+    for kv in ns.set:
+        k, _, v = kv.partition("=")
+        try:
+            sets[k] = json.loads(v)
+        except json.JSONDecodeError:
+            sets[k] = v
+    return [RunConfig.from_dict({**c.to_dict(), **sets}) for c in cfgs] if sets else cfgs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m validation.flower_app {simulate,compare} ...`` (see ``--help``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m validation.flower_app",
+                                 description="The federated LoRA validation on Flower's simulation engine.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, hlp in (("simulate", "run a grid in Flower's simulation engine and write harness-format results"),
+                      ("compare", "run a grid in-process and in Flower; print adapter agreement and wall times")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("--config", help="grid file (JSON/YAML), as for `sfed-validate run --config`")
+        p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override RunConfig fields of every run (JSON values)")
+        p.add_argument("--num-cpus", type=int, default=1, help="CPUs Ray may use (default 1)")
+        p.add_argument("--out", help="results folder (simulate: default runs/flower; compare: CSV file)")
+        if name == "simulate":
+            p.add_argument("--num-supernodes", type=int, help="virtual clients (default: largest n_clients)")
+    ns = ap.parse_args(argv)
+    cfgs = _configs_from_args(ns)
+    if ns.cmd == "simulate":
+        out = ns.out or "runs/flower"
+        runs = run_simulation_local(cfgs, num_supernodes=ns.num_supernodes, out=out, num_cpus=ns.num_cpus)
+        for r in runs:
+            n_drop = int(r.events["status"].ne("ok").sum())
+            print(f"{r.config.run_id}: {len(r.rows)} rows, {n_drop} dropped client replies -> {out}")
+        return 0
+    res = compare(cfgs, num_cpus=ns.num_cpus)
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print(res.to_string(index=False))
+    if ns.out:
+        res.to_csv(ns.out, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    # Re-import under the real module name so that Ray workers unpickle the ClientApp by reference.
+    from validation.flower_app import main as _main
+
+    raise SystemExit(_main())
