@@ -1,0 +1,186 @@
+"""The experiments that feed the empirical figures, and the stored results they leave behind.
+
+Two experiments, each a grid file in ``paper_figures/grids/`` (``<grid set>_<experiment>.json``,
+the :class:`validation.config.GridConfig` format plus an ``_about`` note):
+
+* ``scaling``: one federated round over (N, r, rule): figures (a), (b), (d).
+* ``curves``: several rounds at high rank for each rule: figure (c).
+
+``rerun`` runs a grid set through the harness API (:func:`validation.grid.run_grid`, resumable,
+one Parquet file per run in a work folder) and consolidates each experiment into ONE tidy
+Parquet file ``<results>/<experiment>.parquet`` (one row per run x round x layer, config columns
+included), plus ``<results>/manifest.json`` with the grid, package versions, git commit, machine
+and wall time. ``load`` reads them back and fails with a clear message when a file is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+__all__ = [
+    "EXPERIMENTS",
+    "GRID_SETS",
+    "GRID_DIR",
+    "DEFAULT_RESULTS",
+    "MissingResults",
+    "grid_file",
+    "load_grid",
+    "results_path",
+    "load",
+    "load_manifest",
+    "rerun",
+]
+
+EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")
+GRID_SETS: tuple[str, ...] = ("cpu", "gpu")
+GRID_DIR = Path(__file__).resolve().parent / "grids"
+DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "results"
+MANIFEST = "manifest.json"
+
+
+class MissingResults(FileNotFoundError):
+    """A stored results file the figures need is not there."""
+
+
+def grid_file(experiment: str, grid_set: str = "cpu") -> Path:
+    """Path of the grid file of ``experiment`` in ``grid_set``."""
+    if experiment not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {experiment!r}; allowed: {', '.join(EXPERIMENTS)}")
+    if grid_set not in GRID_SETS:
+        raise ValueError(f"unknown grid set {grid_set!r}; allowed: {', '.join(GRID_SETS)}")
+    return GRID_DIR / f"{grid_set}_{experiment}.json"
+
+
+def _grid_dict(experiment: str, grid_set: str) -> dict[str, Any]:
+    data = json.loads(grid_file(experiment, grid_set).read_text())
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def load_grid(experiment: str, grid_set: str = "cpu", **base_overrides: Any):
+    """The :class:`validation.config.GridConfig` of an experiment (base fields overridable)."""
+    from validation.config import GridConfig
+
+    d = _grid_dict(experiment, grid_set)
+    d["base"] = {**d.get("base", {}), **base_overrides}
+    return GridConfig.from_dict(d)
+
+
+def results_path(experiment: str, results_dir: str | Path = DEFAULT_RESULTS) -> Path:
+    """Where the consolidated results of ``experiment`` live."""
+    return Path(results_dir) / f"{experiment}.parquet"
+
+
+def load(experiment: str, results_dir: str | Path = DEFAULT_RESULTS) -> pd.DataFrame:
+    """The stored results of ``experiment``; raises :class:`MissingResults` if absent or empty."""
+    path = results_path(experiment, results_dir)
+    if not path.is_file():
+        raise MissingResults(
+            f"results file {path} is missing: the figures are drawn from stored results. Restore it "
+            f"(git checkout results/) or re-create it with `sfed-figures --rerun` (runs the '{experiment}' grid)."
+        )
+    df = pd.read_parquet(path)
+    if df.empty:
+        raise MissingResults(f"results file {path} holds no rows; re-create it with `sfed-figures --rerun`")
+    return df
+
+
+def load_manifest(results_dir: str | Path = DEFAULT_RESULTS) -> dict[str, Any]:
+    """The manifest (grid, versions, commit, machine, wall time per experiment); {} if absent."""
+    path = Path(results_dir) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("sfed_theory", "validation", "torch", "transformers", "numpy", "pandas", "pyarrow"):
+        try:
+            m = __import__(mod)
+            out[mod] = str(getattr(m, "__version__", "n/a"))
+        except ImportError:
+            out[mod] = "not installed"
+    try:
+        from importlib.metadata import version
+
+        out["sfed (package)"] = version("sfed")
+    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+        pass
+    return out
+
+
+def _git() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except Exception:
+        return {"commit": "unknown", "dirty": None}
+
+
+def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
+          experiments: tuple[str, ...] = EXPERIMENTS, work_dir: str | Path = "runs/paper_figures",
+          resume: bool = True, progress: bool = True, **base_overrides: Any) -> dict[str, Path]:
+    """Run the experiments' grids with the harness and store consolidated results + manifest.
+
+    ``work_dir`` keeps the harness's per-run files (resumable; ``resume=False`` re-runs every
+    cell). ``base_overrides`` set RunConfig fields of every grid's base (e.g. ``device="cuda"``
+    or ``max_examples=200`` for a smoke test). Returns ``{experiment: results file}``.
+    """
+    from validation.grid import load_results, run_grid
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    manifest = load_manifest(results_dir)
+    written: dict[str, Path] = {}
+    for exp in experiments:
+        grid = load_grid(exp, grid_set, **base_overrides)
+        cells = grid.runs()
+        folder = Path(work_dir) / f"{grid_set}_{exp}"
+        print(f"[{exp}] {len(cells)} runs ({grid_file(exp, grid_set).name}) -> {folder}", flush=True)
+        t0 = time.perf_counter()
+        res = run_grid(grid, folder, resume=resume, progress=progress)
+        wall = time.perf_counter() - t0
+        df = load_results(folder)
+        ids = {c.run_id for c in cells}
+        df = df[df["run_id"].isin(ids)] if not df.empty else df
+        if df.empty:
+            raise RuntimeError(f"[{exp}] no run finished; failures: {res.failed}")
+        path = results_path(exp, results_dir)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        df.to_parquet(tmp, index=False, compression="zstd")
+        os.replace(tmp, path)
+        grid_json = _grid_dict(exp, grid_set)
+        grid_json["base"] = {**grid_json.get("base", {}), **base_overrides}
+        manifest[exp] = {
+            "file": path.name,
+            "grid_file": f"paper_figures/grids/{grid_file(exp, grid_set).name}",
+            "grid": grid_json,
+            "runs_in_grid": len(cells),
+            "runs_stored": int(df["run_id"].nunique()),
+            "rows": int(len(df)),
+            "failed": res.failed,
+            "wall_s_this_call": round(wall, 1),
+            "wall_s_sum_of_runs": round(float(df.groupby("run_id")["wall_s"].first().sum()), 1),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": _versions(),
+            "git": _git(),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "argv": " ".join(sys.argv)},
+        }
+        (results_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        print(f"[{exp}] {manifest[exp]['runs_stored']}/{len(cells)} runs, {len(df)} rows -> {path} "
+              f"({path.stat().st_size / 1024:.0f} KiB, {wall:.0f} s)", flush=True)
+        written[exp] = path
+    return written

@@ -1,0 +1,168 @@
+"""``sfed-figures`` / ``python -m paper_figures``: regenerate every paper figure.
+
+    sfed-figures                          # all figures -> figures/ (PNG + PDF) from results/
+    sfed-figures --out DIR --results DIR  # other folders
+    sfed-figures --only a d e             # a subset
+    sfed-figures --rerun                  # re-run the CPU grids (harness), store results, then draw
+    sfed-figures --rerun --grids gpu --results-dir results_gpu   # the larger GPU grids
+    sfed-figures --update-docs            # also copy the main figure to docs/main_figure.png
+
+Without ``--rerun`` nothing is trained: (a)-(d) and the main figure read the stored results
+(``results/scaling.parquet``, ``results/curves.parquet``), (e) and (f) evaluate the theory API.
+A missing results file is an error that names the file and how to re-create it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from paper_figures import experiments
+
+__all__ = ["FIGURES", "Figure", "expected_files", "build", "main", "MAIN_FIGURE", "DOCS_COPY"]
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_FIGURE = "fig_main_update_vs_clients"
+DOCS_COPY = ROOT / "docs" / "main_figure.png"
+
+
+@dataclass(frozen=True)
+class Figure:
+    key: str
+    stem: str
+    experiment: str | None  # stored results it needs (None: theory only)
+    describe: str
+
+    def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
+        from paper_figures import empirical_figs as E
+        from paper_figures import theory_figs as T
+
+        fns: dict[str, Callable[..., list[Path]]] = {
+            "main": lambda: E.fig_main(results["scaling"], out, formats),
+            "a": lambda: E.fig_a_grad_vs_rank(results["scaling"], out, formats),
+            "b": lambda: E.fig_b_grad_vs_clients(results["scaling"], out, formats),
+            "c": lambda: E.fig_c_loss_curves(results["curves"], out, formats),
+            "d": lambda: E.fig_d_pred_vs_meas(results["scaling"], out, formats),
+            "e": lambda: T.fig_e_moment_heatmap(out, formats=formats),
+            "f": lambda: T.fig_f_rho(out, formats=formats),
+        }
+        return fns[self.key]()
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("main", MAIN_FIGURE, "scaling", "aggregated update norm and adapter output vs N, per rule"),
+    Figure("a", "fig_a_grad_vs_rank", "scaling", "adapter gradient norms vs rank, one line per N, per rule"),
+    Figure("b", "fig_b_grad_vs_clients", "scaling", "adapter gradient norms vs N, one line per rank, per rule"),
+    Figure("c", "fig_c_loss_curves", "curves", "train loss / eval accuracy per round at high rank, per rule"),
+    Figure("d", "fig_d_pred_vs_meas", "scaling", "predicted vs measured norms (log-log, y = x)"),
+    Figure("e", "fig_e_moment_heatmap", None, "theory: adapter output moment over (N, r) per rule"),
+    Figure("f", "fig_f_rho_gamma", None, "theory: client correlation rho vs optimal gamma and moment"),
+)
+_BY_KEY = {f.key: f for f in FIGURES}
+
+
+def expected_files(out: str | Path, keys: Sequence[str] | None = None,
+                   formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Every file ``build`` writes for ``keys`` (default all figures)."""
+    keys = list(keys) if keys else [f.key for f in FIGURES]
+    return [Path(out) / f"{_BY_KEY[k].stem}.{fmt}" for k in keys for fmt in formats]
+
+
+def build(out: str | Path = "figures", results_dir: str | Path = experiments.DEFAULT_RESULTS, *,
+          keys: Sequence[str] | None = None, formats: Sequence[str] = ("png", "pdf"),
+          verbose: bool = True) -> list[Path]:
+    """Draw the figures ``keys`` (default all) into ``out`` from stored results; return the files.
+
+    Raises :class:`paper_figures.experiments.MissingResults` before drawing anything if a needed
+    results file is absent.
+    """
+    keys = list(keys) if keys else [f.key for f in FIGURES]
+    unknown = [k for k in keys if k not in _BY_KEY]
+    if unknown:
+        raise ValueError(f"unknown figure(s) {unknown}; choose from {[f.key for f in FIGURES]}")
+    out = Path(out)
+    formats = tuple(formats)
+    needed = sorted({_BY_KEY[k].experiment for k in keys} - {None})
+    results = {exp: experiments.load(exp, results_dir) for exp in needed}  # fail early, before drawing
+    written: list[Path] = []
+    for k in keys:
+        fig = _BY_KEY[k]
+        t0 = time.perf_counter()
+        paths = fig.draw(results, out, formats)
+        written.extend(paths)
+        if verbose:
+            print(f"({fig.key}) {fig.describe}: {', '.join(p.name for p in paths)} "
+                  f"[{time.perf_counter() - t0:.1f} s]", flush=True)
+    return written
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sfed-figures", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="figures: " + "; ".join(f"{f.key} = {f.describe}" for f in FIGURES))
+    ap.add_argument("--out", default="figures", help="output folder (default figures/)")
+    ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
+                    help="stored results folder (default: the committed results/)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main a b c d e f)")
+    ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
+    ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
+    g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")
+    g.add_argument("--rerun", action="store_true", help="re-run the grids that feed (a)-(d), then draw")
+    g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
+                   help="grid set: cpu (default, ~15 min on 2 cores) or gpu (paper_figures/grids/gpu_*.json)")
+    g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
+    g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable)")
+    g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
+    g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300")
+    return ap
+
+
+def _overrides(items: Sequence[str]) -> dict:
+    out = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code (0 ok, 1 missing results, 2 bad arguments)."""
+    ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if ns.rerun:
+            experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(ns.experiments),
+                              work_dir=ns.work_dir, resume=not ns.no_resume, **_overrides(ns.set))
+        t0 = time.perf_counter()
+        paths = build(ns.out, ns.results, keys=ns.only, formats=ns.formats)
+    except experiments.MissingResults as e:
+        print(f"sfed-figures: error: {e}", file=sys.stderr)
+        return 1
+    except ValueError as e:
+        print(f"sfed-figures: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{len(paths)} files in {Path(ns.out).resolve()} ({time.perf_counter() - t0:.1f} s)")
+    if ns.update_docs:
+        src = Path(ns.out) / f"{MAIN_FIGURE}.png"
+        if not src.is_file():
+            print(f"sfed-figures: error: --update-docs needs {src} (draw the main figure too)", file=sys.stderr)
+            return 2
+        DOCS_COPY.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, DOCS_COPY)
+        print(f"main figure copied to {DOCS_COPY}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
