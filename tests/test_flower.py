@@ -175,7 +175,7 @@ def assert_rows_match(flower: pd.DataFrame, harness: pd.DataFrame, rtol: float) 
     for c in ("n_participating", "clients", "run_id", "rank", "n_clients", "scheme", "rule", "diverged"):
         assert (f[c] == h[c]).all(), c
     for c in ("gamma", "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat",
-              "n_eff_hat", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc"):
+              "n_eff_hat", "rho_ratio", "n_eff_ratio", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc"):
         np.testing.assert_allclose(f[c].to_numpy(float), h[c].to_numpy(float), rtol=rtol, atol=rtol * 1e-3,
                                    err_msg=c)
 
@@ -298,6 +298,24 @@ def test_results_written_like_the_harness(tmp_path):
     assert len(back) == len(res.rows) and set(back.columns) == set(res.rows.columns)
     ev = pd.read_parquet(fa.events_path(tmp_path, cfg))
     assert list(ev.columns) == list(fa.EVENT_COLUMNS) and len(ev) == 3
+
+
+def test_server_app_from_run_config_writes_and_resumes(tmp_path):
+    """The ``flwr run`` entry point: experiment from the run config, results in out-dir, resume."""
+    import json
+
+    from validation.grid import load_results
+
+    cfg = dataclasses.replace(BASE, scheme="exact", rounds=1)
+    rc = {"config": json.dumps(cfg.to_dict()), "out-dir": str(tmp_path), "round-timeout": 5.0, "node-wait": 1.0,
+          "resume": True}
+    ctx = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)
+    fa.server_app(LocalGrid(3), ctx)
+    first = load_results(tmp_path)
+    assert len(first) == 3 and (first["run_id"] == cfg.run_id).all() and (first["backend"] == "flower").all()
+    mtime = (tmp_path / f"{cfg.run_id}.parquet").stat().st_mtime_ns
+    fa.server_app(LocalGrid(3), ctx)  # complete already: skipped, file untouched
+    assert (tmp_path / f"{cfg.run_id}.parquet").stat().st_mtime_ns == mtime
 
 
 # ------------------------------------------------------------------------------------------------

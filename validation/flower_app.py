@@ -514,6 +514,11 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             rows.append({**base, "round": rnd, "layer": ALL, "n_participating": len(clients)})
             break
     df = pd.DataFrame(rows)
+    from validation import federated as _fed  # the harness's stable column set (when it has one)
+
+    for c in tuple(getattr(_fed, "MEASURED_COLUMNS", ())) + EXTRA_COLUMNS:
+        if c not in df:
+            df[c] = "" if c in ("clients", "dropped_clients") else float("nan")
     df["diverged"] = diverged_round is not None
     df["diverged_round"] = diverged_round if diverged_round is not None else -1
     df["error"] = error
@@ -636,27 +641,41 @@ def make_server_app(configs: list[RunConfig] | None = None, *, out: str | Path |
 server_app = make_server_app()
 
 
+_RUNTIME_CRASH = "An error was encountered. Ending simulation."  # flwr: the simulation runtime (Ray) failed
+
+
 def run_simulation_local(configs: list[RunConfig], *, num_supernodes: int | None = None,
                          out: str | Path | None = None, faults: dict[tuple, str] | None = None,
                          keep_states: bool = False, num_cpus: int = 1, round_timeout: float = 600.0,
-                         verbose: bool = False) -> list[FlowerRun]:
+                         verbose: bool = False, retries: int = 1) -> list[FlowerRun]:
     """Run ``configs`` in Flower's simulation engine (Ray) on this machine and return their results.
 
     ``num_supernodes`` defaults to the largest ``n_clients``; Ray gets ``num_cpus`` CPUs and each
     virtual client 1 CPU, so clients run one after the other when ``num_cpus == 1``.
-    Raises ``RuntimeError`` if the simulation ends without finishing every run.
+    If the simulation runtime itself crashes before any run finished (e.g. Ray's node start-up
+    times out on an overloaded machine), it is started again up to ``retries`` times; errors of
+    the app are never retried. Raises ``RuntimeError`` if the simulation ends without finishing
+    every run.
     """
     from flwr.simulation import run_simulation
 
     configs = list(configs)
-    sink: list[FlowerRun] = []
-    app = make_server_app(configs, out=out, faults=faults, sink=sink, keep_states=keep_states,
-                          round_timeout=round_timeout, resume=False)
     n = num_supernodes or max(c.n_clients for c in configs)
     backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
                       "init_args": {"num_cpus": num_cpus, "num_gpus": 0, "include_dashboard": False}}
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=n, backend_config=backend_config,
-                   verbose_logging=verbose)
+    for attempt in range(retries + 1):
+        sink: list[FlowerRun] = []
+        app = make_server_app(configs, out=out, faults=faults, sink=sink, keep_states=keep_states,
+                              round_timeout=round_timeout, node_wait=60.0, resume=False)
+        try:
+            run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
+                           backend_config=backend_config, verbose_logging=verbose)
+        except RuntimeError as e:
+            if str(e) == _RUNTIME_CRASH and not sink and attempt < retries:
+                log.warning("Flower simulation runtime crashed before any run finished (%s); retrying", e.__cause__)
+                continue
+            raise
+        break
     if len(sink) != len(configs):
         done = {r.config.run_id for r in sink}
         lost = [c.run_id for c in configs if c.run_id not in done]
