@@ -216,7 +216,8 @@ def fig_c_loss_curves(df: pd.DataFrame, out_dir, formats=("png", "pdf")) -> list
         axes[0, j].set_title(f"N = {n} clients, r = {rank}")
         axes[1, j].set_xlabel("federated round")
     axes[0, 0].set_ylabel("train loss (nats)")
-    axes[1, 0].set_ylabel("eval accuracy (%)")
+    n_eval = f", {int(df['eval_size'].iloc[0])} held-out" if "eval_size" in df else ""
+    axes[1, 0].set_ylabel(f"eval accuracy (%{n_eval})")
     rounds = sorted(a["round"].unique())
     for ax in axes.ravel():
         ax.set_xticks(rounds)

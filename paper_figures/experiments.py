@@ -117,6 +117,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _source_digest(package: str) -> str:
+    """sha256 over the .py files of a package (identifies the harness code even when uncommitted)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent / package
+    h = hashlib.sha256()
+    for f in sorted(root.glob("*.py")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _git() -> dict[str, Any]:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -176,6 +188,7 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
             "git": _git(),
+            "source_sha256": {pkg: _source_digest(pkg) for pkg in ("validation", "sfed_theory", "paper_figures")},
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "argv": " ".join(sys.argv)},
         }

@@ -1,0 +1,224 @@
+"""paper_figures: every figure is written from the committed results, missing results fail clearly,
+the committed results are the tidy, small, documented set the figures claim, and the numbers the
+figures plot come from the data and the theory API."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("pyarrow")
+
+from paper_figures import empirical_figs, experiments, make_figures, theory_figs  # noqa: E402
+
+import sfed_theory  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- all figures, CLI
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys):
+    out = tmp_path / "figs"
+    code = make_figures.main(["--out", str(out), "--results", str(RESULTS)])
+    assert code == 0, capsys.readouterr().err
+    expected = make_figures.expected_files(out)
+    assert len(expected) == 2 * len(make_figures.FIGURES) >= 14  # main + (a)..(f), PNG and PDF
+    written = sorted(out.iterdir())
+    assert sorted(expected) == written, f"unexpected set of files: {[p.name for p in written]}"
+    for p in expected:
+        data = p.read_bytes()
+        assert len(data) > 5_000, f"{p.name} is suspiciously small ({len(data)} bytes)"
+        if p.suffix == ".png":
+            assert data.startswith(PNG_MAGIC), f"{p.name} is not a PNG"
+        else:
+            assert data.startswith(b"%PDF"), f"{p.name} is not a PDF"
+    printed = capsys.readouterr().out
+    for fig in make_figures.FIGURES:
+        assert f"({fig.key})" in printed, f"no progress line for figure {fig.key}"
+
+
+def test_committed_main_figure_for_readme_exists():
+    p = make_figures.DOCS_COPY
+    assert p.is_file(), f"{p} missing; run `sfed-figures --update-docs`"
+    assert p.read_bytes().startswith(PNG_MAGIC)
+
+
+# ----------------------------------------------------------------------------- missing results
+
+
+def test_missing_results_fail_clearly_before_drawing(tmp_path, capsys):
+    out = tmp_path / "figs"
+    empty = tmp_path / "no_results"
+    empty.mkdir()
+    with pytest.raises(experiments.MissingResults, match=r"scaling\.parquet"):
+        make_figures.build(out, empty, keys=["a"])
+    assert not out.exists() or not any(out.iterdir()), "nothing may be drawn when results are missing"
+    code = make_figures.main(["--out", str(out), "--results", str(empty), "--only", "d"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "scaling.parquet" in err and "--rerun" in err
+
+
+def test_each_experiment_file_is_required_by_its_figures(tmp_path):
+    only_scaling = tmp_path / "partial"
+    only_scaling.mkdir()
+    shutil.copy(experiments.results_path("scaling", RESULTS), only_scaling)
+    with pytest.raises(experiments.MissingResults, match=r"curves\.parquet"):
+        make_figures.build(tmp_path / "figs", only_scaling, keys=["c"])
+
+
+def test_empty_results_file_is_an_error(tmp_path):
+    d = tmp_path / "r"
+    d.mkdir()
+    pd.read_parquet(experiments.results_path("curves", RESULTS)).iloc[:0].to_parquet(d / "curves.parquet")
+    with pytest.raises(experiments.MissingResults, match="no rows"):
+        experiments.load("curves", d)
+
+
+def test_unknown_figure_key_is_rejected(tmp_path, capsys):
+    assert make_figures.main(["--out", str(tmp_path), "--only", "z"]) == 2
+    assert "unknown figure" in capsys.readouterr().err
+
+
+def test_results_missing_a_column_are_rejected():
+    df = experiments.load("scaling", RESULTS).drop(columns=["grad_A_end"])
+    with pytest.raises(ValueError, match="grad_A_end"):
+        empirical_figs.round_rows(df)
+
+
+# ----------------------------------------------------------------------------- committed results
+
+
+@pytest.mark.parametrize("experiment", experiments.EXPERIMENTS)
+def test_committed_results_are_small_tidy_and_match_their_grid(experiment):
+    path = experiments.results_path(experiment, RESULTS)
+    assert path.is_file(), f"committed results {path} missing"
+    assert path.stat().st_size < 400_000, f"{path} is {path.stat().st_size} bytes; keep the committed set small"
+    df = experiments.load(experiment, RESULTS)
+    empirical_figs.check_columns(df)
+    # tidy: exactly one row per run x round x layer, config and version on every row
+    assert not df.duplicated(["run_id", "round", "layer"]).any()
+    for col in ("version", "model", "dataset", "n_clients", "rank", "rule", "scheme", "optimizer", "seed",
+                "lr", "local_steps", "rounds"):
+        assert col in df.columns and df[col].notna().all(), col
+    assert (df["version"] == sfed_theory.__version__).all()
+    assert not df["diverged"].astype(bool).any(), "a committed run diverged; the figures exclude it silently"
+    # every cell of the grid file is there, with the grid's base settings
+    grid = experiments.load_grid(experiment, "cpu")
+    cells = grid.runs()
+    keys = ["n_clients", "rank", "rule", "scheme", "optimizer", "seed"]
+    stored = {tuple(r) for r in df[keys].drop_duplicates().itertuples(index=False)}
+    wanted = {tuple(getattr(c, k) for k in keys) for c in cells}
+    assert stored == wanted
+    base = grid.base.to_dict()
+    for field in ("model", "dataset", "lr", "local_steps", "batch_size", "rounds", "max_length", "alpha",
+                  "partition", "dirichlet_alpha"):
+        assert (df[field] == base[field]).all(), field
+    n_rounds = df.groupby("run_id")["round"].nunique()
+    assert (n_rounds == base["rounds"]).all()
+
+
+def test_manifest_records_grid_versions_and_machine():
+    m = experiments.load_manifest(RESULTS)
+    assert set(experiments.EXPERIMENTS) <= set(m)
+    for exp in experiments.EXPERIMENTS:
+        entry = m[exp]
+        assert entry["runs_stored"] == entry["runs_in_grid"] > 0
+        assert entry["versions"]["sfed_theory"] == sfed_theory.__version__
+        assert "torch" in entry["versions"] and entry["machine"]["cpu_count"] >= 1
+        assert len(entry["git"]["commit"]) == 40
+        on_disk = json.loads((ROOT / entry["grid_file"]).read_text())
+        on_disk = {k: v for k, v in on_disk.items() if not k.startswith("_")}
+        assert {k: v for k, v in entry["grid"].items() if k != "base"} == \
+            {k: v for k, v in on_disk.items() if k != "base"}
+
+
+# ----------------------------------------------------------------------------- numbers come from data/theory
+
+
+def _fake_results(scale: float) -> pd.DataFrame:
+    """__all__ rows whose measured norms are exactly `scale` x the theory (rho_hat = 0.1)."""
+    rows = []
+    for rule in ("lora", "rslora", "sfed"):
+        for r in (2, 8, 32):
+            for n in (1, 4):
+                rec = {"run_id": f"{rule}{r}{n}", "layer": "__all__", "round": 1, "rule": rule, "rank": r,
+                       "n_clients": n, "n_participating": n, "scheme": "ffa", "optimizer": "adamw", "alpha": 16.0,
+                       "d_out": 32, "k_in": 24, "rho_hat": 0.1 if n > 1 else float("nan"), "diverged": False,
+                       "train_loss": 1.0, "eval_acc": 0.5}
+                for q, (col, _) in empirical_figs.QUANTITIES.items():
+                    rec[col] = scale * sfed_theory.predicted_norm(q, rule, rank=r, n_clients=n, d=32, k=24,
+                                                                  rho=0.1 if n > 1 else 0.0)
+                rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def test_fitted_scale_recovers_a_known_constant_and_zero_residual():
+    pred = empirical_figs.with_predictions(_fake_results(3.7))
+    scales = empirical_figs.fit_scales(pred, "rhohat")
+    for q, s in scales.items():
+        assert s == pytest.approx(3.7, rel=1e-9), q
+    col = empirical_figs.QUANTITIES["grad_A"][0]
+    assert np.allclose(pred[col], 3.7 * pred["pred_grad_A_rhohat"])
+    # at rho = 0 the theory is wrong for these data, so one constant cannot make the residual vanish
+    s0 = empirical_figs.fit_scales(pred, "rho0")["adapter_output"]
+    resid = np.log(pred["adapter_rms"] / (s0 * pred["pred_adapter_output_rho0"]))
+    assert np.abs(resid).max() > 0.05
+
+
+def test_round_rows_average_seeds_and_drop_diverged_runs():
+    a = _fake_results(1.0)
+    b = a.copy()
+    b["run_id"] += "s1"
+    b["grad_A_end"] *= 3.0
+    c = a.copy()
+    c["run_id"] += "bad"
+    c["grad_A_end"] = 1e6
+    c["diverged"] = True
+    rows = empirical_figs.round_rows(pd.concat([a, b, c]))
+    assert len(rows) == len(a)
+    merged = rows.merge(a, on=["rule", "rank", "n_participating"], suffixes=("", "_a"))
+    assert np.allclose(merged["grad_A_end"], 2.0 * merged["grad_A_end_a"])
+
+
+def test_theory_heatmap_values_come_from_predicted_norm():
+    # SFed keeps the Adam-regime moment at the target (ratio 1) at rho = 0; LoRA falls as 1/(r N)
+    g = theory_figs.moment_grid("sfed", np.array([1, 4, 64]), np.array([1, 8, 32]))
+    assert np.allclose(g, 1.0)
+    lo = theory_figs.moment_grid("lora", np.array([1, 4, 64]), np.array([1, 8]))
+    assert np.allclose(lo, 1.0 / np.outer([1, 8], [1, 4, 64]))
+    # and not a typed-in law: with rho > 0 SFed overshoots by N * c_N
+    n, rho = 16, 0.2
+    assert theory_figs.moment_ratio("sfed", 8, n, rho=rho) == pytest.approx(n * (rho + (1 - rho) / n))
+
+
+def test_solved_gamma_matches_the_general_rule():
+    f = theory_figs.gamma_star_fn("adam")
+    for r, n, rho in [(1, 1, 0.0), (8, 4, 0.3), (256, 32, 0.05), (64, 16, 1.0)]:
+        assert f(16.0, r, n, rho, 384) == pytest.approx(
+            sfed_theory.scaling_factor("sfed-general", 16.0, r, n, rho=rho), rel=1e-12)
+    g = theory_figs.gamma_star_fn("sgd")
+    ratio = g(16.0, 64, 16, 0.0, 384) / g(16.0, 64, 1, 0.0, 384)
+    assert ratio == pytest.approx(16 ** 0.25)  # SGD: N^(1/4), not sqrt(N)
+    assert not math.isclose(ratio, 4.0)
+
+
+def test_grid_files_are_valid_and_gpu_grid_is_larger():
+    for exp in experiments.EXPERIMENTS:
+        cpu = experiments.load_grid(exp, "cpu").runs()
+        gpu = experiments.load_grid(exp, "gpu").runs()
+        assert len(gpu) > len(cpu)
+        assert all(c.device == "cuda" for c in gpu) and all(c.device == "cpu" for c in cpu)
