@@ -222,3 +222,31 @@ def test_grid_files_are_valid_and_gpu_grid_is_larger():
         gpu = experiments.load_grid(exp, "gpu").runs()
         assert len(gpu) > len(cpu)
         assert all(c.device == "cuda" for c in gpu) and all(c.device == "cpu" for c in cpu)
+
+
+# ----------------------------------------------------------------------------- --rerun path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_rerun_stores_results_and_manifest_then_draws(tmp_path, capsys):
+    """--rerun end to end on the harness's fast synthetic task (the CPU grid's cells, 2 rounds)."""
+    pytest.importorskip("torch")
+    res, work, figs = tmp_path / "res", tmp_path / "work", tmp_path / "figs"
+    code = make_figures.main(["--rerun", "--experiments", "curves", "--results", str(res), "--work-dir", str(work),
+                              "--set", "model=synthetic", "dataset=synthetic", "rounds=2",
+                              "--only", "c", "--formats", "png", "--out", str(figs)])
+    assert code == 0, capsys.readouterr().err
+    df = experiments.load("curves", res)
+    assert set(df["model"]) == {"synthetic"} and set(df["round"]) == {1, 2}
+    assert df["run_id"].nunique() == len(experiments.load_grid("curves", "cpu").runs())
+    m = experiments.load_manifest(res)["curves"]
+    assert m["grid"]["base"]["model"] == "synthetic" and m["runs_stored"] == m["runs_in_grid"]
+    assert len(m["source_sha256"]["validation"]) == 64
+    assert (figs / "fig_c_loss_curves.png").stat().st_size > 5_000
+    # a second call resumes: every cell is already finished, the stored file is rewritten unchanged
+    before = df.sort_values(["run_id", "round", "layer"]).reset_index(drop=True)
+    experiments.rerun(res, experiments=("curves",), work_dir=work, progress=False,
+                      model="synthetic", dataset="synthetic", rounds=2)
+    after = experiments.load("curves", res).sort_values(["run_id", "round", "layer"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
