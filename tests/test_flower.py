@@ -267,6 +267,20 @@ def test_local_grid_drop_wrong_shape_and_silent_client():
     assert_states_close(res.states, want, exact=True)
 
 
+def test_local_grid_client_divergence_stops_the_run_like_the_harness():
+    # a huge SGD step makes the adapters overflow float32: the next local loss is NaN on every client
+    cfg = dataclasses.replace(BASE, scheme="fedit", optimizer="sgd", lr=3e38, local_steps=3, rounds=2)
+    grid = LocalGrid(3)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3))
+    df = fed.run(cfg)
+    assert df["diverged"].all() and res.rows["diverged"].all()
+    assert res.rows["diverged_round"].iloc[0] == df["diverged_round"].iloc[0] == 1
+    assert (res.events["status"] == "diverged").all() and len(res.events) == 3
+    assert "non-finite loss" in df["error"].iloc[0]
+    assert res.rows["error"].iloc[0].startswith("Divergence: client 0, round 1: non-finite loss")
+    assert set(df.columns) <= set(res.rows.columns)
+
+
 def test_local_grid_no_client_answers_keeps_adapter():
     cfg = dataclasses.replace(BASE, scheme="ffa", rounds=1)
     grid = LocalGrid(3)

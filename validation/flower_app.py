@@ -417,7 +417,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             by_node = {r.metadata.src_node_id: r for r in replies}
 
             ok_pos, newA, newB, losses, accs = [], [], [], [], []
-            round_events = []
+            round_events, diverged = [], []
             for i, c in enumerate(clients):
                 node = clients_to_nodes[c]
                 ev = {"run_id": cfg.run_id, "round": rnd, "client": c, "node_id": str(node), "status": "ok",
@@ -428,16 +428,20 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
                                                           f"{round_timeout:g} s: dropped out of round {rnd}")
                 elif rep.has_error():
                     reason = (rep.error.reason or "").strip()
-                    if rep.error.code == ERR_DIVERGED:
-                        raise Divergence(reason)
-                    ev.update(status="error", reason=f"client {c} (node {node}) failed in round {rnd} and is "
-                                                      f"dropped from it: {_short(reason)}")
+                    if rep.error.code == ERR_DIVERGED:  # the harness stops a run on a non-finite loss
+                        ev.update(status="diverged", reason=reason)
+                        diverged.append(reason)
+                    else:
+                        ev.update(status="error", reason=f"client {c} (node {node}) failed in round {rnd} and is "
+                                                          f"dropped from it: {_short(reason)}")
                 else:
                     m = rep.content["metrics"] if "metrics" in rep.content.metric_records else {}
                     ev.update(_client_metrics(m))
                     try:
                         if "arrays" not in rep.content.array_records:
                             raise ValueError("reply has no 'arrays' record")
+                        if "train-losses" not in m or "train-accs" not in m:
+                            raise ValueError("reply has no 'metrics' record with train-losses and train-accs")
                         a, b = check_reply(rep.content["arrays"], shapes, cfg.rank)
                     except ValueError as e:
                         ev.update(status="rejected", reason=f"client {c} (node {node}) reply rejected in round "
@@ -459,6 +463,8 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             for ev in round_events:
                 ev["gamma_round"] = gamma_r
             events.extend(round_events)
+            if diverged:
+                raise Divergence(diverged[0])
             extra = {"gamma": gamma_r, "gamma_sent": gamma_sent, "n_sampled": len(clients),
                      "n_dropped": len(dropped), "dropped_clients": ",".join(map(str, dropped))}
             if not ok:
