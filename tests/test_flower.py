@@ -6,7 +6,8 @@ Two engines:
   in this process (no Ray). Fast; used for the logic (agreement for every scheme, partial
   participation, drop-outs, wrong shapes, no reply).
 * Flower's simulation engine (``flwr.simulation.run_simulation`` on Ray): ONE simulation for the
-  module (Ray start-up dominates, ~10-40 s on a loaded 2-core box), several runs inside it: clean
+  module (Ray start-up and the actors' imports dominate: ~40-50 s on a loaded 2-core box; Ray
+  gets 1 CPU, each virtual client 1 CPU, no dashboard), several runs inside it: clean
   runs compared with the in-process harness, and runs with injected faults compared with a
   reference built from the harness's own components.
 
@@ -175,7 +176,8 @@ def assert_rows_match(flower: pd.DataFrame, harness: pd.DataFrame, rtol: float) 
     for c in ("n_participating", "clients", "run_id", "rank", "n_clients", "scheme", "rule", "diverged"):
         assert (f[c] == h[c]).all(), c
     for c in ("gamma", "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat",
-              "n_eff_hat", "rho_ratio", "n_eff_ratio", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc"):
+              "n_eff_hat", "rho_ratio", "n_eff_ratio", "train_loss", "train_acc", "probe_loss_start",
+              "probe_loss_end", "eval_loss", "eval_acc"):
         np.testing.assert_allclose(f[c].to_numpy(float), h[c].to_numpy(float), rtol=rtol, atol=rtol * 1e-3,
                                    err_msg=c)
 

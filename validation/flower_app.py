@@ -30,6 +30,8 @@ SuperNodes and every round's adapters travel as Flower messages:
   shrinks like 1/K', so it gets ``alpha sqrt(K'/r)``); the adapters themselves are not rescaled.
   ``gamma_sent``, ``n_sampled``, ``n_dropped`` and ``dropped_clients`` are recorded beside it.
   Without drop-outs ``gamma_round == gamma_sent`` and the run is the harness's run.
+* **Divergence.** A client whose local loss turns non-finite replies with error code
+  ``ERR_DIVERGED``; as in the harness, the run stops there and its rows say ``diverged=True``.
 * **Results.** The rows have every column of the harness's rows (built with the same
   :mod:`validation.metrics` functions), ``backend = "flower"``, plus the four columns above; they
   are written with :func:`validation.grid.write_run` to ``<out>/<run_id>.parquet`` so
