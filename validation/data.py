@@ -104,7 +104,7 @@ def load_hf(name_or_path: str, text_column: str = "text", label_column: str = "l
                    eval_texts=[str(t) for t in ev[text_column]] if ev is not None else None)
 
 
-def make_synthetic(n_examples: int, dim: int, n_classes: int, teacher_rank: int, seed: int,
+def make_synthetic(n_examples: int = 2048, dim: int = 64, n_classes: int = 4, teacher_rank: int = 4, seed: int = 0,
                    teacher_scale: float = 3.0) -> tuple[RawData, dict[str, torch.Tensor]]:
     """A task with known ground truth for clean law checks.
 

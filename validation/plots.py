@@ -29,7 +29,7 @@ def coordinate_check(df: pd.DataFrame, out_dir: str | Path, *, round: int = 1,
     for (scheme, opt), g in sel.groupby(["scheme", "optimizer"]):
         rules = sorted(g["rule"].unique(), key=lambda r: ("lora", "rslora", "sfed", "sfed-general").index(r))
         fig, axes = plt.subplots(len(quantities), len(rules), figsize=(3.2 * len(rules), 2.6 * len(quantities)),
-                                 squeeze=False, sharex=True)
+                                 squeeze=False, sharex=True, sharey="row")  # shared y: flat = flat
         ns = sorted(g["n_clients"].unique())
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(ns)))
         for i, q in enumerate(quantities):
