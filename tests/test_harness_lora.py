@@ -53,6 +53,24 @@ def test_peft_scaling_is_gamma(bert_dir, text_ds, rule, rank, n):
         torch.testing.assert_close(delta, ref, rtol=1e-10, atol=1e-12)
 
 
+def test_set_gamma_reaches_both_backends():
+    cfg = synth()
+    task = build_task(cfg)
+    cpu = torch.device("cpu")
+    loop = LoopBackend(task.model, task.targets, 4, 2.0, cpu)
+    bat = BatchedBackend(task.model, task.targets, 4, 2.0, cpu, n_slots=1)
+    A = {n: torch.randn(4, 16, dtype=torch.float64) for n in task.targets}
+    B = {n: torch.randn(16, 4, dtype=torch.float64) for n in task.targets}
+    x, y = {"x": task.train_inputs["x"][:8]}, task.train_labels[:8]
+    before = loop.probe(A, B, x, y).loss
+    for be in (loop, bat):
+        be.set_gamma(5.0)
+    assert all(layer.scaling["default"] == 5.0 for layer in loop.layers.values())
+    after_loop, after_bat = loop.probe(A, B, x, y).loss, bat.probe(A, B, x, y).loss
+    assert after_loop != pytest.approx(before)
+    assert after_loop == pytest.approx(after_bat, rel=1e-12)
+
+
 def test_own_layer_equals_peft_layer():
     from peft import LoraConfig, get_peft_model
 

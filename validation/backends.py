@@ -71,6 +71,14 @@ class _Base:
             for n in self.names:
                 self._base_linear(n).weight.copy_(self.w0[n] + merged[n])
 
+    def set_gamma(self, gamma: float) -> None:
+        """Change the scaling factor of every adapted layer (for adaptive rules between rounds)."""
+        self.gamma = float(gamma)
+        self._apply_gamma()
+
+    def _apply_gamma(self) -> None:
+        raise NotImplementedError
+
     def _requires_grad(self, a: bool, b: bool) -> None:
         for n in self.names:
             pa, pb = self._params(n)
@@ -138,9 +146,12 @@ class LoopBackend(_Base):
                          target_modules=list(names))
         self.model = get_peft_model(copy.deepcopy(model), cfg).to(device).eval()
         self.layers = {n: self.model.base_model.model.get_submodule(n) for n in names}
+        self._apply_gamma()
+
+    def _apply_gamma(self) -> None:
         for layer in self.layers.values():
             # lora_alpha = gamma*r makes peft's scaling gamma up to one rounding; pin it exactly
-            layer.scaling["default"] = gamma
+            layer.scaling["default"] = self.gamma
 
     def _base_linear(self, name: str) -> nn.Linear:
         return self.layers[name].base_layer
@@ -204,6 +215,10 @@ class BatchedBackend(_Base):
         super().__init__(model, names, rank, gamma, device)
         self.model = copy.deepcopy(model).to(device).eval()
         self.layers = attach_batched(self.model, names, n_slots, rank, gamma)
+
+    def _apply_gamma(self) -> None:
+        for layer in self.layers.values():
+            layer.gamma = self.gamma
 
     def _base_linear(self, name: str) -> nn.Linear:
         return self.layers[name].base
