@@ -122,7 +122,7 @@ def test_fit_exponents_recovers_known_slopes_and_reports_predictions(tmp_path):
 def test_cli_run_and_analyze(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["run", "--model", "synthetic", "--dataset", "synthetic", "--ranks", "2", "4", "--n-clients", "1", "2",
-            "--rules", "lora", "sfed", "--rounds", "1", "--out", str(out), "--no-progress", "--n-boot", "50",
+            "--rules", "lora", "sfed", "--seeds", "0", "--rounds", "1", "--out", str(out), "--no-progress", "--n-boot", "50",
             "--set", "synth_examples=128", "synth_dim=8", "local_steps=1", "eval_size=16"]
     assert main(argv) == 0
     text = capsys.readouterr().out
