@@ -12,7 +12,9 @@ All schemes act per adapted layer on the participating clients' final adapters
 
 ``round_delta`` is the change of the effective weight in the round (what the model gains);
 ``total_delta`` is the cumulative learned weight change relative to the pretrained weight.
-For ``fedsa`` both use the p-weighted mean over clients of each client's own ``gamma B_i A``.
+For ``fedsa`` (personalised B) :func:`client_deltas` gives each client's own ``gamma B_i A`` and
+the metrics average over clients the squared norms of those (each client's model is what FedSA
+deploys); :func:`eval_adapter` uses the weighted mean of the local Bs for the shared eval/probe pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ServerState", "init_state", "client_start", "aggregate", "total_delta", "eval_adapter", "SCHEME_TRAINS_A"]
+__all__ = ["ServerState", "init_state", "client_start", "aggregate", "total_delta", "client_deltas", "eval_adapter",
+           "SCHEME_TRAINS_A"]
 
 SCHEME_TRAINS_A = {"fedit": True, "fedsa": True, "ffa": False, "exact": True}
 
@@ -78,6 +81,13 @@ def total_delta(state: ServerState, gamma: float) -> dict[str, torch.Tensor]:
     """Cumulative learned weight change per layer (d, k) relative to the pretrained weight."""
     A, B = eval_adapter(state)
     return {n: state.merged[n] + gamma * B[n] @ A[n] for n in state.A}
+
+
+def client_deltas(state: ServerState, clients: list[int], gamma: float) -> dict[str, torch.Tensor]:
+    """FedSA only: each listed client's own learned change ``gamma B_i A`` per layer, (K, d, k)."""
+    if state.B_local is None:
+        raise ValueError("client_deltas needs per-client B (scheme 'fedsa')")
+    return {n: gamma * torch.matmul(state.B_local[n][clients], state.A[n]) for n in state.A}
 
 
 def aggregate(scheme: str, state: ServerState, clients: list[int], A_new: dict, B_new: dict, p: torch.Tensor,

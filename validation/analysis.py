@@ -16,6 +16,7 @@ All are taken at one round (default 1, the round the theory describes), from the
 rows; the point estimate at a grid point is the seed-mean of ``sqrt(sum over layers of v^2)``
 (the ``__all__`` value). The CI is a percentile bootstrap that resamples seeds and layers with
 replacement, the same draw for every grid point of a fit (paired). Diverged runs are excluded.
+Predictions use the layer sizes and, under Adam, the measured increment scales (see ``_scales``).
 """
 
 from __future__ import annotations
@@ -82,6 +83,21 @@ def _fit_one(cube: np.ndarray, xs: np.ndarray, n_boot: int, rng: np.random.Gener
     return est, float(lo), float(hi)
 
 
+def _scales(rows: pd.DataFrame, k: int, optimizer: str) -> dict[str, float]:
+    """Scales of the random model taken from the run, so that schemes mixing the A init and the A
+    increment (FedIT, FedSA, exact) are predicted with the measured ratio, not the default 1:1:
+    s_A = std of peft's Kaiming-uniform init U(-1/sqrt(k), 1/sqrt(k)) = 1/sqrt(3k); s_B and s_dA =
+    measured RMS client increments (Adam regime; the SGD closed forms take eta and tau instead)."""
+    out = {"s_A": 1.0 / math.sqrt(3 * k)}
+    if optimizer == "adamw" and "inc_B_rms" in rows:
+        b, a = rows["inc_B_rms"].mean(), rows["inc_A_rms"].mean()
+        if math.isfinite(b) and b > 0:
+            out["s_B"] = float(b)
+            if math.isfinite(a) and a > 0:
+                out["s_dA"] = float(a)
+    return out
+
+
 def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """One row per (scheme, optimizer, rule, quantity, wrt, fixed value): measured slope, 95% CI,
     and predicted slopes at rho = 0 (the paper's assumption) and at the measured mean rho_hat."""
@@ -109,6 +125,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                 layers = np.sort(h["layer"].unique())
                 sub = a[a[fixed_col] == fixed]
                 rho_m = sub.loc[sub["n_participating"] > 1, "rho_hat"].clip(0, 1).mean()
+                scales = _scales(sub, k, opt)
                 if wrt == "rank" and int(fixed) == 1:
                     rho_m = 0.0  # one client: rho does not enter the prediction
                 for quantity, col in QUANTITY_COLUMNS.items():
@@ -121,7 +138,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                             if (x, s) in piv.index:
                                 cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
                     slope, lo, hi = _fit_one(cube, xs.astype(float), n_boot, rng)
-                    kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k)
+                    kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k, **scales)
                     pred0 = _predict(quantity, rule, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
                     pred_rho = (_predict(quantity, rule, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
                                 if math.isfinite(rho_m) else float("nan"))

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 import sfed_theory
-from validation.aggregation import SCHEME_TRAINS_A, aggregate, client_start, eval_adapter, init_state, total_delta
+from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, client_start, eval_adapter, init_state,
+                                   total_delta)
 from validation.backends import Divergence, make_backend
 from validation.config import RunConfig
 from validation.data import partition
@@ -33,7 +34,7 @@ __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "MEASURED_COL
 MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
     "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat", "n_eff_hat",
-    "rho_ratio", "n_eff_ratio", "d_out", "k_in")
+    "rho_ratio", "n_eff_ratio", "inc_A_rms", "inc_B_rms", "d_out", "k_in")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -128,6 +129,7 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_s = time.perf_counter() - t0
+            per_client_old = client_deltas(state, clients, gamma) if cfg.scheme == "fedsa" else None
             state, round_delta = aggregate(cfg.scheme, state, clients, A1, B1, p, gamma)
 
             backend.set_base_delta(state.merged)
@@ -135,8 +137,11 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
             end = backend.probe(eA, eB, probe_in, probe_y, grads=True, capture=True)
             ev_loss, ev_acc = backend.evaluate(eA, eB, eval_in, eval_y)
             tot = total_delta(state, gamma)
+            if per_client_old is not None:  # FedSA: measure each client's own model
+                tot = client_deltas(state, clients, gamma)
+                round_delta = {n: tot[n] - per_client_old[n] for n in tot}
 
-            layer_rows, incs = [], []
+            layer_rows, incs, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
             for n in task.targets:
                 parts_inc = [B1[n] - B0[n]] + ([A1[n] - A0[n]] if train_A else [])
                 inc = torch.cat([x.reshape(K, -1) for x in parts_inc], dim=1)
@@ -145,8 +150,14 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
                                   grad_B_end=end.grad_B[n], round_delta=round_delta[n],
                                   total=tot[n], layer_input=end.inputs[n], increments=inc, p=p)
                 m["d_out"], m["k_in"] = backend.shapes[n]
+                for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
+                    m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
+                    sq[f][0] += float(dx.pow(2).sum())
+                    sq[f][1] += dx.numel()
                 layer_rows.append(m)
             allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
+            for f in ("A", "B"):
+                allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
             shapes = set(backend.shapes.values())
             allrow["d_out"], allrow["k_in"] = shapes.pop() if len(shapes) == 1 else (-1, -1)
             common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),

@@ -7,16 +7,20 @@ Definitions (row of round t):
 * ``grad_A_end``, ``grad_B_end``: the same gradients at the global adapter AFTER the round's
   aggregation (so one round already gives a non-zero dL/dA).
 * ``update_fro``: ``||dW||_F`` of the round's aggregated weight change (see
-  :mod:`validation.aggregation`).
+  :mod:`validation.aggregation`); FedSA: sqrt of the p-weighted mean over participating clients
+  of ``||dW_i||_F^2`` of each client's own model (B personal, A shared).
 * ``adapter_rms``: RMS over all probe rows and output coordinates of ``dW_total x``, the
   cumulative learned weight change applied to the layer's input on the probe batch, after the
-  round's aggregation (for FFA/FedIT in round 1 this is ``gamma * Bbar A x``).
+  round's aggregation (for FFA/FedIT in round 1 this is ``gamma * Bbar A x``); FedSA: the
+  p-weighted RMS over participating clients of ``gamma B_i A x`` (inputs x from the shared pass).
 * ``rho_hat``: mean pairwise cosine between clients' flattened local increments (the trained
   factors: B, and A where it is trained); ``n_eff_hat = 1 / (rho + (1 - rho) * sum p_i^2)`` with
   rho clipped to [0, 1]. With one client rho_hat is NaN and n_eff_hat is 1.
 * ``rho_ratio``/``n_eff_ratio``: the method-of-moments estimator of
   :func:`validation.adaptive.estimate_rho` (``method="ratio"``), whose N_eff equals the measured
   shrinkage ``mean ||x_i||^2 / ||mean x_i||^2`` of the aggregate (NaN if that module is absent).
+* ``inc_A_rms``/``inc_B_rms`` (added by :mod:`validation.federated`): RMS entry of the clients'
+  local increments of A and B in the round (the ``s_dA``/``s_B`` of the theory's random model).
 * ``layer == "__all__"``: norms combined as sqrt of the sum of squares over layers; rho_hat
   over the concatenation of all layers' increments.
 """
@@ -61,7 +65,13 @@ def layer_metrics(name: str, *, grad_A: torch.Tensor, grad_B: torch.Tensor, grad
                   total: torch.Tensor, layer_input: torch.Tensor, increments: torch.Tensor,
                   p: torch.Tensor) -> dict[str, float]:
     """Measurements of one layer (see module docstring)."""
-    out = layer_input @ total.T
+    if total.dim() == 3:  # per-client models (FedSA): p-weighted mean of squared norms
+        upd = float(torch.sqrt(torch.tensordot(p, round_delta.pow(2).sum((1, 2)), dims=1)))
+        out_ms = torch.tensordot(p, torch.einsum("nk,idk->ind", layer_input, total).pow(2).mean((1, 2)), dims=1)
+        rms = float(out_ms.sqrt())
+    else:
+        upd = float(round_delta.norm())
+        rms = float((layer_input @ total.T).pow(2).mean().sqrt())
     rho = pairwise_rho(increments)
     return {**_ratio(increments, p),
         "layer": name,
@@ -69,8 +79,8 @@ def layer_metrics(name: str, *, grad_A: torch.Tensor, grad_B: torch.Tensor, grad
         "grad_B": float(grad_B.norm()),
         "grad_A_end": float(grad_A_end.norm()),
         "grad_B_end": float(grad_B_end.norm()),
-        "update_fro": float(round_delta.norm()),
-        "adapter_rms": float(out.pow(2).mean().sqrt()),
+        "update_fro": upd,
+        "adapter_rms": rms,
         "rho_hat": rho,
         "n_eff_hat": n_eff_from_rho(rho, p),
     }
