@@ -39,6 +39,7 @@ __all__ = [
     "load",
     "load_manifest",
     "rerun",
+    "harness_pin",
 ]
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")
@@ -141,17 +142,87 @@ def _git() -> dict[str, Any]:
         return {"commit": "unknown", "dirty": None}
 
 
+HARNESS_PACKAGES: tuple[str, ...] = ("validation", "sfed_theory")
+
+
+def _blob_sha1(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def harness_pin(packages: tuple[str, ...] = HARNESS_PACKAGES) -> dict[str, Any]:
+    """Pin the harness code a rerun uses to a git commit.
+
+    ``commit`` is HEAD; ``clean`` is True only if every ``.py`` file of ``packages`` on disk is
+    byte-identical to the blob committed at HEAD (git's own blob hash is compared, so this holds
+    whatever the state of other files in the tree); ``modified`` lists the files that differ or
+    are not committed. ``sha256`` is :func:`_source_digest` of each package.
+    """
+    root = Path(__file__).resolve().parent.parent
+    out: dict[str, Any] = {"commit": "unknown", "clean": False, "modified": [],
+                           "sha256": {pkg: _source_digest(pkg) for pkg in packages}}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        tree = subprocess.run(["git", "ls-tree", "-r", "HEAD", "--", *packages], cwd=root, capture_output=True,
+                              text=True, check=True).stdout
+    except Exception:
+        return out
+    committed = {}
+    for line in tree.splitlines():
+        meta, _, path = line.partition("\t")
+        committed[path] = meta.split()[2]
+    modified = []
+    for pkg in packages:
+        for f in sorted((root / pkg).glob("*.py")):
+            rel = f"{pkg}/{f.name}"
+            if committed.get(rel) != _blob_sha1(f.read_bytes()):
+                modified.append(rel)
+        for rel in committed:
+            if rel.startswith(pkg + "/") and rel.endswith(".py") and not (root / rel).is_file():
+                modified.append(rel + " (deleted)")
+    out.update(commit=commit, clean=not modified, modified=modified)
+    return out
+
+
+def _import_harness() -> None:
+    """Import every harness module a run may load lazily, so that the code pinned at the start is
+    the code used throughout (later edits of the files on disk cannot leak into a long rerun)."""
+    import importlib
+
+    for mod in ("validation.config", "validation.data", "validation.models", "validation.backends",
+                "validation.batched_lora", "validation.aggregation", "validation.metrics",
+                "validation.federated", "validation.grid", "validation.adaptive", "sfed_theory"):
+        try:
+            importlib.import_module(mod)
+        except ImportError:  # optional module absent
+            pass
+
+
 def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
           experiments: tuple[str, ...] = EXPERIMENTS, work_dir: str | Path = "runs/paper_figures",
-          resume: bool = True, progress: bool = True, **base_overrides: Any) -> dict[str, Path]:
+          resume: bool = True, progress: bool = True, allow_dirty: bool = False,
+          **base_overrides: Any) -> dict[str, Path]:
     """Run the experiments' grids with the harness and store consolidated results + manifest.
 
     ``work_dir`` keeps the harness's per-run files (resumable; ``resume=False`` re-runs every
     cell). ``base_overrides`` set RunConfig fields of every grid's base (e.g. ``device="cuda"``
     or ``max_examples=200`` for a smoke test). Returns ``{experiment: results file}``.
+
+    The harness code is pinned first (:func:`harness_pin`): a rerun refuses to start when
+    ``validation/`` or ``sfed_theory/`` differ from the committed HEAD unless ``allow_dirty``;
+    the manifest records the pin (commit, clean, sha256 of the sources) per experiment.
     """
     from validation.grid import load_results, run_grid
 
+    _import_harness()
+    pin = harness_pin()
+    if not pin["clean"] and not allow_dirty:
+        raise RuntimeError(f"the harness differs from commit {pin['commit'][:12]} in {pin['modified']}: commit it "
+                           "(the manifest pins results to a commit) or pass allow_dirty=True / --allow-dirty")
+    print(f"harness pinned to {pin['commit'][:12]} ({'clean' if pin['clean'] else 'DIRTY: ' + ', '.join(pin['modified'])})",
+          flush=True)
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(results_dir)
@@ -187,8 +258,9 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
             "wall_s_sum_of_runs": round(float(df.groupby("run_id")["wall_s"].first().sum()), 1),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
-            "git": _git(),
-            "source_sha256": {pkg: _source_digest(pkg) for pkg in ("validation", "sfed_theory", "paper_figures")},
+            "harness": pin,
+            "git": {**_git(), "note": "whole-tree HEAD/dirty when the results were written; the harness pin is 'harness'"},
+            "source_sha256": {**pin["sha256"], "paper_figures": _source_digest("paper_figures")},
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "argv": " ".join(sys.argv)},
         }

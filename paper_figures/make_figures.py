@@ -119,6 +119,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
     g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
+    g.add_argument("--allow-dirty", action="store_true",
+                   help="run even if validation/ or sfed_theory/ differ from the committed HEAD (recorded in the manifest)")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300")
     return ap
@@ -143,13 +145,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.rerun:
             experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(ns.experiments),
-                              work_dir=ns.work_dir, resume=not ns.no_resume, **_overrides(ns.set))
+                              work_dir=ns.work_dir, resume=not ns.no_resume, allow_dirty=ns.allow_dirty,
+                              **_overrides(ns.set))
         t0 = time.perf_counter()
         paths = build(ns.out, ns.results, keys=ns.only, formats=ns.formats)
     except experiments.MissingResults as e:
         print(f"sfed-figures: error: {e}", file=sys.stderr)
         return 1
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         print(f"sfed-figures: error: {e}", file=sys.stderr)
         return 2
     print(f"{len(paths)} files in {Path(ns.out).resolve()} ({time.perf_counter() - t0:.1f} s)")
