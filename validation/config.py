@@ -16,7 +16,16 @@ from typing import Any
 
 from sfed_theory import RULES
 
-__all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET"]
+__all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
+           "HARNESS_RULES", "ADAPTIVE_RULE"]
+
+ADAPTIVE_RULE = "sfed-adaptive"
+# the theory's fixed rules plus the harness-only adaptive rule (its gamma depends on the run's
+# measured increments, so it is not a function of the config and lives here, not in sfed_theory)
+HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,)
+# fields added after results were first written: left out of the run_id hash while at their
+# default, so every earlier run keeps its id (resume and stored results stay valid)
+_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5}
 
 SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -37,7 +46,10 @@ class RunConfig:
     (``text_column`` / ``label_column`` name its columns).
     ``participating``: K clients sampled per round (``None`` = all N).
     ``rule``/``alpha``: the scaling factor ``gamma = scaling_factor(rule, alpha, rank, K)``.
-    ``rho``: only for ``rule="sfed-general"`` (client correlation assumed by the rule).
+    ``rho``: for ``rule="sfed-general"`` the client correlation assumed by the rule; for
+    ``rule="sfed-adaptive"`` the prior of the smoothed estimate (0: the first round uses SFed's
+    ``alpha*sqrt(K/r)``). ``adaptive_ema``: the adaptive rule's smoothing factor across rounds
+    (:class:`validation.adaptive.AdaptiveScaler`); ignored by the other rules.
     """
 
     model: str = DEFAULT_MODEL
@@ -74,11 +86,14 @@ class RunConfig:
     synth_dim: int = 64
     synth_classes: int = 4
     synth_teacher_rank: int = 4
+    adaptive_ema: float = 0.5
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
-        _check_choice("rule", self.rule, RULES)
+        if self.rule not in HARNESS_RULES:
+            raise ValueError(f"unknown rule {self.rule!r}; allowed: {', '.join(HARNESS_RULES)} "
+                             f"({ADAPTIVE_RULE!r} is the harness's adaptive rule; the others are sfed_theory.RULES)")
         _check_choice("scheme", self.scheme, SCHEMES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("partition", self.partition, PARTITIONS)
@@ -101,8 +116,11 @@ class RunConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {self.rho}")
-        if self.rho != 0.0 and self.rule != "sfed-general":
-            raise ValueError("rho is only used by rule='sfed-general'; leave it at 0 for other rules")
+        if self.rho != 0.0 and self.rule not in ("sfed-general", ADAPTIVE_RULE):
+            raise ValueError("rho is only used by rule='sfed-general' (and as the prior of 'sfed-adaptive'); "
+                             "leave it at 0 for other rules")
+        if not (isinstance(self.adaptive_ema, (int, float)) and 0.0 < self.adaptive_ema <= 1.0):
+            raise ValueError(f"adaptive_ema must lie in (0, 1], got {self.adaptive_ema!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not isinstance(self.model, str) or not self.model:
@@ -124,7 +142,8 @@ class RunConfig:
     @property
     def run_id(self) -> str:
         """Stable 16-hex hash of every field (same config -> same id across processes)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, default=str)
+        d = {k: v for k, v in self.to_dict().items() if not (k in _HASH_DEFAULTS and v == _HASH_DEFAULTS[k])}
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @classmethod

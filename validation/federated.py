@@ -8,6 +8,20 @@ proportional to client data size; then the update norm, adapter output RMS, clie
 and eval loss/accuracy are measured. gamma comes from the rule with ``n_clients = K`` (the number
 of clients averaged per round); for ``sfed-general`` also rho, the data-size weights and K of N.
 A non-finite loss stops the run; its rows are returned with ``diverged=True``.
+
+``sfed-adaptive`` (harness-only rule). Round 1 uses ``gamma = alpha*sqrt(N_eff(prior)/r)`` with the
+prior ``cfg.rho`` (default 0: SFed's ``alpha*sqrt(K/r)``). After each round the server estimates
+rho from the participating clients' *B* increments of all adapted layers concatenated
+(:func:`validation.adaptive.estimate_rho`, "ratio" method: its plug-in N_eff is exactly the measured
+shrinkage ``mean ||x_i||^2 / ||mean x_i||^2`` of the aggregate, the quantity gamma must undo; B only,
+because B is what every scheme aggregates and A is frozen under FFA), folds it into
+:class:`~validation.adaptive.AdaptiveScaler` (EMA ``cfg.adaptive_ema`` times a reliability factor from
+the jackknife standard error; a round with one usable client leaves the state unchanged), and sets
+``gamma_next = alpha*sqrt(N_eff(rho_smoothed)/r)`` via ``backend.set_gamma``. The server's B is
+rescaled by ``gamma/gamma_next`` (:func:`apply_gamma_change`) so ``gamma*B@A`` and hence the merged
+model function do not jump. Rows record ``gamma`` (used in the round), ``gamma_next``, ``rho_est_raw``,
+``rho_est_se``, ``rho_est_smoothed``, ``n_eff_est`` (this round's plug-in) and ``n_eff_smoothed`` (the
+N_eff behind ``gamma_next``); all NaN for the fixed rules.
 """
 
 from __future__ import annotations
@@ -23,18 +37,24 @@ import sfed_theory
 from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, client_start, eval_adapter, init_state,
                                    total_delta)
 from validation.backends import Divergence, make_backend
-from validation.config import RunConfig
+from validation.adaptive import AdaptiveScaler, estimate_rho, rescale_for_new_gamma
+from validation.aggregation import ServerState
+from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
 from validation.metrics import ALL, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
-__all__ = ["run", "resolve_device", "gamma_for", "config_columns", "MEASURED_COLUMNS"]
+__all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "MEASURED_COLUMNS",
+           "ADAPTIVE_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
 MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
     "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat", "n_eff_hat",
     "rho_ratio", "n_eff_ratio", "inc_A_rms", "inc_B_rms", "d_out", "k_in")
+# the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
+ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
+                                      "n_eff_smoothed")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -47,12 +67,33 @@ def resolve_device(device: str) -> torch.device:
 
 
 def gamma_for(cfg: RunConfig, client_sizes: np.ndarray | None = None) -> float:
-    """The rule's scaling factor for this run (see module docstring for N)."""
-    if cfg.rule == "sfed-general":
+    """The rule's scaling factor for this run (see module docstring for N).
+
+    ``sfed-adaptive``: the first round's gamma, i.e. sfed-general at the prior ``cfg.rho``."""
+    if cfg.rule in ("sfed-general", ADAPTIVE_RULE):
         w = client_sizes if (cfg.weighted and client_sizes is not None) else None
         return sfed_theory.scaling_factor("sfed-general", cfg.alpha, cfg.rank, cfg.n_clients, rho=cfg.rho,
                                           weights=w, participating=cfg.k)
     return sfed_theory.scaling_factor(cfg.rule, cfg.alpha, cfg.rank, cfg.k)
+
+
+def apply_gamma_change(state: ServerState, backend, g_old: float, g_new: float) -> ServerState:
+    """Switch the run to ``g_new`` without changing the merged model function.
+
+    Every B that enters the model with the factor gamma is multiplied by ``g_old / g_new``
+    (:func:`validation.adaptive.rescale_for_new_gamma`): the global B (FFA, FedIT; under exact
+    aggregation it is zero, so nothing changes: the learned update already sits in ``merged``) and,
+    for FedSA, every client's local B (all N, sampled or not). A is untouched, ``merged`` is
+    gamma-free. Local optimizers are fresh each round, so there is no optimizer state to rescale.
+    Returns the new state; the backend's gamma is set to ``g_new``.
+    """
+    if g_new != g_old:
+        B = {n: rescale_for_new_gamma(b, g_old, g_new) for n, b in state.B.items()}
+        B_local = (None if state.B_local is None
+                   else {n: rescale_for_new_gamma(b, g_old, g_new) for n, b in state.B_local.items()})
+        state = ServerState(state.A, B, state.merged, B_local, state.client_weights)
+    backend.set_gamma(g_new)
+    return state
 
 
 def config_columns(cfg: RunConfig) -> dict:
@@ -97,6 +138,9 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
     all_w = torch.as_tensor(sizes / sizes.sum() if cfg.weighted else np.full(cfg.n_clients, 1 / cfg.n_clients))
     state = init_state(backend.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, all_w, dtype, device)
     train_A = SCHEME_TRAINS_A[cfg.scheme]
+    adaptive = cfg.rule == ADAPTIVE_RULE
+    gamma_w = sizes if cfg.weighted else None  # as in gamma_for: data-size weights, K of N
+    scaler = AdaptiveScaler(cfg.alpha, cfg.rank, prior_rho=cfg.rho, ema=cfg.adaptive_ema) if adaptive else None
 
     g = np.random.default_rng([cfg.seed, 5])
     probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
@@ -167,13 +211,25 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
             new_rows = [{**base, **common, **m} for m in layer_rows + [allrow]]
             if not all(math.isfinite(r[c]) for r in new_rows for c in ("update_fro", "adapter_rms", "eval_loss")):
                 raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
+            if adaptive:
+                inc_B = torch.cat([(B1[n] - B0[n]).reshape(K, -1) for n in task.targets], dim=1)
+                est = estimate_rho(inc_B.detach().double().cpu().numpy(), p.detach().double().cpu().numpy())
+                scaler.observe(est)
+                g_next = scaler.gamma(cfg.n_clients, weights=gamma_w, participating=K)
+                rec = {"gamma": gamma, "gamma_next": g_next, "rho_est_raw": est.rho_raw, "rho_est_se": est.se,
+                       "rho_est_smoothed": scaler.rho_smoothed, "n_eff_est": est.n_eff,
+                       "n_eff_smoothed": cfg.rank * (g_next / cfg.alpha) ** 2}
+                for r in new_rows:
+                    r.update(rec)
+                state = apply_gamma_change(state, backend, gamma, g_next)
+                gamma = g_next
             rows.extend(new_rows)
         except Divergence as e:
             diverged_round, error = rnd, str(e)
-            rows.append({**base, "round": rnd, "layer": ALL, "n_participating": K})
+            rows.append({**base, "round": rnd, "layer": ALL, "n_participating": K, "gamma": gamma})
             break
     df = pd.DataFrame(rows)
-    for c in MEASURED_COLUMNS:
+    for c in MEASURED_COLUMNS + ADAPTIVE_COLUMNS:
         if c not in df:
             df[c] = "" if c == "clients" else float("nan")
     df["diverged"] = diverged_round is not None

@@ -352,6 +352,9 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     a client that has not answered by then is dropped from the round.
     """
     t_start = time.perf_counter()
+    if cfg.rule == "sfed-adaptive":  # its gamma follows the measured increments; not wired into the app
+        raise ValueError("rule 'sfed-adaptive' is supported by the in-process harness "
+                         "(validation.federated.run) only, not by the Flower app")
     missing = [c for c in range(cfg.n_clients) if c not in clients_to_nodes]
     if missing:
         raise ValueError(f"no Flower node for client(s) {missing} of this {cfg.n_clients}-client run")
@@ -524,7 +527,8 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     df = pd.DataFrame(rows)
     from validation import federated as _fed  # the harness's stable column set (when it has one)
 
-    for c in tuple(getattr(_fed, "MEASURED_COLUMNS", ())) + EXTRA_COLUMNS:
+    for c in (tuple(getattr(_fed, "MEASURED_COLUMNS", ())) + tuple(getattr(_fed, "ADAPTIVE_COLUMNS", ()))
+              + EXTRA_COLUMNS):
         if c not in df:
             df[c] = "" if c in ("clients", "dropped_clients") else float("nan")
     df["diverged"] = diverged_round is not None
