@@ -204,3 +204,45 @@ def test_grid_with_adaptive_rule_resumes(tmp_path):
     again = load_results(tmp_path)
     pd.testing.assert_frame_equal(first, again)
     assert first.gamma_next.notna().all()
+
+
+# ------------------------------------------------------------------- analysis and issue-6 figures
+@pytest.fixture(scope="module")
+def small_grid() -> pd.DataFrame:
+    frames = []
+    for n in (1, 2, 4):
+        for r in (4, 8):
+            for rule in ("rslora", "sfed", ADAPTIVE_RULE):
+                if n == 1 and rule != "rslora":
+                    continue  # deduped like the issue-6 grids: the tables copy rsLoRA's N = 1 rows
+                frames.append(run(adaptive_cfg(rule=rule, n_clients=n, rank=r, rounds=2)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_fit_exponents_predicts_the_adaptive_rule(small_grid):
+    from paper_figures.convergence_figs import normcheck_fits
+    from validation.analysis import fit_exponents
+
+    f = fit_exponents(small_grid[small_grid.n_clients > 1], round=2, n_boot=50, rho_column="rho_ratio")
+    ad = f[f.rule == ADAPTIVE_RULE]
+    sf = f[f.rule == "sfed"]
+    assert len(ad) and ad.predicted_rho_hat.notna().all() and ad.predicted_rho0.notna().all()
+    # at rho = 0 the adaptive rule is predicted exactly as SFed (its prior)
+    m = ad.merge(sf, on=["quantity", "wrt", "fixed"], suffixes=("", "_s"))
+    np.testing.assert_allclose(m.predicted_rho0, m.predicted_rho0_s, rtol=1e-9, atol=1e-9)
+    nf = normcheck_fits(small_grid, n_boot=50)
+    assert set(nf.rule) == {"rslora", "sfed", ADAPTIVE_RULE} and (nf.quantity == "update_fro").all()
+    assert {"n_clients", "rank"} == set(nf.wrt)
+
+
+def test_convergence_table_and_figure(small_grid, tmp_path):
+    from paper_figures.convergence_figs import convergence_table, fig_convergence
+
+    t = convergence_table(small_grid, frac=0.99)
+    assert len(t) == 3 * 2 * 3  # every rule at every (N, r), N = 1 filled from rsLoRA
+    n1 = t[(t.n_clients == 1)]
+    assert n1[n1.rule != "rslora"].from_rslora.all() and not n1[n1.rule == "rslora"].from_rslora.any()
+    assert ((t.best_acc >= t.final_acc - 1e-12) & (t.best_loss <= t.final_loss + 1e-12)).all()
+    assert (t.divergences == 0).all()
+    paths = fig_convergence(small_grid, tmp_path, formats=("png",))
+    assert paths and all(p.stat().st_size > 10_000 for p in paths)

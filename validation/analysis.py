@@ -98,9 +98,16 @@ def _scales(rows: pd.DataFrame, k: int, optimizer: str) -> dict[str, float]:
     return out
 
 
-def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0,
+                  rho_column: str = "rho_hat") -> pd.DataFrame:
     """One row per (scheme, optimizer, rule, quantity, wrt, fixed value): measured slope, 95% CI,
-    and predicted slopes at rho = 0 (the paper's assumption) and at the measured mean rho_hat."""
+    and predicted slopes at rho = 0 (the paper's assumption) and at the measured mean rho
+    (``rho_column`` of the ``__all__`` rows with more than one client: ``"rho_hat"``, the mean
+    pairwise cosine, or ``"rho_ratio"``, the adaptive rule's ratio estimator).
+
+    The harness rule ``sfed-adaptive`` has no closed-form gamma; it is predicted as ``sfed`` at
+    rho = 0 (its round-1 gamma with the default prior) and as ``sfed-general`` at the measured rho
+    (the gamma its estimate converges to when the estimate is right)."""
     need = {"layer", "round", "rank", "n_clients", "rule", "scheme", "optimizer", "seed"}
     if df.empty or not need <= set(df.columns):
         raise ValueError(f"results lack columns {sorted(need - set(df.columns))}" if not df.empty
@@ -124,7 +131,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                 seeds = np.sort(h["seed"].unique())
                 layers = np.sort(h["layer"].unique())
                 sub = a[a[fixed_col] == fixed]
-                rho_m = sub.loc[sub["n_participating"] > 1, "rho_hat"].clip(0, 1).mean()
+                rho_m = sub.loc[sub["n_participating"] > 1, rho_column].clip(0, 1).mean()
                 scales = _scales(sub, k, opt)
                 if wrt == "rank" and int(fixed) == 1:
                     rho_m = 0.0  # one client: rho does not enter the prediction
@@ -139,8 +146,9 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                                 cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
                     slope, lo, hi = _fit_one(cube, xs.astype(float), n_boot, rng)
                     kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k, **scales)
-                    pred0 = _predict(quantity, rule, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
-                    pred_rho = (_predict(quantity, rule, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
+                    r0, rr = (("sfed", "sfed-general") if rule == "sfed-adaptive" else (rule, rule))
+                    pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
+                    pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
                                 if math.isfinite(rho_m) else float("nan"))
                     out.append({"scheme": scheme, "optimizer": opt, "rule": rule, "quantity": quantity,
                                 "column": col, "wrt": wrt, "fixed": f"{'N' if fixed_col == 'n_clients' else 'r'}={fixed}",
