@@ -24,6 +24,10 @@ Commands (resumable; one Parquet file per run under the work folder)::
     python -m paper_figures.convergence_figs report  [--results results]
     python -m paper_figures.convergence_figs figures [--results results] [--out figures]
 
+A second worker may share a work folder from the other end of the run list (``SFED_REVERSE=1``;
+a cell finished by one is skipped by the other at its start, writes are atomic). ``SFED_THREADS``
+sets torch's threads per worker (default 1).
+
 ``collect`` writes ``results/<experiment>.parquet`` and an entry in ``results/manifest_issue6.json``.
 """
 
@@ -136,6 +140,8 @@ def run_experiment(experiment: str, grid_set: str, work: Path) -> None:
     torch.set_num_threads(int(__import__("os").environ.get("SFED_THREADS", "1")))
     grid, extras = load_spec(grid_path(experiment, grid_set))
     cfgs = build_runs(grid, extras, work)
+    if __import__("os").environ.get("SFED_REVERSE"):  # a second worker on the same folder, from the other end
+        cfgs = cfgs[::-1]
     t0 = time.perf_counter()
     res = run_grid(cfgs, work, resume=True, progress=True)
     print(f"{experiment}: {len(cfgs)} runs, written {len(res.written)}, skipped {len(res.skipped)}, "
