@@ -143,10 +143,18 @@ def run_experiment(experiment: str, grid_set: str, work: Path) -> None:
     if __import__("os").environ.get("SFED_REVERSE"):  # a second worker on the same folder, from the other end
         cfgs = cfgs[::-1]
     t0 = time.perf_counter()
-    res = run_grid(cfgs, work, resume=True, progress=True)
-    print(f"{experiment}: {len(cfgs)} runs, written {len(res.written)}, skipped {len(res.skipped)}, "
-          f"failed {len(res.failed)}, {time.perf_counter() - t0:.0f} s", flush=True)
-    for k, v in res.failed.items():
+    written, skipped, failed = 0, 0, {}
+    for i, c in enumerate(cfgs):  # one cell at a time: completeness is re-checked just before each run
+        res = run_grid([c], work, resume=True, progress=False)
+        written += len(res.written)
+        skipped += len(res.skipped)
+        failed.update(res.failed)
+        if res.written:
+            print(f"[{time.perf_counter() - t0:6.0f} s] {i + 1}/{len(cfgs)} {c.rule} {c.partition} N={c.n_clients} "
+                  f"r={c.rank} seed={c.seed}", flush=True)
+    print(f"{experiment}: {len(cfgs)} runs, written {written}, skipped {skipped}, failed {len(failed)}, "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    for k, v in failed.items():
         print("FAILED", k, v)
 
 
