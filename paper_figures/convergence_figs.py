@@ -213,8 +213,9 @@ def normcheck_fits(df: pd.DataFrame, *, rounds: tuple[int, ...] | None = None, n
     """Log-log slopes of the aggregated update norm (``update_fro``) vs N and vs r, per rule, split
     and round, with a bootstrap CI (seeds x layers), beside ``predicted_exponent`` at rho = 0 and at
     the measured rho. Measured rho = mean clipped ``rho_ratio`` (layer ``__all__``, runs with N > 1)
-    of the fit's points. The adaptive rule is predicted as sfed-general at the measured rho (the
-    value its estimate converges to)."""
+    of the fit's points. The adaptive rule is predicted in round 1 as SFed (its gamma there, prior
+    rho = 0) and in later rounds as sfed-general at the measured rho: the gamma its smoothed
+    estimate converges to (after one update with EMA 0.5 it is only about half-way there)."""
     import warnings
 
     from validation.analysis import fit_exponents
@@ -228,6 +229,11 @@ def normcheck_fits(df: pd.DataFrame, *, rounds: tuple[int, ...] | None = None, n
                 warnings.simplefilter("ignore")
                 f = fit_exponents(g, round=rnd, n_boot=n_boot, rho_column="rho_ratio")
             f = f[f.quantity == "update_fro"].copy()
+            if rnd == 1:  # round 1: the adaptive rule still has its prior (rho = 0), i.e. SFed's gamma
+                sf = f[f.rule == "sfed"].set_index(["wrt", "fixed"])["predicted_rho_hat"]
+                ad = f.rule == "sfed-adaptive"
+                f.loc[ad, "predicted_rho_hat"] = [sf.get((w, x), np.nan) for w, x in zip(f.loc[ad, "wrt"],
+                                                                                          f.loc[ad, "fixed"])]
             f["partition"] = part
             f["round"] = rnd
             out.append(f)

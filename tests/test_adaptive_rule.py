@@ -246,3 +246,16 @@ def test_convergence_table_and_figure(small_grid, tmp_path):
     assert (t.divergences == 0).all()
     paths = fig_convergence(small_grid, tmp_path, formats=("png",))
     assert paths and all(p.stat().st_size > 10_000 for p in paths)
+
+
+def test_eval_subset_is_spread_over_a_label_sorted_eval_split():
+    """The eval split keeps the data set's order (BBC is stored sorted by label); the first 64
+    examples were one class. The run's eval subset must be a fixed spread-out draw instead."""
+    from validation.federated import eval_indices
+
+    labels = np.repeat(np.arange(5), 89)  # 445 eval examples sorted by label, like BBC's split
+    idx = eval_indices(len(labels), 64).numpy()
+    assert len(idx) == 64 and len(np.unique(idx)) == 64 and (np.diff(idx) > 0).all()
+    assert np.bincount(labels[idx], minlength=5).min() >= 5  # every class is represented
+    np.testing.assert_array_equal(idx, eval_indices(len(labels), 64).numpy())  # same subset every run
+    np.testing.assert_array_equal(eval_indices(10, 64).numpy(), np.arange(10))  # small split: all of it

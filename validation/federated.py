@@ -44,7 +44,8 @@ from validation.data import partition
 from validation.metrics import ALL, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
-__all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "MEASURED_COLUMNS",
+__all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
+           "sample_clients", "measure_round", "MEASURED_COLUMNS",
            "ADAPTIVE_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
@@ -66,15 +67,56 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def gamma_for(cfg: RunConfig, client_sizes: np.ndarray | None = None) -> float:
+def gamma_for(cfg: RunConfig, client_sizes: np.ndarray | None = None, k: int | None = None) -> float:
     """The rule's scaling factor for this run (see module docstring for N).
 
-    ``sfed-adaptive``: the first round's gamma, i.e. sfed-general at the prior ``cfg.rho``."""
+    ``k``: clients averaged in the round (default ``cfg.k``; the Flower app passes the number that
+    actually answered). ``sfed-adaptive``: the first round's gamma, i.e. sfed-general at the prior
+    ``cfg.rho``."""
+    k = cfg.k if k is None else int(k)
     if cfg.rule in ("sfed-general", ADAPTIVE_RULE):
         w = client_sizes if (cfg.weighted and client_sizes is not None) else None
         return sfed_theory.scaling_factor("sfed-general", cfg.alpha, cfg.rank, cfg.n_clients, rho=cfg.rho,
-                                          weights=w, participating=cfg.k)
-    return sfed_theory.scaling_factor(cfg.rule, cfg.alpha, cfg.rank, cfg.k)
+                                          weights=w, participating=k)
+    return sfed_theory.scaling_factor(cfg.rule, cfg.alpha, cfg.rank, k)
+
+
+def sample_clients(cfg: RunConfig, rnd: int) -> list[int]:
+    """The K clients of round ``rnd`` (sorted): all N, or a seeded draw ``rng([seed, rnd, 9])``."""
+    if cfg.k < cfg.n_clients:
+        return sorted(np.random.default_rng([cfg.seed, rnd, 9]).choice(cfg.n_clients, cfg.k, replace=False).tolist())
+    return list(range(cfg.n_clients))
+
+
+def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], start, end,
+                  round_delta: dict[str, torch.Tensor], total: dict[str, torch.Tensor], A0: dict, B0: dict,
+                  A1: dict, B1: dict, train_A: bool, p: torch.Tensor) -> list[dict]:
+    """One round's measurement rows: one per adapted layer, then ``__all__`` (see :mod:`metrics`).
+
+    ``start``/``end``: the probe outputs before/after the round (``end`` with captured inputs);
+    ``A0``/``B0``/``A1``/``B1``: the averaged clients' adapters before/after local training,
+    stacked (K, ...); ``p``: their aggregation weights."""
+    K = len(p)
+    layer_rows, incs, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
+    for n in targets:
+        parts_inc = [B1[n] - B0[n]] + ([A1[n] - A0[n]] if train_A else [])
+        inc = torch.cat([x.reshape(K, -1) for x in parts_inc], dim=1)
+        incs.append(inc)
+        m = layer_metrics(n, grad_A=start.grad_A[n], grad_B=start.grad_B[n], grad_A_end=end.grad_A[n],
+                          grad_B_end=end.grad_B[n], round_delta=round_delta[n],
+                          total=total[n], layer_input=end.inputs[n], increments=inc, p=p)
+        m["d_out"], m["k_in"] = shapes[n]
+        for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
+            m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
+            sq[f][0] += float(dx.pow(2).sum())
+            sq[f][1] += dx.numel()
+        layer_rows.append(m)
+    allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
+    for f in ("A", "B"):
+        allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
+    sh = set(shapes.values())
+    allrow["d_out"], allrow["k_in"] = sh.pop() if len(sh) == 1 else (-1, -1)
+    return layer_rows + [allrow]
 
 
 def apply_gamma_change(state: ServerState, backend, g_old: float, g_new: float) -> ServerState:
@@ -94,6 +136,18 @@ def apply_gamma_change(state: ServerState, backend, g_old: float, g_new: float) 
         state = ServerState(state.A, B, state.merged, B_local, state.client_weights)
     backend.set_gamma(g_new)
     return state
+
+
+def eval_indices(n_eval: int, eval_size: int) -> torch.Tensor:
+    """The held-out examples a run evaluates on: ``min(eval_size, n_eval)`` of them, drawn by a fixed
+    permutation (the same subset for every run and seed of a task, so runs are comparable).
+
+    Not the first ``eval_size``: the eval split keeps the data set's order, and a data set stored
+    sorted by label (BBC News is) would be evaluated on one class only."""
+    if eval_size >= n_eval:
+        return torch.arange(n_eval)
+    perm = np.random.default_rng([n_eval, 11]).permutation(n_eval)[:eval_size]
+    return torch.as_tensor(np.sort(perm))
 
 
 def config_columns(cfg: RunConfig) -> dict:
@@ -123,8 +177,9 @@ def _batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[
     return out
 
 
-def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
-    """Run one federated LoRA configuration and return its tidy rows."""
+def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False):
+    """Run one federated LoRA configuration and return its tidy rows (with ``return_state=True``:
+    ``(rows, final ServerState, final gamma)``)."""
     t_start = time.perf_counter()
     task = task or build_task(cfg)
     device = resolve_device(cfg.device)
@@ -146,9 +201,9 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
     probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
     probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
     probe_y = task.train_labels[probe_idx].to(device)
-    n_ev = min(cfg.eval_size, len(task.eval_labels))
-    eval_in = {k: v[:n_ev].to(device) for k, v in task.eval_inputs.items()}
-    eval_y = task.eval_labels[:n_ev].to(device)
+    ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
+    eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
+    eval_y = task.eval_labels[ev_idx].to(device)
 
     base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
             "backend": "batched" if cfg.batched else "loop", "gamma": gamma, "device_used": str(device)}
@@ -157,8 +212,7 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
     error = ""
     for rnd in range(1, cfg.rounds + 1):
         try:
-            clients = (sorted(np.random.default_rng([cfg.seed, rnd, 9]).choice(cfg.n_clients, K, replace=False).tolist())
-                       if K < cfg.n_clients else list(range(cfg.n_clients)))
+            clients = sample_clients(cfg, rnd)
             p = torch.as_tensor(sizes[clients] / sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
                                 dtype=dtype, device=device)
             backend.set_base_delta(state.merged)
@@ -185,30 +239,13 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
                 tot = client_deltas(state, clients, gamma)
                 round_delta = {n: tot[n] - per_client_old[n] for n in tot}
 
-            layer_rows, incs, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
-            for n in task.targets:
-                parts_inc = [B1[n] - B0[n]] + ([A1[n] - A0[n]] if train_A else [])
-                inc = torch.cat([x.reshape(K, -1) for x in parts_inc], dim=1)
-                incs.append(inc)
-                m = layer_metrics(n, grad_A=start.grad_A[n], grad_B=start.grad_B[n], grad_A_end=end.grad_A[n],
-                                  grad_B_end=end.grad_B[n], round_delta=round_delta[n],
-                                  total=tot[n], layer_input=end.inputs[n], increments=inc, p=p)
-                m["d_out"], m["k_in"] = backend.shapes[n]
-                for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
-                    m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
-                    sq[f][0] += float(dx.pow(2).sum())
-                    sq[f][1] += dx.numel()
-                layer_rows.append(m)
-            allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
-            for f in ("A", "B"):
-                allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
-            shapes = set(backend.shapes.values())
-            allrow["d_out"], allrow["k_in"] = shapes.pop() if len(shapes) == 1 else (-1, -1)
+            measured = measure_round(task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
+                                     train_A, p)
             common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
                       "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
                       "probe_loss_start": start.loss, "probe_loss_end": end.loss,
                       "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
-            new_rows = [{**base, **common, **m} for m in layer_rows + [allrow]]
+            new_rows = [{**base, **common, **m} for m in measured]
             if not all(math.isfinite(r[c]) for r in new_rows for c in ("update_fro", "adapter_rms", "eval_loss")):
                 raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
             if adaptive:
@@ -236,4 +273,4 @@ def run(cfg: RunConfig, task: Task | None = None) -> pd.DataFrame:
     df["diverged_round"] = diverged_round if diverged_round is not None else -1
     df["error"] = error
     df["wall_s"] = time.perf_counter() - t_start
-    return df
+    return (df, state, gamma) if return_state else df

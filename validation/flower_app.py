@@ -67,12 +67,14 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import sfed_theory
-from validation.aggregation import SCHEME_TRAINS_A, aggregate, client_start, eval_adapter, init_state, total_delta
+from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, client_start, eval_adapter, init_state,
+                                   total_delta)
 from validation.backends import Divergence, LoopBackend
 from validation.config import GridConfig, RunConfig
 from validation.data import partition
-from validation.federated import config_columns, gamma_for, resolve_device
-from validation.metrics import ALL, combine_layers, layer_metrics
+from validation.federated import (config_columns, eval_indices, gamma_for, measure_round, resolve_device,
+                                  sample_clients)
+from validation.metrics import ALL
 from validation.models import Task, build_task
 
 __all__ = [
@@ -329,16 +331,9 @@ def discover_clients(grid: Grid, need: int, *, wait_s: float = 300.0, timeout: f
     return mapping
 
 
-def _with_k(cfg: RunConfig, k: int) -> RunConfig:
-    return dataclasses.replace(cfg, participating=k)
-
-
 def _sample_clients(cfg: RunConfig, rnd: int) -> list[int]:
-    """The harness's client sampling (``validation.federated.run``): same seed, same clients."""
-    K = cfg.k
-    if K < cfg.n_clients:
-        return sorted(np.random.default_rng([cfg.seed, rnd, 9]).choice(cfg.n_clients, K, replace=False).tolist())
-    return list(range(cfg.n_clients))
+    """The harness's client sampling (:func:`validation.federated.sample_clients`): same seed, same clients."""
+    return sample_clients(cfg, rnd)
 
 
 def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
@@ -382,9 +377,9 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
     probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
     probe_y = task.train_labels[probe_idx].to(device)
-    n_ev = min(cfg.eval_size, len(task.eval_labels))
-    eval_in = {k: v[:n_ev].to(device) for k, v in task.eval_inputs.items()}
-    eval_y = task.eval_labels[:n_ev].to(device)
+    ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
+    eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
+    eval_y = task.eval_labels[ev_idx].to(device)
 
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
@@ -395,7 +390,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     diverged_round, error = None, ""
     for rnd in range(1, cfg.rounds + 1):
         clients = _sample_clients(cfg, rnd)
-        gamma_sent = gamma_for(_with_k(cfg, len(clients)), sizes)
+        gamma_sent = gamma_for(cfg, sizes, k=len(clients))
         try:
             bk = server_backend(gamma_sent)
             bk.set_base_delta(state.merged)
@@ -464,7 +459,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             ok = [clients[i] for i in ok_pos]
             dropped = [c for c in clients if c not in ok]
             K_ok = len(ok)
-            gamma_r = gamma_for(_with_k(cfg, K_ok), sizes) if K_ok else float("nan")
+            gamma_r = gamma_for(cfg, sizes, k=K_ok) if K_ok else float("nan")
             for ev in round_events:
                 ev["gamma_round"] = gamma_r
             events.extend(round_events)
@@ -487,6 +482,8 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             B0k = {n: B0[n][idx] for n in B0}
             p = torch.as_tensor(sizes[ok] / sizes[ok].sum() if cfg.weighted else np.full(K_ok, 1 / K_ok),
                                 dtype=dtype, device=device)
+            # FedSA: measured on each averaged client's own model, as in the harness
+            per_client_old = client_deltas(state, ok, gamma_r) if cfg.scheme == "fedsa" else None
             state, round_delta = aggregate(cfg.scheme, state, ok, A1, B1, p, gamma_r)
             if keep_states:
                 states.append(_copy_state(state))
@@ -497,26 +494,17 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             end = bk.probe(eA, eB, probe_in, probe_y, grads=True, capture=True)
             ev_loss, ev_acc = bk.evaluate(eA, eB, eval_in, eval_y)
             tot = total_delta(state, gamma_r)
+            if per_client_old is not None:
+                tot = client_deltas(state, ok, gamma_r)
+                round_delta = {n: tot[n] - per_client_old[n] for n in tot}
 
-            # --- the harness's row building (validation.federated.run), on the averaged clients ---
-            layer_rows, incs = [], []
-            for n in task.targets:
-                parts_inc = [B1[n] - B0k[n]] + ([A1[n] - A0k[n]] if train_A else [])
-                inc = torch.cat([x.reshape(K_ok, -1) for x in parts_inc], dim=1)
-                incs.append(inc)
-                m = layer_metrics(n, grad_A=start.grad_A[n], grad_B=start.grad_B[n], grad_A_end=end.grad_A[n],
-                                  grad_B_end=end.grad_B[n], round_delta=round_delta[n],
-                                  total=tot[n], layer_input=end.inputs[n], increments=inc, p=p)
-                m["d_out"], m["k_in"] = shapes[n]
-                layer_rows.append(m)
-            allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
-            sh = set(shapes.values())
-            allrow["d_out"], allrow["k_in"] = sh.pop() if len(sh) == 1 else (-1, -1)
+            # --- the harness's row building (validation.federated.measure_round), on the averaged clients ---
+            measured = measure_round(task.targets, shapes, start, end, round_delta, tot, A0k, B0k, A1, B1, train_A, p)
             common = {"round": rnd, "n_participating": K_ok, "clients": ",".join(map(str, ok)),
                       "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
                       "probe_loss_start": start.loss, "probe_loss_end": end.loss,
                       "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
-            new_rows = [{**base, **extra, **common, **m} for m in layer_rows + [allrow]]
+            new_rows = [{**base, **extra, **common, **m} for m in measured]
             if not all(math.isfinite(r[c]) for r in new_rows for c in ("update_fro", "adapter_rms", "eval_loss")):
                 raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
             rows.extend(new_rows)
