@@ -259,3 +259,15 @@ def test_eval_subset_is_spread_over_a_label_sorted_eval_split():
     assert np.bincount(labels[idx], minlength=5).min() >= 5  # every class is represented
     np.testing.assert_array_equal(idx, eval_indices(len(labels), 64).numpy())  # same subset every run
     np.testing.assert_array_equal(eval_indices(10, 64).numpy(), np.arange(10))  # small split: all of it
+
+
+def test_run_can_return_final_state_and_gamma():
+    from validation.aggregation import total_delta
+
+    cfg = adaptive_cfg(rounds=2)
+    df, state, gamma = run(cfg, return_state=True)
+    a = all_rows(df)
+    assert gamma == a.gamma_next.iloc[-1]  # the adaptive rule's gamma for a next round
+    tot = total_delta(state, gamma)
+    assert all(float(t.abs().max()) > 0 for t in tot.values())
+    pd.testing.assert_frame_equal(df.drop(columns=["wall_s"]), run(cfg).drop(columns=["wall_s"]))
