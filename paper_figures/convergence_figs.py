@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["GRID_DIR", "load_spec", "oracle_rho", "build_runs", "run_experiment", "collect", "normcheck_fits",
+__all__ = ["GRID_DIR", "load_spec", "oracle_rho", "build_runs", "run_experiment", "collect", "normcheck_fits", "fig_normcheck",
            "convergence_table", "fig_convergence", "draw_all", "main", "FAMILY_N1"]
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
@@ -394,7 +394,8 @@ def fig_normcheck(fits: pd.DataFrame, out: Path, formats=("png", "pdf")) -> list
                          f"(groups: {other}={','.join(map(str, fixed))})", fontsize=7)
             if j == 0:
                 ax.set_ylabel("log-log slope")
-    fig.suptitle(f"Norm check, round {rnd}: measured (colour, 95% CI) vs predicted at measured rho (x)", fontsize=8)
+    fig.suptitle(f"Norm check, round {rnd}: measured slope (colour, 95% CI) vs predicted at the measured rho (x; "
+                 f"sfed-adaptive: its converged target, sfed-general at the measured rho)", fontsize=8)
     fig.tight_layout()
     return style.save(fig, out, "fig_normcheck", formats)
 
