@@ -6,11 +6,16 @@ theory describes the state right after the first aggregation, so the scaling fig
 and the gradients AT the aggregated adapter (``grad_A_end``, ``grad_B_end``: at the start of round
 1, B = 0 and dL/dA is exactly zero).
 
-Predicted norms come from :func:`sfed_theory.predicted_norm` at each run's (rule, r, N, d, k,
-regime, scheme), with the client correlation either 0 (the paper's assumption) or the run's
-measured ``rho_hat``. The theory fixes how a norm scales, not its absolute size (that depends on
-the unknown increment and gradient scales s_B, tau and on ||x||), so ONE multiplicative constant
-per quantity is fitted (least squares in log space over all runs and rules) and reported.
+Predicted norms come from :func:`sfed_theory.predicted_norm` at each grid point's (rule, r, N, d,
+k, regime, scheme), with the client correlation either 0 (the paper's assumption) or the measured
+``rho_hat``, and with the random model's scales set as the harness analysis sets them
+(:func:`theory_scales`: s_A from peft's init, and under Adam the measured RMS client increments
+``inc_B_rms``/``inc_A_rms`` as s_B/s_dA). What stays unknown is the gradient scale tau and ||x||,
+so ONE multiplicative constant per quantity is fitted (least squares in log space over all grid
+points and rules) and reported.
+
+Grid points average the seeds; where a grid has several seeds the sweep figures draw the seed
+range as a vertical bar.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import sfed_theory
 
 from paper_figures import style
 
-__all__ = ["QUANTITIES", "REQUIRED_COLUMNS", "check_columns", "round_rows", "with_predictions", "fit_scales",
+__all__ = ["QUANTITIES", "REQUIRED_COLUMNS", "check_columns", "theory_scales", "round_rows", "with_predictions",
+           "fit_scales",
            "fig_main", "fig_a_grad_vs_rank", "fig_b_grad_vs_clients", "fig_c_loss_curves", "fig_d_pred_vs_meas"]
 
 ALL = "__all__"
@@ -44,6 +50,20 @@ REGIME = {"adamw": "adam", "adam": "adam", "sgd": "sgd"}
 REQUIRED_COLUMNS = ("run_id", "layer", "round", "rule", "rank", "n_clients", "n_participating", "scheme",
                     "optimizer", "alpha", "d_out", "k_in", "rho_hat", "diverged", "train_loss", "eval_acc",
                     *(c for c, _ in QUANTITIES.values()))
+SCALE_COLUMNS = ("inc_A_rms", "inc_B_rms")  # measured client increment scales (optional columns)
+
+
+def theory_scales(k: int, optimizer: str, inc_A_rms: float = float("nan"),
+                  inc_B_rms: float = float("nan")) -> dict[str, float]:
+    """Scale arguments of ``predicted_norm`` for one grid point, as ``validation.analysis`` sets them:
+    s_A = std of peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k)) = 1/sqrt(3k); under Adam
+    s_B and s_dA = the measured RMS client increments when positive (FFA trains no A: no s_dA)."""
+    out = {"s_A": 1.0 / math.sqrt(3 * k)}
+    if REGIME.get(optimizer) == "adam" and math.isfinite(inc_B_rms) and inc_B_rms > 0:
+        out["s_B"] = float(inc_B_rms)
+        if math.isfinite(inc_A_rms) and inc_A_rms > 0:
+            out["s_dA"] = float(inc_A_rms)
+    return out
 
 
 def check_columns(df: pd.DataFrame, need=REQUIRED_COLUMNS, what: str = "results") -> None:
@@ -58,14 +78,22 @@ def _rules(df: pd.DataFrame) -> list[str]:
 
 
 def round_rows(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
-    """The ``__all__`` rows of round ``rnd`` of non-diverged runs, averaged over seeds."""
+    """The ``__all__`` rows of round ``rnd`` of non-diverged runs, averaged over seeds.
+
+    Besides the seed means: ``n_seeds`` and, per norm column ``c``, ``c_lo``/``c_hi`` (the
+    smallest and largest seed value at that grid point)."""
     check_columns(df)
     sel = df[(df["layer"] == ALL) & (df["round"] == rnd) & (~df["diverged"].astype(bool))]
     if sel.empty:
         raise ValueError(f"no non-diverged '__all__' rows in round {rnd}")
     keys = ["rule", "rank", "n_clients", "n_participating", "scheme", "optimizer", "alpha", "d_out", "k_in"]
-    cols = [c for c, _ in QUANTITIES.values()] + ["rho_hat"]
-    return sel.groupby(keys, as_index=False)[cols].mean()
+    norms = [c for c, _ in QUANTITIES.values()]
+    cols = norms + ["rho_hat"] + [c for c in SCALE_COLUMNS if c in sel]
+    g = sel.groupby(keys)
+    out = g[cols].mean()
+    lo, hi = g[norms].min().add_suffix("_lo"), g[norms].max().add_suffix("_hi")
+    n_seeds = (g["seed"].nunique() if "seed" in sel else g.size()).rename("n_seeds")
+    return pd.concat([out, lo, hi, n_seeds], axis=1).reset_index()
 
 
 def _n_layers(df: pd.DataFrame) -> pd.Series:
@@ -86,12 +114,14 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
         rec = r.to_dict()
         rho_hat = float(r["rho_hat"]) if np.isfinite(r["rho_hat"]) else 0.0
         rho_hat = min(max(rho_hat, 0.0), 1.0)
+        scales = theory_scales(int(r["k_in"]), r["optimizer"], float(r.get("inc_A_rms", np.nan)),
+                               float(r.get("inc_B_rms", np.nan)))
         for q in QUANTITIES:
             for tag, rho in (("rho0", 0.0), ("rhohat", rho_hat)):
                 v = sfed_theory.predicted_norm(
                     q, r["rule"], regime=REGIME[r["optimizer"]], scheme=r["scheme"], rank=int(r["rank"]),
                     n_clients=int(r["n_participating"]), alpha=float(r["alpha"]), rho=rho,
-                    d=int(r["d_out"]), k=int(r["k_in"]))
+                    d=int(r["d_out"]), k=int(r["k_in"]), **scales)
                 rec[f"pred_{q}_{tag}"] = v * math.sqrt(n_layers)
         out.append(rec)
     return pd.DataFrame(out)
@@ -134,6 +164,8 @@ def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str,
                 if g.empty:
                     continue
                 ax.plot(g[xcol], g[col], "o-", color=c, label=linefmt.format(v))
+                if (g["n_seeds"] > 1).any():
+                    ax.vlines(g[xcol], g[f"{col}_lo"], g[f"{col}_hi"], color=c, lw=1.6, alpha=0.55)
                 if theory:
                     ax.plot(g[xcol], scales[q] * g[f"pred_{q}_rhohat"], "--", color=c, lw=0.8, alpha=0.8)
             ax.set_xscale("log", base=2)
@@ -154,7 +186,8 @@ def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str,
         labels.append(r"theory ($\hat\rho$, 1 fitted scale per row)")
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
     meta = _describe(df)
-    fig.suptitle(f"Measured after round {rnd} ({meta}); one panel per scaling rule", fontsize=8)
+    bars = "; bars = seed range" if (pred["n_seeds"] > 1).any() else ""
+    fig.suptitle(f"Measured after round {rnd} ({meta}{bars}), one panel per rule", fontsize=8)
     return style.save(fig, out_dir, stem, formats)
 
 

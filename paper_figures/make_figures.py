@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")
     g.add_argument("--rerun", action="store_true", help="re-run the grids that feed (a)-(d), then draw")
     g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
-                   help="grid set: cpu (default; ~19 min on 2 shared cores) or gpu (paper_figures/grids/gpu_*.json)")
+                   help="grid set: cpu (default; measured ~23 min on 2 shared CPU cores: scaling 54 runs 11 min, curves 6 runs 12 min) or gpu (paper_figures/grids/gpu_*.json)")
     g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
     g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")

@@ -115,6 +115,9 @@ def test_committed_results_are_small_tidy_and_match_their_grid(experiment):
                 "lr", "local_steps", "rounds"):
         assert col in df.columns and df[col].notna().all(), col
     assert (df["version"] == sfed_theory.__version__).all()
+    assert {"inc_A_rms", "inc_B_rms"} <= set(df.columns), "results predate the harness's increment scales"
+    if experiment == "scaling":  # the exponent CIs resample seeds x layers
+        assert df["seed"].nunique() >= 2, "CIs need seeds x layers"
     assert not df["diverged"].astype(bool).any(), "a committed run diverged; the figures exclude it silently"
     # every cell of the grid file is there, with the grid's base settings
     grid = experiments.load_grid(experiment, "cpu")
@@ -140,6 +143,10 @@ def test_manifest_records_grid_versions_and_machine():
         assert entry["versions"]["sfed_theory"] == sfed_theory.__version__
         assert "torch" in entry["versions"] and entry["machine"]["cpu_count"] >= 1
         assert len(entry["git"]["commit"]) == 40
+        # the harness that produced the results is pinned: a commit, byte-identical sources
+        pin = entry["harness"]
+        assert len(pin["commit"]) == 40 and pin["clean"] is True and pin["modified"] == []
+        assert len(pin["sha256"]["validation"]) == 64 == len(entry["source_sha256"]["sfed_theory"])
         on_disk = json.loads((ROOT / entry["grid_file"]).read_text())
         on_disk = {k: v for k, v in on_disk.items() if not k.startswith("_")}
         assert {k: v for k, v in entry["grid"].items() if k != "base"} == \
@@ -159,9 +166,11 @@ def _fake_results(scale: float) -> pd.DataFrame:
                        "n_clients": n, "n_participating": n, "scheme": "ffa", "optimizer": "adamw", "alpha": 16.0,
                        "d_out": 32, "k_in": 24, "rho_hat": 0.1 if n > 1 else float("nan"), "diverged": False,
                        "train_loss": 1.0, "eval_acc": 0.5}
+                rec["inc_A_rms"], rec["inc_B_rms"] = 0.0, 1e-3 * (1 + r / 64 + n / 8)  # FFA: A not trained
+                sc = empirical_figs.theory_scales(24, "adamw", rec["inc_A_rms"], rec["inc_B_rms"])
                 for q, (col, _) in empirical_figs.QUANTITIES.items():
                     rec[col] = scale * sfed_theory.predicted_norm(q, rule, rank=r, n_clients=n, d=32, k=24,
-                                                                  rho=0.1 if n > 1 else 0.0)
+                                                                  rho=0.1 if n > 1 else 0.0, **sc)
                 rows.append(rec)
     return pd.DataFrame(rows)
 
@@ -179,6 +188,16 @@ def test_fitted_scale_recovers_a_known_constant_and_zero_residual():
     assert np.abs(resid).max() > 0.05
 
 
+def test_predictions_use_the_measured_increment_scale():
+    # under Adam s_B is the measured inc_B_rms: doubling it doubles the FFA update prediction
+    a = _fake_results(1.0)
+    b = a.assign(inc_B_rms=2 * a["inc_B_rms"])
+    pa, pb = empirical_figs.with_predictions(a), empirical_figs.with_predictions(b)
+    assert np.allclose(pb["pred_update_fro_rhohat"], 2 * pa["pred_update_fro_rhohat"])
+    assert empirical_figs.theory_scales(384, "adamw") == {"s_A": pytest.approx(1 / math.sqrt(3 * 384))}
+    assert "s_B" not in empirical_figs.theory_scales(384, "sgd", 0.1, 0.1)  # SGD: eta, tau instead
+
+
 def test_round_rows_average_seeds_and_drop_diverged_runs():
     a = _fake_results(1.0)
     b = a.copy()
@@ -188,10 +207,14 @@ def test_round_rows_average_seeds_and_drop_diverged_runs():
     c["run_id"] += "bad"
     c["grad_A_end"] = 1e6
     c["diverged"] = True
+    a["seed"], b["seed"], c["seed"] = 0, 1, 2
     rows = empirical_figs.round_rows(pd.concat([a, b, c]))
     assert len(rows) == len(a)
     merged = rows.merge(a, on=["rule", "rank", "n_participating"], suffixes=("", "_a"))
     assert np.allclose(merged["grad_A_end"], 2.0 * merged["grad_A_end_a"])
+    assert np.allclose(merged["grad_A_end_lo"], merged["grad_A_end_a"])  # seed range, diverged run left out
+    assert np.allclose(merged["grad_A_end_hi"], 3.0 * merged["grad_A_end_a"])
+    assert (rows["n_seeds"] == 2).all()
 
 
 def test_theory_heatmap_values_come_from_predicted_norm():
@@ -233,7 +256,8 @@ def test_rerun_stores_results_and_manifest_then_draws(tmp_path, capsys):
     """--rerun end to end on the harness's fast synthetic task (the CPU grid's cells, 2 rounds)."""
     pytest.importorskip("torch")
     res, work, figs = tmp_path / "res", tmp_path / "work", tmp_path / "figs"
-    code = make_figures.main(["--rerun", "--experiments", "curves", "--results", str(res), "--work-dir", str(work),
+    code = make_figures.main(["--rerun", "--allow-dirty", "--experiments", "curves", "--results", str(res),
+                              "--work-dir", str(work),
                               "--set", "model=synthetic", "dataset=synthetic", "rounds=2",
                               "--only", "c", "--formats", "png", "--out", str(figs)])
     assert code == 0, capsys.readouterr().err
@@ -243,10 +267,11 @@ def test_rerun_stores_results_and_manifest_then_draws(tmp_path, capsys):
     m = experiments.load_manifest(res)["curves"]
     assert m["grid"]["base"]["model"] == "synthetic" and m["runs_stored"] == m["runs_in_grid"]
     assert len(m["source_sha256"]["validation"]) == 64
+    assert len(m["harness"]["commit"]) == 40 and isinstance(m["harness"]["clean"], bool)
     assert (figs / "fig_c_loss_curves.png").stat().st_size > 5_000
     # a second call resumes: every cell is already finished, the stored file is rewritten unchanged
     before = df.sort_values(["run_id", "round", "layer"]).reset_index(drop=True)
-    experiments.rerun(res, experiments=("curves",), work_dir=work, progress=False,
+    experiments.rerun(res, experiments=("curves",), work_dir=work, progress=False, allow_dirty=True,
                       model="synthetic", dataset="synthetic", rounds=2)
     after = experiments.load("curves", res).sort_values(["run_id", "round", "layer"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(before, after)
