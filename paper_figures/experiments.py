@@ -15,6 +15,7 @@ and wall time. ``load`` reads them back and fails with a clear message when a fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -207,7 +208,8 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
     """Run the experiments' grids with the harness and store consolidated results + manifest.
 
     ``work_dir`` keeps the harness's per-run files (resumable; ``resume=False`` re-runs every
-    cell). ``base_overrides`` set RunConfig fields of every grid's base (e.g. ``device="cuda"``
+    cell) in a subfolder named after the harness sources' digest, so a resumed rerun only reuses
+    runs made by byte-identical harness code. ``base_overrides`` set RunConfig fields of every grid's base (e.g. ``device="cuda"``
     or ``max_examples=200`` for a smoke test). Returns ``{experiment: results file}``.
 
     The harness code is pinned first (:func:`harness_pin`): a rerun refuses to start when
@@ -223,6 +225,9 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
                            "(the manifest pins results to a commit) or pass allow_dirty=True / --allow-dirty")
     print(f"harness pinned to {pin['commit'][:12]} ({'clean' if pin['clean'] else 'DIRTY: ' + ', '.join(pin['modified'])})",
           flush=True)
+    # per-run files are kept per harness version: resume never mixes runs of different harness code
+    digest = hashlib.sha256("".join(pin["sha256"][p] for p in sorted(pin["sha256"])).encode()).hexdigest()
+    harness_key = f"harness-{digest[:12]}"
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     manifest = load_manifest(results_dir)
@@ -230,7 +235,7 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
     for exp in experiments:
         grid = load_grid(exp, grid_set, **base_overrides)
         cells = grid.runs()
-        folder = Path(work_dir) / f"{grid_set}_{exp}"
+        folder = Path(work_dir) / harness_key / f"{grid_set}_{exp}"
         print(f"[{exp}] {len(cells)} runs ({grid_file(exp, grid_set).name}) -> {folder}", flush=True)
         t0 = time.perf_counter()
         res = run_grid(grid, folder, resume=resume, progress=progress)
@@ -249,6 +254,7 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
         manifest[exp] = {
             "file": path.name,
             "grid_file": f"paper_figures/grids/{grid_file(exp, grid_set).name}",
+            "work_folder": str(folder),
             "grid": grid_json,
             "runs_in_grid": len(cells),
             "runs_stored": int(df["run_id"].nunique()),

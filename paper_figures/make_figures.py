@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
                    help="grid set: cpu (default; measured ~23 min on 2 shared CPU cores: scaling 54 runs 11 min, curves 6 runs 12 min) or gpu (paper_figures/grids/gpu_*.json)")
     g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
-    g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable)")
+    g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable; one subfolder per harness-code digest)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
     g.add_argument("--allow-dirty", action="store_true",
                    help="run even if validation/ or sfed_theory/ differ from the committed HEAD (recorded in the manifest)")

@@ -268,6 +268,8 @@ def test_rerun_stores_results_and_manifest_then_draws(tmp_path, capsys):
     assert m["grid"]["base"]["model"] == "synthetic" and m["runs_stored"] == m["runs_in_grid"]
     assert len(m["source_sha256"]["validation"]) == 64
     assert len(m["harness"]["commit"]) == 40 and isinstance(m["harness"]["clean"], bool)
+    # per-run files live under the harness digest: a resume never reuses runs of other harness code
+    assert Path(m["work_folder"]).parent.name.startswith("harness-") and Path(m["work_folder"]).is_dir()
     assert (figs / "fig_c_loss_curves.png").stat().st_size > 5_000
     # a second call resumes: every cell is already finished, the stored file is rewritten unchanged
     before = df.sort_values(["run_id", "round", "layer"]).reset_index(drop=True)
