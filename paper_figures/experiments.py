@@ -209,7 +209,8 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
 
     ``work_dir`` keeps the harness's per-run files (resumable; ``resume=False`` re-runs every
     cell) in a subfolder named after the harness sources' digest, so a resumed rerun only reuses
-    runs made by byte-identical harness code. ``base_overrides`` set RunConfig fields of every grid's base (e.g. ``device="cuda"``
+    runs made by byte-identical harness code. ``base_overrides`` set RunConfig fields of every
+    grid's base (e.g. ``device="cuda"``
     or ``max_examples=200`` for a smoke test). Returns ``{experiment: results file}``.
 
     The harness code is pinned first (:func:`harness_pin`): a rerun refuses to start when
@@ -223,7 +224,8 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
     if not pin["clean"] and not allow_dirty:
         raise RuntimeError(f"the harness differs from commit {pin['commit'][:12]} in {pin['modified']}: commit it "
                            "(the manifest pins results to a commit) or pass allow_dirty=True / --allow-dirty")
-    print(f"harness pinned to {pin['commit'][:12]} ({'clean' if pin['clean'] else 'DIRTY: ' + ', '.join(pin['modified'])})",
+    state = "clean" if pin["clean"] else "DIRTY: " + ", ".join(pin["modified"])
+    print(f"harness pinned to {pin['commit'][:12]} ({state})",
           flush=True)
     # per-run files are kept per harness version: resume never mixes runs of different harness code
     digest = hashlib.sha256("".join(pin["sha256"][p] for p in sorted(pin["sha256"])).encode()).hexdigest()
@@ -265,7 +267,8 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(),
             "harness": pin,
-            "git": {**_git(), "note": "whole-tree HEAD/dirty when the results were written; the harness pin is 'harness'"},
+            "git": {**_git(),
+                    "note": "whole-tree HEAD/dirty when the results were written; the harness pin is 'harness'"},
             "source_sha256": {**pin["sha256"], "paper_figures": _source_digest("paper_figures")},
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "argv": " ".join(sys.argv)},

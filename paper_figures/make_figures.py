@@ -115,12 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")
     g.add_argument("--rerun", action="store_true", help="re-run the grids that feed (a)-(d), then draw")
     g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
-                   help="grid set: cpu (default; measured ~23 min on 2 shared CPU cores: scaling 54 runs 11 min, curves 6 runs 12 min) or gpu (paper_figures/grids/gpu_*.json)")
+                   help="grid set: cpu (default; measured ~23 min on 2 shared CPU cores: scaling 54 runs "
+                        "11 min, curves 6 runs 12 min) or gpu (paper_figures/grids/gpu_*.json)")
     g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
-    g.add_argument("--work-dir", default="runs/paper_figures", help="per-run files of the harness (resumable; one subfolder per harness-code digest)")
+    g.add_argument("--work-dir", default="runs/paper_figures",
+                   help="per-run files of the harness (resumable; one subfolder per harness-code digest)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
     g.add_argument("--allow-dirty", action="store_true",
-                   help="run even if validation/ or sfed_theory/ differ from the committed HEAD (recorded in the manifest)")
+                   help="run even if validation/ or sfed_theory/ differ from the committed HEAD "
+                        "(recorded in the manifest)")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300")
     return ap
