@@ -181,12 +181,23 @@ def collect(experiment: str, grid_set: str, work: Path, results: Path = DEFAULT_
         "sum_run_wall_s": float(df.groupby("run_id")["wall_s"].first().sum()),
         "oracle_rho": json.loads(oracle_p.read_text()) if oracle_p.is_file() else None,
         "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "git": _git_pin(),
         "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if wall_s is not None:
         man[experiment]["wall_s"] = wall_s
     man_p.write_text(json.dumps(man, indent=1, sort_keys=True, default=str))
     return out
+
+
+def _git_pin() -> dict[str, Any]:
+    try:
+        from paper_figures.experiments import harness_pin
+
+        pin = harness_pin()
+        return {"commit": pin["commit"], "harness_clean": pin["clean"], "modified": pin["modified"]}
+    except Exception as e:  # no git: say so
+        return {"commit": "unknown", "error": str(e)}
 
 
 # ------------------------------------------------------------------------------------------------
