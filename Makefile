@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_theory.py
 	$(BIN)/python bench/bench_harness.py
+	$(BIN)/python bench/bench_adaptive.py
 
 figures: $(STAMP)
 	$(BIN)/sfed-figures
