@@ -131,22 +131,13 @@ def reference_states(cfg: RunConfig, answered: dict[int, list[int]]) -> list:
     return out
 
 
-def _tensors(state) -> dict[str, torch.Tensor]:
-    d = {f"A|{n}": t for n, t in state.A.items()}
-    d.update({f"B|{n}": t for n, t in state.B.items()})
-    d.update({f"M|{n}": t for n, t in state.merged.items()})
-    if state.B_local is not None:
-        d.update({f"Bloc|{n}": t for n, t in state.B_local.items()})
-    return d
+_tensors = fa._state_tensors  # one definition of "every tensor of a server state"
 
 
 def state_diff(s1, s2) -> tuple[float, float]:
     """(max abs diff, max abs diff / max abs value) over every tensor of two server states."""
-    t1, t2 = _tensors(s1), _tensors(s2)
-    assert t1.keys() == t2.keys()
-    mad = max(float((t1[k] - t2[k]).abs().max()) for k in t1)
-    scale = max(float(t2[k].abs().max()) for k in t2)
-    return mad, mad / scale if scale else 0.0
+    d = fa.compare_states(s1, s2)
+    return d["max_abs_diff"], d["max_rel_diff"]
 
 
 def assert_states_close(got: list, want: list, exact: bool = False) -> None:
