@@ -132,12 +132,14 @@ def build_runs(grid, extras: dict[str, Any], work: Path) -> list:
     return out
 
 
-def run_experiment(experiment: str, grid_set: str, work: Path) -> None:
+def run_experiment(experiment: str, grid_set: str, work: Path, threads: int | None = None) -> None:
+    """Run (resume) every cell of the grid in ``work``; ``threads``: torch threads (default
+    ``$SFED_THREADS`` or 1, for two workers sharing a folder)."""
     import torch
 
     from validation.grid import run_grid
 
-    torch.set_num_threads(int(__import__("os").environ.get("SFED_THREADS", "1")))
+    torch.set_num_threads(threads or int(__import__("os").environ.get("SFED_THREADS", "1")))
     grid, extras = load_spec(grid_path(experiment, grid_set))
     cfgs = build_runs(grid, extras, work)
     if __import__("os").environ.get("SFED_REVERSE"):  # a second worker on the same folder, from the other end

@@ -1,16 +1,26 @@
 """The experiments that feed the empirical figures, and the stored results they leave behind.
 
-Two experiments, each a grid file in ``paper_figures/grids/`` (``<grid set>_<experiment>.json``,
-the :class:`validation.config.GridConfig` format plus an ``_about`` note):
+Four experiments, each a grid file in ``paper_figures/grids/`` (``<grid set>_<experiment>.json``)
+and one results file ``<results>/<experiment>.parquet``:
 
-* ``scaling``: one federated round over (N, r, rule): figures (a), (b), (d).
+* ``scaling``: one federated round over (N, r, rule): the main figure, (a), (b), (d).
 * ``curves``: several rounds at high rank for each rule: figure (c).
+* ``convergence``: issue 6, multi-round accuracy/loss over (split, N, r, 5 rules): figure (g).
+* ``normcheck``: issue 6, update-norm slopes on real training (5 rules, 2 splits): figure (h).
+
+``scaling`` and ``curves`` (:data:`GRID_EXPERIMENTS`) are plain
+:class:`validation.config.GridConfig` files run by the generic path below; their provenance is in
+``<results>/manifest.json``. ``convergence`` and ``normcheck`` (:data:`ISSUE6_EXPERIMENTS`) carry
+extra keys (splits, oracle rho, N = 1 dedupe) and are run by the issue-6 driver
+:mod:`paper_figures.convergence_figs` (``run`` then ``collect``); their provenance is in
+``<results>/manifest_issue6.json``. ``rerun`` handles both: it calls that driver for the issue-6
+experiments.
 
 ``rerun`` runs a grid set through the harness API (:func:`validation.grid.run_grid`, resumable,
 one Parquet file per run in a work folder) and consolidates each experiment into ONE tidy
 Parquet file ``<results>/<experiment>.parquet`` (one row per run x round x layer, config columns
-included), plus ``<results>/manifest.json`` with the grid, package versions, git commit, machine
-and wall time. ``load`` reads them back and fails with a clear message when a file is missing.
+included), plus the manifest with the grid, package versions, git commit, machine and wall time.
+``load`` reads them back and fails with a clear message when a file is missing.
 """
 
 from __future__ import annotations
@@ -30,6 +40,8 @@ import pandas as pd
 
 __all__ = [
     "EXPERIMENTS",
+    "GRID_EXPERIMENTS",
+    "ISSUE6_EXPERIMENTS",
     "GRID_SETS",
     "GRID_DIR",
     "DEFAULT_RESULTS",
@@ -43,7 +55,9 @@ __all__ = [
     "harness_pin",
 ]
 
-EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")
+GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # GridConfig files, manifest.json
+ISSUE6_EXPERIMENTS: tuple[str, ...] = ("convergence", "normcheck")  # convergence_figs driver, manifest_issue6.json
+EXPERIMENTS: tuple[str, ...] = GRID_EXPERIMENTS + ISSUE6_EXPERIMENTS
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu")
 GRID_DIR = Path(__file__).resolve().parent / "grids"
 DEFAULT_RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -69,8 +83,14 @@ def _grid_dict(experiment: str, grid_set: str) -> dict[str, Any]:
 
 
 def load_grid(experiment: str, grid_set: str = "cpu", **base_overrides: Any):
-    """The :class:`validation.config.GridConfig` of an experiment (base fields overridable)."""
+    """The :class:`validation.config.GridConfig` of a :data:`GRID_EXPERIMENTS` experiment (base fields
+    overridable). The issue-6 grids have extra keys: read them with
+    :func:`paper_figures.convergence_figs.load_spec`."""
     from validation.config import GridConfig
+
+    if experiment in ISSUE6_EXPERIMENTS:
+        raise ValueError(f"{experiment!r} is an issue-6 grid with extra keys; read it with "
+                         "paper_figures.convergence_figs.load_spec(grid_file(...))")
 
     d = _grid_dict(experiment, grid_set)
     d["base"] = {**d.get("base", {}), **base_overrides}
@@ -85,19 +105,24 @@ def results_path(experiment: str, results_dir: str | Path = DEFAULT_RESULTS) -> 
 def load(experiment: str, results_dir: str | Path = DEFAULT_RESULTS) -> pd.DataFrame:
     """The stored results of ``experiment``; raises :class:`MissingResults` if absent or empty."""
     path = results_path(experiment, results_dir)
+    how = f"`sfed-figures --rerun --experiments {experiment}`"
+    if experiment in ISSUE6_EXPERIMENTS:
+        how += (f" (which calls `python -m paper_figures.convergence_figs run {experiment}` and "
+                f"`... collect {experiment}`)")
     if not path.is_file():
         raise MissingResults(
             f"results file {path} is missing: the figures are drawn from stored results. Restore it "
-            f"(git checkout results/) or re-create it with `sfed-figures --rerun` (runs the '{experiment}' grid)."
+            f"(git checkout results/) or re-create it with {how} (runs the '{experiment}' grid)."
         )
     df = pd.read_parquet(path)
     if df.empty:
-        raise MissingResults(f"results file {path} holds no rows; re-create it with `sfed-figures --rerun`")
+        raise MissingResults(f"results file {path} holds no rows; re-create it with {how}")
     return df
 
 
 def load_manifest(results_dir: str | Path = DEFAULT_RESULTS) -> dict[str, Any]:
-    """The manifest (grid, versions, commit, machine, wall time per experiment); {} if absent."""
+    """The manifest of :data:`GRID_EXPERIMENTS` (grid, versions, commit, machine, wall time per
+    experiment); {} if absent. The issue-6 experiments' manifest is ``manifest_issue6.json``."""
     path = Path(results_dir) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -216,9 +241,26 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
     The harness code is pinned first (:func:`harness_pin`): a rerun refuses to start when
     ``validation/`` or ``sfed_theory/`` differ from the committed HEAD unless ``allow_dirty``;
     the manifest records the pin (commit, clean, sha256 of the sources) per experiment.
+
+    The issue-6 experiments (:data:`ISSUE6_EXPERIMENTS`) are run by
+    :func:`paper_figures.convergence_figs.run_experiment` (always resumable, one worker with
+    torch's current thread count, pilot runs for the oracle rho first) and stored by
+    :func:`paper_figures.convergence_figs.collect` (entry in ``manifest_issue6.json``), with the
+    same per-harness-digest work folder; ``base_overrides`` and ``resume=False`` are not
+    supported for them (edit the grid file / use a fresh ``work_dir``).
     """
     from validation.grid import load_results, run_grid
 
+    unknown = [e for e in experiments if e not in EXPERIMENTS]
+    if unknown:
+        raise ValueError(f"unknown experiment(s) {unknown}; allowed: {', '.join(EXPERIMENTS)}")
+    issue6 = [e for e in experiments if e in ISSUE6_EXPERIMENTS]
+    if issue6 and (base_overrides or not resume):
+        raise ValueError(f"{issue6}: --set / --no-resume are not supported for the issue-6 experiments "
+                         "(edit the grid file, or pass a fresh --work-dir)")
+    for e in issue6:
+        if not grid_file(e, grid_set).is_file():
+            raise ValueError(f"no {grid_set} grid for {e!r} ({grid_file(e, grid_set)} does not exist)")
     _import_harness()
     pin = harness_pin()
     if not pin["clean"] and not allow_dirty:
@@ -235,9 +277,12 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
     manifest = load_manifest(results_dir)
     written: dict[str, Path] = {}
     for exp in experiments:
+        folder = Path(work_dir) / harness_key / f"{grid_set}_{exp}"
+        if exp in ISSUE6_EXPERIMENTS:
+            written[exp] = _rerun_issue6(exp, grid_set, folder, results_dir)
+            continue
         grid = load_grid(exp, grid_set, **base_overrides)
         cells = grid.runs()
-        folder = Path(work_dir) / harness_key / f"{grid_set}_{exp}"
         print(f"[{exp}] {len(cells)} runs ({grid_file(exp, grid_set).name}) -> {folder}", flush=True)
         t0 = time.perf_counter()
         res = run_grid(grid, folder, resume=resume, progress=progress)
@@ -278,3 +323,23 @@ def rerun(results_dir: str | Path = DEFAULT_RESULTS, *, grid_set: str = "cpu",
               f"({path.stat().st_size / 1024:.0f} KiB, {wall:.0f} s)", flush=True)
         written[exp] = path
     return written
+
+
+def _rerun_issue6(exp: str, grid_set: str, folder: Path, results_dir: Path) -> Path:
+    """One issue-6 experiment through :mod:`paper_figures.convergence_figs` (run, then collect)."""
+    import torch
+
+    from paper_figures import convergence_figs
+
+    threads = torch.get_num_threads()
+    print(f"[{exp}] issue-6 driver: python -m paper_figures.convergence_figs run {exp} --set {grid_set} "
+          f"--work {folder} (then collect) -> {results_path(exp, results_dir)}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        convergence_figs.run_experiment(exp, grid_set, folder, threads=threads)
+    finally:
+        torch.set_num_threads(threads)
+    wall = round(time.perf_counter() - t0, 1)
+    path = convergence_figs.collect(exp, grid_set, folder, results_dir, wall_s=wall)
+    print(f"[{exp}] -> {path} ({wall:.0f} s); provenance in {results_dir / convergence_figs.MANIFEST}", flush=True)
+    return path

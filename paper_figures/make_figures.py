@@ -3,13 +3,17 @@
     sfed-figures                          # all figures -> figures/ (PNG + PDF) from results/
     sfed-figures --out DIR --results DIR  # other folders
     sfed-figures --only a d e             # a subset
-    sfed-figures --rerun                  # re-run the CPU grids (harness), store results, then draw
+    sfed-figures --rerun                  # re-run all four CPU grids (harness), store results, then draw
+    sfed-figures --rerun --experiments scaling curves   # only the grids of the main figure and (a)-(d)
     sfed-figures --rerun --grids gpu --results-dir results_gpu   # the larger GPU grids
     sfed-figures --update-docs            # also copy the main figure to docs/main_figure.png
 
 Without ``--rerun`` nothing is trained: (a)-(d) and the main figure read the stored results
-(``results/scaling.parquet``, ``results/curves.parquet``), (e) and (f) evaluate the theory API.
-A missing results file is an error that names the file and how to re-create it.
+(``results/scaling.parquet``, ``results/curves.parquet``), (g) and (h) the issue-6 results
+(``results/convergence.parquet``, ``results/normcheck.parquet``), (e) and (f) evaluate the theory
+API. A missing results file is an error that names the file and how to re-create it. ``--rerun``
+runs ``scaling``/``curves`` through the generic harness grid path and ``convergence``/``normcheck``
+through the issue-6 driver ``python -m paper_figures.convergence_figs run/collect``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Figure:
     describe: str
 
     def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
+        from paper_figures import convergence_figs as C
         from paper_figures import empirical_figs as E
         from paper_figures import theory_figs as T
 
@@ -51,6 +56,9 @@ class Figure:
             "d": lambda: E.fig_d_pred_vs_meas(results["scaling"], out, formats),
             "e": lambda: T.fig_e_moment_heatmap(out, formats=formats),
             "f": lambda: T.fig_f_rho(out, formats=formats),
+            "g": lambda: C.fig_convergence(results["convergence"], out, formats),
+            # n_boot=400 as in convergence_figs.draw_all (same figure; 1000 takes ~85 s here)
+            "h": lambda: C.fig_normcheck(C.normcheck_fits(results["normcheck"], n_boot=400), out, formats),
         }
         return fns[self.key]()
 
@@ -63,6 +71,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("d", "fig_d_pred_vs_meas", "scaling", "predicted vs measured norms (log-log, y = x)"),
     Figure("e", "fig_e_moment_heatmap", None, "theory: adapter output moment over (N, r) per rule"),
     Figure("f", "fig_f_rho_gamma", None, "theory: client correlation rho vs optimal gamma and moment"),
+    Figure("g", "fig_convergence", "convergence",
+           "issue 6: final eval accuracy vs rank per rule, eval-loss curves at the top rank per N"),
+    Figure("h", "fig_normcheck", "normcheck",
+           "issue 6: measured vs predicted slope of the update norm in N and r, per rule and split"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
@@ -109,15 +121,21 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="figures", help="output folder (default figures/)")
     ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
                     help="stored results folder (default: the committed results/)")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main a b c d e f)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main a b c d e f g h)")
     ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
     ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")
-    g.add_argument("--rerun", action="store_true", help="re-run the grids that feed (a)-(d), then draw")
+    g.add_argument("--rerun", action="store_true",
+                   help="re-run the experiments' grids (see --experiments), store the results, then draw")
     g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
-                   help="grid set: cpu (default; measured ~23 min on 2 shared CPU cores: scaling 54 runs "
-                        "11 min, curves 6 runs 12 min) or gpu (paper_figures/grids/gpu_*.json)")
-    g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=list(experiments.EXPERIMENTS))
+                   help="grid set: cpu (default; measured on 2 idle CPU cores: scaling 54 runs 99 s, curves "
+                        "12 runs 192 s; on 2 shared cores: normcheck 72 runs 27 min with 1 worker, "
+                        "convergence 96 runs 29 min with 2 workers) or gpu (paper_figures/grids/gpu_*.json; "
+                        "no gpu normcheck grid)")
+    g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=None,
+                   help="default: every experiment with a grid file in --grids (only scaling, curves with --set). "
+                        "scaling, curves: generic harness grids (manifest.json); convergence, normcheck: "
+                        "run via python -m paper_figures.convergence_figs run/collect (manifest_issue6.json)")
     g.add_argument("--work-dir", default="runs/paper_figures",
                    help="per-run files of the harness (resumable; one subfolder per harness-code digest)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
@@ -125,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run even if validation/ or sfed_theory/ differ from the committed HEAD "
                         "(recorded in the manifest)")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300")
+                   help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300 "
+                        "(scaling and curves only)")
     return ap
 
 
@@ -147,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if ns.rerun:
-            experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(ns.experiments),
+            exps = ns.experiments or [e for e in (experiments.GRID_EXPERIMENTS if ns.set else experiments.EXPERIMENTS)
+                                      if experiments.grid_file(e, ns.grids).is_file()]
+            experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(exps),
                               work_dir=ns.work_dir, resume=not ns.no_resume, allow_dirty=ns.allow_dirty,
                               **_overrides(ns.set))
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("matplotlib")
 pytest.importorskip("pyarrow")
 
-from paper_figures import empirical_figs, experiments, make_figures, theory_figs  # noqa: E402
+from paper_figures import convergence_figs, empirical_figs, experiments, make_figures, theory_figs  # noqa: E402
 
 import sfed_theory  # noqa: E402
 
@@ -35,7 +35,11 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     code = make_figures.main(["--out", str(out), "--results", str(RESULTS)])
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
-    assert len(expected) == 2 * len(make_figures.FIGURES) >= 14  # main + (a)..(f), PNG and PDF
+    keys = [f.key for f in make_figures.FIGURES]
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h"]
+    assert len(expected) == 2 * len(keys) == 18  # main + (a)..(h), PNG and PDF
+    assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
+                                          "fig_normcheck.pdf"}
     written = sorted(out.iterdir())
     assert sorted(expected) == written, f"unexpected set of files: {[p.name for p in written]}"
     for p in expected:
@@ -78,6 +82,18 @@ def test_each_experiment_file_is_required_by_its_figures(tmp_path):
     shutil.copy(experiments.results_path("scaling", RESULTS), only_scaling)
     with pytest.raises(experiments.MissingResults, match=r"curves\.parquet"):
         make_figures.build(tmp_path / "figs", only_scaling, keys=["c"])
+    for key, exp in (("g", "convergence"), ("h", "normcheck")):
+        with pytest.raises(experiments.MissingResults, match=rf"{exp}\.parquet.*convergence_figs run {exp}"):
+            make_figures.build(tmp_path / "figs", only_scaling, keys=[key])
+    assert not (tmp_path / "figs").exists()
+
+
+def test_every_figure_names_an_experiment_with_committed_results():
+    for fig in make_figures.FIGURES:
+        assert fig.experiment is None or fig.experiment in experiments.EXPERIMENTS, fig
+        if fig.experiment:
+            assert experiments.results_path(fig.experiment, RESULTS).is_file(), fig
+    assert {f.experiment for f in make_figures.FIGURES} - {None} == set(experiments.EXPERIMENTS)
 
 
 def test_empty_results_file_is_an_error(tmp_path):
@@ -102,7 +118,7 @@ def test_results_missing_a_column_are_rejected():
 # ----------------------------------------------------------------------------- committed results
 
 
-@pytest.mark.parametrize("experiment", experiments.EXPERIMENTS)
+@pytest.mark.parametrize("experiment", experiments.GRID_EXPERIMENTS)
 def test_committed_results_are_small_tidy_and_match_their_grid(experiment):
     path = experiments.results_path(experiment, RESULTS)
     assert path.is_file(), f"committed results {path} missing"
@@ -136,8 +152,8 @@ def test_committed_results_are_small_tidy_and_match_their_grid(experiment):
 
 def test_manifest_records_grid_versions_and_machine():
     m = experiments.load_manifest(RESULTS)
-    assert set(experiments.EXPERIMENTS) <= set(m)
-    for exp in experiments.EXPERIMENTS:
+    assert set(experiments.GRID_EXPERIMENTS) <= set(m)
+    for exp in experiments.GRID_EXPERIMENTS:
         entry = m[exp]
         assert entry["runs_stored"] == entry["runs_in_grid"] > 0
         assert entry["versions"]["sfed_theory"] == sfed_theory.__version__
@@ -151,6 +167,50 @@ def test_manifest_records_grid_versions_and_machine():
         on_disk = {k: v for k, v in on_disk.items() if not k.startswith("_")}
         assert {k: v for k, v in entry["grid"].items() if k != "base"} == \
             {k: v for k, v in on_disk.items() if k != "base"}
+
+
+@pytest.mark.parametrize("experiment", experiments.ISSUE6_EXPERIMENTS)
+def test_committed_issue6_results_are_complete_and_pinned(experiment):
+    """convergence / normcheck: every run of the grid is stored, provenance in manifest_issue6.json."""
+    df = experiments.load(experiment, RESULTS)
+    path = experiments.results_path(experiment, RESULTS)
+    assert path.stat().st_size < 1_000_000, f"{path} is {path.stat().st_size} bytes; keep the committed set small"
+    man = json.loads((RESULTS / convergence_figs.MANIFEST).read_text())[experiment]
+    assert man["file"] == path.name and man["grid_file"] == f"paper_figures/grids/cpu_{experiment}.json"
+    assert man["runs_found"] == man["runs_expected"] == df["run_id"].nunique() > 0
+    assert len(man["git"]["commit"]) == 40 and man["git"]["harness_clean"] is True
+    grid, extras = convergence_figs.load_spec(experiments.grid_file(experiment, "cpu"))
+    assert set(df["partition"]) == set(extras["partitions"])
+    assert set(df["rule"]) == set(grid.rules) and set(df["rank"]) == set(grid.ranks)
+    assert (df.groupby("run_id")["round"].nunique() == grid.base.rounds).all()
+    with pytest.raises(ValueError, match="load_spec"):
+        experiments.load_grid(experiment, "cpu")
+
+
+def test_rerun_runs_issue6_experiments_through_their_driver(tmp_path, monkeypatch):
+    """--rerun --experiments normcheck calls convergence_figs.run_experiment then collect, in a work
+    folder keyed by the harness digest; --set is refused for them, and a missing grid set is an error."""
+    calls = []
+    monkeypatch.setattr(convergence_figs, "run_experiment",
+                        lambda exp, gs, work, threads=None: calls.append(("run", exp, gs, Path(work))))
+
+    def fake_collect(exp, gs, work, results, wall_s=None):
+        calls.append(("collect", exp, gs, Path(work)))
+        return Path(results) / f"{exp}.parquet"
+
+    monkeypatch.setattr(convergence_figs, "collect", fake_collect)
+    out = experiments.rerun(tmp_path / "res", experiments=("normcheck",), work_dir=tmp_path / "work",
+                            allow_dirty=True, progress=False)
+    assert out == {"normcheck": tmp_path / "res" / "normcheck.parquet"}
+    assert [c[:3] for c in calls] == [("run", "normcheck", "cpu"), ("collect", "normcheck", "cpu")]
+    work = calls[0][3]
+    assert work == calls[1][3] and work.name == "cpu_normcheck" and work.parent.name.startswith("harness-")
+    with pytest.raises(ValueError, match="--set"):
+        experiments.rerun(tmp_path / "res", experiments=("convergence",), work_dir=tmp_path / "work",
+                          allow_dirty=True, rounds=2)
+    with pytest.raises(ValueError, match="no gpu grid"):
+        experiments.rerun(tmp_path / "res", grid_set="gpu", experiments=("normcheck",),
+                          work_dir=tmp_path / "work", allow_dirty=True)
 
 
 # ----------------------------------------------------------------------------- numbers come from data/theory
@@ -240,7 +300,7 @@ def test_solved_gamma_matches_the_general_rule():
 
 
 def test_grid_files_are_valid_and_gpu_grid_is_larger():
-    for exp in experiments.EXPERIMENTS:
+    for exp in experiments.GRID_EXPERIMENTS:
         cpu = experiments.load_grid(exp, "cpu").runs()
         gpu = experiments.load_grid(exp, "gpu").runs()
         assert len(gpu) > len(cpu)
