@@ -19,7 +19,6 @@ through the issue-6 driver ``python -m paper_figures.convergence_figs run/collec
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from paper_figures import experiments
+from validation.config import parse_overrides  # torch-free
 
 __all__ = ["FIGURES", "Figure", "expected_files", "build", "main", "MAIN_FIGURE", "DOCS_COPY"]
 
@@ -148,19 +148,6 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _overrides(items: Sequence[str]) -> dict:
-    out = {}
-    for kv in items:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
-        try:
-            out[key] = json.loads(val)
-        except json.JSONDecodeError:
-            out[key] = val
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 missing results, 2 bad arguments)."""
     ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -170,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       if experiments.grid_file(e, ns.grids).is_file()]
             experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(exps),
                               work_dir=ns.work_dir, resume=not ns.no_resume, allow_dirty=ns.allow_dirty,
-                              **_overrides(ns.set))
+                              **parse_overrides(ns.set))
         t0 = time.perf_counter()
         paths = build(ns.out, ns.results, keys=ns.only, formats=ns.formats)
     except experiments.MissingResults as e:

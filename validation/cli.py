@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
 
-from validation.config import GridConfig, RunConfig
+from validation.config import GridConfig, RunConfig, parse_overrides
 
 __all__ = ["main", "default_grid"]
 
@@ -78,14 +77,7 @@ def _grid_from_args(ns: argparse.Namespace) -> GridConfig:
         over["weighted"] = True
     if ns.target_modules:
         over["target_modules"] = tuple(ns.target_modules)
-    for kv in ns.set:
-        key, sep, val = kv.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
-        try:
-            over[key] = json.loads(val)
-        except json.JSONDecodeError:
-            over[key] = val
+    over.update(parse_overrides(ns.set))
     base = RunConfig.from_dict({**grid.base.to_dict(), **over})
     axes = {k: tuple(getattr(ns, k)) for k in _AXES if getattr(ns, k)}
     return dataclasses.replace(grid, base=base, **axes)

@@ -17,7 +17,7 @@ from typing import Any
 from sfed_theory import RULES
 
 __all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
-           "HARNESS_RULES", "ADAPTIVE_RULE"]
+           "HARNESS_RULES", "ADAPTIVE_RULE", "parse_overrides"]
 
 ADAPTIVE_RULE = "sfed-adaptive"
 # the theory's fixed rules plus the harness-only adaptive rule (its gamma depends on the run's
@@ -223,3 +223,17 @@ def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["lr=0.01", "device=cpu"]`` -> ``{"lr": 0.01, "device": "cpu"}``; values are JSON where they parse."""
+    out: dict[str, Any] = {}
+    for kv in items:
+        key, sep, val = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {kv!r}")
+        try:
+            out[key] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key] = val
+    return out
