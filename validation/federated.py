@@ -177,6 +177,25 @@ def _batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[
     return out
 
 
+def client_parts(cfg: RunConfig, task: Task) -> list[np.ndarray]:
+    """The clients' training-example indices: the seeded IID/Dirichlet split every driver of a run uses."""
+    return partition(task.train_labels.numpy(), cfg.n_clients, cfg.partition,
+                     concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+
+
+def fixed_batches(cfg: RunConfig, task: Task, device: torch.device) -> tuple[dict, torch.Tensor, dict, torch.Tensor]:
+    """The run's fixed probe batch (seeded subset of the training set, for the norms) and eval subset."""
+    n = len(task.train_labels)
+    g = np.random.default_rng([cfg.seed, 5])
+    probe_idx = torch.as_tensor(np.sort(g.choice(n, min(cfg.probe_size, n), replace=False)))
+    probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
+    probe_y = task.train_labels[probe_idx].to(device)
+    ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
+    eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
+    eval_y = task.eval_labels[ev_idx].to(device)
+    return probe_in, probe_y, eval_in, eval_y
+
+
 def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False):
     """Run one federated LoRA configuration and return its tidy rows (with ``return_state=True``:
     ``(rows, final ServerState, final gamma)``)."""
@@ -184,8 +203,7 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
     task = task or build_task(cfg)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    labels = task.train_labels.numpy()
-    parts = partition(labels, cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    parts = client_parts(cfg, task)
     sizes = np.array([len(p) for p in parts], dtype=float)
     gamma = gamma_for(cfg, sizes)
     K = cfg.k
@@ -197,13 +215,7 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
     gamma_w = sizes if cfg.weighted else None  # as in gamma_for: data-size weights, K of N
     scaler = AdaptiveScaler(cfg.alpha, cfg.rank, prior_rho=cfg.rho, ema=cfg.adaptive_ema) if adaptive else None
 
-    g = np.random.default_rng([cfg.seed, 5])
-    probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
-    probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
-    probe_y = task.train_labels[probe_idx].to(device)
-    ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
-    eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
-    eval_y = task.eval_labels[ev_idx].to(device)
+    probe_in, probe_y, eval_in, eval_y = fixed_batches(cfg, task, device)
 
     base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
             "backend": "batched" if cfg.batched else "loop", "gamma": gamma, "device_used": str(device)}

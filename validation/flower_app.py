@@ -71,9 +71,8 @@ from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, c
                                    total_delta)
 from validation.backends import Divergence, LoopBackend
 from validation.config import GridConfig, RunConfig
-from validation.data import partition
-from validation.federated import (config_columns, eval_indices, gamma_for, measure_round, resolve_device,
-                                  sample_clients)
+from validation.federated import (client_parts, config_columns, fixed_batches, gamma_for, measure_round,
+                                  resolve_device, sample_clients)
 from validation.metrics import ALL
 from validation.models import Task, build_task
 
@@ -188,8 +187,7 @@ def _client_env(cfg: RunConfig) -> _ClientEnv:
         env = _ENVS.get(cfg.run_id)
         if env is None:
             task = build_task(cfg)
-            parts = partition(task.train_labels.numpy(), cfg.n_clients, cfg.partition,
-                              concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+            parts = client_parts(cfg, task)
             env = _ClientEnv(cfg, task, parts, resolve_device(cfg.device))
             _ENVS[cfg.run_id] = env
             while len(_ENVS) > 2:
@@ -357,8 +355,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     task = task or build_task(cfg)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
-    labels = task.train_labels.numpy()
-    parts = partition(labels, cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    parts = client_parts(cfg, task)
     sizes = np.array([len(p) for p in parts], dtype=float)
     gamma_plan = gamma_for(cfg, sizes)
     backends: dict[float, LoopBackend] = {}
@@ -373,13 +370,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
     state = init_state(shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, all_w, dtype, device)
     train_A = SCHEME_TRAINS_A[cfg.scheme]
 
-    g = np.random.default_rng([cfg.seed, 5])
-    probe_idx = torch.as_tensor(np.sort(g.choice(len(labels), min(cfg.probe_size, len(labels)), replace=False)))
-    probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
-    probe_y = task.train_labels[probe_idx].to(device)
-    ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
-    eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
-    eval_y = task.eval_labels[ev_idx].to(device)
+    probe_in, probe_y, eval_in, eval_y = fixed_batches(cfg, task, device)
 
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
     base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
