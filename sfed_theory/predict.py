@@ -17,10 +17,11 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
+from sfed_theory.assumptions import SYM, power_sum
 from sfed_theory.derivation import closed_form
 from sfed_theory.montecarlo import ModelParams
 from sfed_theory.rules import RULES, scaling_factor
+from sfed_theory.schemes import check_names
 
 __all__ = ["PREDICTABLE", "predicted_norm", "predicted_exponent", "weight_sums", "expected_value"]
 
@@ -149,10 +150,7 @@ def predicted_norm(
     """
     if quantity not in PREDICTABLE:
         raise ValueError(f"unknown quantity {quantity!r}; allowed: {', '.join(PREDICTABLE)}")
-    if regime not in REGIMES:
-        raise ValueError(f"unknown regime {regime!r}; allowed: {', '.join(REGIMES)}")
-    if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+    check_names(quantity, scheme, regime)
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; allowed rules: {', '.join(RULES)}")
     r = _count("rank", rank)
