@@ -71,11 +71,14 @@ def effective_clients(
     ``1/N`` for equal weights, ``1/K`` when K of N clients are sampled uniformly and averaged with
     equal weights. With unequal weights and sampling, the sampled weights are renormalised and
     ``E[S2]`` is approximated by the ratio of expectations ``N * S2 / K`` (exact for equal weights).
+
+    ``rho`` may be negative (anti-correlated clients, e.g. under strong label skew with few clients):
+    an exchangeable correlation can go down to ``-S2 / (1 - S2)`` (``-1/(K-1)`` for K equal weights),
+    where the averaged variance ``rho + (1 - rho) S2`` reaches 0; then ``N_eff > K``. Values at or
+    below that bound, or above 1, raise ValueError.
     """
     n = _check_count("n_clients", n_clients, "number of clients")
     rho = _check_finite("rho", rho)
-    if not 0.0 <= rho <= 1.0:
-        raise ValueError(f"rho (client correlation) must lie in [0, 1], got {rho}")
     k = n
     if participating is not None:
         k = _check_count("participating", participating, "clients sampled per round")
@@ -87,7 +90,13 @@ def effective_clients(
         s2 = weights_sum_squares(weights, n)
         if k < n:
             s2 = min(1.0, n * s2 / k)
-    return 1.0 / (rho + (1.0 - rho) * s2)
+    c_n = rho + (1.0 - rho) * s2
+    if rho > 1.0 or not c_n > 0.0:
+        low = -s2 / (1.0 - s2) if s2 < 1.0 else 0.0
+        raise ValueError(f"rho (client correlation) must lie in ({low:.6g}, 1] for these clients "
+                         f"(S2 = sum p_i^2 = {s2:.6g}; below -S2/(1-S2) the averaged variance is not positive), "
+                         f"got {rho}")
+    return 1.0 / c_n
 
 
 def _lora(alpha: float, rank: int, n_clients: int) -> float:
@@ -154,9 +163,13 @@ def scaling_factor(rule: str, alpha: float, rank: int, n_clients: int = 1, **kw:
     unknown = set(kw) - allowed
     if unknown:
         raise ValueError(f"'sfed-general' got unknown arguments {sorted(unknown)}; allowed: {sorted(allowed)}")
+    rho = _check_finite("rho", kw.get("rho", 0.0))  # type: ignore[arg-type]
+    if not 0.0 <= rho <= 1.0:
+        # the rule's *assumed* correlation; a measured negative rho goes through effective_clients
+        raise ValueError(f"rho (client correlation) assumed by 'sfed-general' must lie in [0, 1], got {rho}")
     n_eff = effective_clients(
         n,
-        rho=kw.get("rho", 0.0),  # type: ignore[arg-type]
+        rho=rho,  # type: ignore[arg-type]
         weights=kw.get("weights"),  # type: ignore[arg-type]
         participating=kw.get("participating"),  # type: ignore[arg-type]
     )

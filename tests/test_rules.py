@@ -86,7 +86,7 @@ def test_unequal_weights_lower_the_effective_count():
         (dict(alpha=-1.0), "alpha must be > 0"),
         (dict(alpha=float("inf")), "alpha must be finite"),
         (dict(rho=0.3), "takes no extra arguments"),
-        (dict(rule="sfed-general", rho=1.5), r"rho \(client correlation\) must lie in \[0, 1\]"),
+        (dict(rule="sfed-general", rho=1.5), r"rho \(client correlation\) assumed by .sfed-general. must lie in \[0, 1\]"),
         (dict(rule="sfed-general", rho=-0.1), r"must lie in \[0, 1\]"),
         (dict(rule="sfed-general", rho=float("nan")), "rho must be finite"),
         (dict(rule="sfed-general", participating=9), "participating=9 exceeds n_clients=8"),
