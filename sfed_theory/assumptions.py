@@ -200,6 +200,6 @@ SCHEMES: dict[str, Scheme] = {
     "fedsa": Scheme("fedsa", "FedSA-LoRA: A averaged, B stays local; the update is one client c's "
                     "personalised model dW = gamma B_c Abar, factors (B_c, Abar)", r"\gamma B_c \bar A"),
     "exact": Scheme("exact", "exact aggregation (average of products, FedEx-style): dW = gamma sum_i p_i B_i A_i; "
-                    "the residual dW - gamma Bbar Abar is folded into W0, so the adapter factors carried on "
-                    "are (Bbar, Abar)", r"\gamma \sum_i p_i B_i A_i"),
+                    "the whole update is merged into W0 and the adapter restarts at (B, A) = (0, A0), where "
+                    "its gradients are taken", r"\gamma \sum_i p_i B_i A_i"),
 }

@@ -139,6 +139,8 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         b_f, a_f = b_bar, a
     elif scheme == "fedsa":
         b_f, a_f = b_i[:, 0], a_bar  # client c = the first averaged client
+    elif scheme == "exact":
+        b_f, a_f = np.zeros_like(b_bar), a  # merged into W0; the adapter restarts at (0, A)
     else:
         b_f, a_f = b_bar, a_bar
     dw = dw_exact if scheme == "exact" else gam * b_f @ a_f
@@ -234,7 +236,12 @@ def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam"
         b_bar = sum(pi * bi for pi, bi in zip(p, bs))
         a_bar = sum(pi * ai for pi, ai in zip(p, as_))
         exact = gam * sum(pi * bi @ ai for pi, bi, ai in zip(p, bs, as_))
-        b_f, a_f = (bs[0], a_bar) if scheme == "fedsa" else (b_bar, a if scheme == "ffa" else a_bar)
+        if scheme == "fedsa":
+            b_f, a_f = bs[0], a_bar
+        elif scheme == "exact":
+            b_f, a_f = np.zeros_like(b_bar), a
+        else:
+            b_f, a_f = b_bar, (a if scheme == "ffa" else a_bar)
         dw = exact if scheme == "exact" else gam * b_f @ a_f
         g = params.tau * rng.standard_normal(params.d)
         row = {

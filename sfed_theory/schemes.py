@@ -82,9 +82,15 @@ def update(scheme: str, regime: str) -> Mat:
 
 
 def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
-    """The factors (B, A) of the adapter after aggregation, at which gradients are taken."""
+    """The factors (B, A) of the adapter after aggregation, at which gradients are taken.
+
+    Exact aggregation merges the average of products into the frozen weight and restarts the
+    adapter at ``(0, A)`` (B zero, A back at its init, as FLoRA-style methods re-initialise), so
+    that is where its gradients are taken: ``dL/dA = gamma 0^T g x^T = 0`` there."""
     if scheme == "fedsa":
         return client_B(regime, FIXED_CLIENT), _abar(scheme, regime)
+    if scheme == "exact":
+        return Mat.zero("d", "r"), Mat.field("A")
     return _bbar(regime), _abar(scheme, regime)
 
 

@@ -29,6 +29,9 @@ def test_every_combination_derives_with_inspectable_steps():
     assert len(combos) == 42  # 4 quantities x 4 schemes x 2 regimes + 6 aggregation errors + 4 loss changes
     for q, s, r in combos:
         dv = derive(q, s, r)
+        if (q, s) == ("grad_A", "exact"):  # the adapter restarts at B = 0: dL/dA has no terms at all
+            assert not dv.terms and dv.result == 0
+            continue
         assert dv.terms, (q, s, r)
         latex = dv.latex()
         assert r"\mathbb{E}[Q]" in latex and "Q =" in latex
