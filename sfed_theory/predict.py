@@ -133,7 +133,9 @@ def predicted_norm(
     regime, scheme:
         ``"adam"`` or ``"sgd"``; ``"fedit"``, ``"fedsa"``, ``"ffa"`` or ``"exact"``.
     rank, n_clients, participating:
-        r, N and K (clients averaged per round, equal weights; default N), so ``S2 = 1/K``.
+        r, N and K (clients averaged per round, equal weights; default N), so ``S2 = 1/K``. Every
+        rule's gamma is taken at K, the number of clients averaged, as the harness sets it
+        (``sfed``: ``alpha*sqrt(K/r)``).
     rho:
         Client correlation in [0, 1].
     d, k, s_A, s_B, tau, eta, x_norm2:
@@ -166,8 +168,9 @@ def predicted_norm(
     s_b = _positive("s_B", s_B)
     s_da = s_b if s_dA is None else _positive("s_dA", s_dA)
     x2 = float(kd) if x_norm2 is None else _positive("x_norm2", x_norm2)
-    extra = {"rho": rho_f, "participating": participating} if rule == "sfed-general" else {}
-    gamma = scaling_factor(rule, alpha, r, n, **extra)
+    # one convention everywhere (harness, predictor, analysis): a rule's N is K, the clients averaged
+    gamma = (scaling_factor(rule, alpha, r, n, rho=rho_f, participating=kk) if rule == "sfed-general"
+             else scaling_factor(rule, alpha, r, kk))
     f = _compiled(quantity, scheme, regime)
     value = f(gamma, dd, kd, r, kk, rho_f, s_a, s_b, s_da, _positive("tau", tau), _positive("eta", eta), x2,
               *weight_sums(kk))
@@ -185,7 +188,8 @@ def predicted_exponent(
 ) -> float:
     """Least-squares log-log slope of :func:`predicted_norm` in ``wrt`` over measured grid points.
 
-    ``ranks`` and ``n_clients`` are the grid a measurement used: either one of them is a scalar
+    ``ranks`` and ``n_clients`` are the grid a measurement used (``participating``, in ``kw``, may
+    be one K for all points or one per point): either one of them is a scalar
     and the other a sequence, or both are sequences of equal length (paired points). If the
     other variable also varies across the points, ``log norm`` is regressed on both ``log r`` and
     ``log N`` and the coefficient of ``wrt`` is returned (a partial slope). ``**kw`` goes to
@@ -204,12 +208,17 @@ def predicted_exponent(
     if len(r_list) != len(n_list):
         raise ValueError(f"ranks ({len(r_list)}) and n_clients ({len(n_list)}) must have equal length "
                          "when both are sequences (paired grid points)")
+    part = kw.pop("participating", None)
+    k_list = list(part) if isinstance(part, (list, tuple, np.ndarray)) else [part] * len(r_list)
+    if len(k_list) != len(r_list):
+        raise ValueError(f"participating has {len(k_list)} entries for {len(r_list)} grid points")
     x = np.log(np.asarray(r_list if wrt == "rank" else n_list, dtype=float))
     other = np.log(np.asarray(n_list if wrt == "rank" else r_list, dtype=float))
     if np.unique(x).size < 2:
         raise ValueError(f"need at least two distinct values of {wrt} to fit a slope")
-    y = np.log([predicted_norm(quantity, rule, rank=int(r), n_clients=int(n), **kw)  # type: ignore[arg-type]
-                for r, n in zip(r_list, n_list)])
+    y = np.log([predicted_norm(quantity, rule, rank=int(r), n_clients=int(n),  # type: ignore[arg-type]
+                               participating=None if kk is None else int(kk), **kw)
+                for r, n, kk in zip(r_list, n_list, k_list)])
     cols = [np.ones_like(x), x]
     if np.unique(other).size > 1:
         cols.append(other)

@@ -23,12 +23,13 @@ Z = 5.0
     ],
 )
 def test_predicted_norm_matches_simulation_with_default_conventions(quantity, rule, scheme, regime):
-    # defaults: s_A = 1/sqrt(k), ||x||^2 = k, s_dA = s_B; gamma from the rule
+    # defaults: s_A = 1/sqrt(k), ||x||^2 = k, s_dA = s_B; gamma from the rule at K clients averaged
     r, n, k, d, rho, part = 3, 5, 6, 4, 0.2, 3
     kw = dict(rho=rho, participating=part) if rule == "sfed-general" else {}
     pred = predicted_norm(quantity, rule, regime=regime, scheme=scheme, rank=r, n_clients=n, alpha=2.0, rho=rho,
                           participating=part, d=d, k=k, s_B=0.3, tau=0.7, eta=0.05)
-    p = ModelParams(d=d, k=k, r=r, n_clients=n, gamma=scaling_factor(rule, 2.0, r, n, **kw), rho=rho,
+    gamma = scaling_factor(rule, 2.0, r, n, **kw) if kw else scaling_factor(rule, 2.0, r, part)  # at K, as the harness
+    p = ModelParams(d=d, k=k, r=r, n_clients=n, gamma=gamma, rho=rho,
                     participating=part, s_A=1 / math.sqrt(k), s_B=0.3, s_dA=0.3, tau=0.7, eta=0.05, x_norm2=k)
     est = simulate(p, scheme, regime, n_samples=20_000, seed=9, quantities=(quantity,))[quantity]
     assert est.contains(pred**2, Z)

@@ -133,6 +133,8 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                 sub = a[a[fixed_col] == fixed]
                 rho_m = sub.loc[sub["n_participating"] > 1, rho_column].clip(0, 1).mean()
                 scales = _scales(sub, k, opt)
+                # K, the clients averaged at each point: the rule's N in the harness and in the prediction
+                k_avg = [int(sub.loc[sub[wrt] == x, "n_participating"].max()) for x in xs]
                 if wrt == "rank" and int(fixed) == 1:
                     rho_m = 0.0  # one client: rho does not enter the prediction
                 for quantity, col in QUANTITY_COLUMNS.items():
@@ -145,7 +147,8 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
                             if (x, s) in piv.index:
                                 cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
                     slope, lo, hi = _fit_one(cube, xs.astype(float), n_boot, rng)
-                    kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k, **scales)
+                    kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k,
+                              participating=k_avg, **scales)
                     r0, rr = (("sfed", "sfed-general") if rule == "sfed-adaptive" else (rule, rule))
                     pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
                     pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
