@@ -86,17 +86,17 @@ class LocalGrid:
 
 def harness_states(cfg: RunConfig, monkeypatch) -> tuple[pd.DataFrame, list]:
     """The in-process harness run (validation.federated.run), with the server state it
-    aggregates each round captured by wrapping its ``aggregate``."""
+    aggregates each round captured by wrapping its ``aggregate_and_deltas``."""
     captured = []
-    orig = fed.aggregate
+    orig = fed.aggregate_and_deltas
 
     def spy(*a, **k):
-        s, d = orig(*a, **k)
+        s, d, t = orig(*a, **k)
         captured.append(fa._copy_state(s))
-        return s, d
+        return s, d, t
 
     with monkeypatch.context() as m:
-        m.setattr(fed, "aggregate", spy)
+        m.setattr(fed, "aggregate_and_deltas", spy)
         df = fed.run(cfg)
     return df, captured
 

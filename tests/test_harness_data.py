@@ -152,22 +152,3 @@ def test_runtime_errors_are_clear():
         run(synth(n_clients=300, max_examples=100))
     with pytest.raises(ValueError, match="unknown GridConfig fields"):
         GridConfig.from_dict({"rank": [4]})
-
-
-def test_fedsa_metrics_average_each_clients_own_model():
-    from validation.metrics import layer_metrics
-
-    torch.manual_seed(0)
-    K, d, k = 3, 4, 5
-    tot = torch.randn(K, d, k, dtype=torch.float64)
-    rd = torch.randn(K, d, k, dtype=torch.float64)
-    x = torch.randn(7, k, dtype=torch.float64)
-    p = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
-    g = torch.zeros(1)
-    m = layer_metrics("l", grad_A=g, grad_B=g, grad_A_end=g, grad_B_end=g, round_delta=rd, total=tot,
-                      layer_input=x, increments=torch.randn(K, 6, dtype=torch.float64), p=p)
-    upd = sum(p[i] * rd[i].norm() ** 2 for i in range(K)).sqrt()
-    rms = sum(p[i] * (x @ tot[i].T).pow(2).mean() for i in range(K)).sqrt()
-    assert m["update_fro"] == pytest.approx(float(upd))
-    assert m["adapter_rms"] == pytest.approx(float(rms))
-    assert m["update_fro"] > float((p @ rd.reshape(K, -1)).norm())  # not the norm of the averaged update

@@ -164,3 +164,34 @@ def test_batched_equals_loop_cuda():
     b = run(dataclasses.replace(cfg, batched=False))
     assert (a["device_used"] == "cuda:0").all() or a["device_used"].str.startswith("cuda").all()
     _compare(a, b)
+
+
+@pytest.mark.parametrize("backend", ["loop", "batched"])
+def test_probe_capture_keeps_real_tokens_and_grad_w_gives_both_gradients(bert_dir, text_ds, backend):
+    cfg = synth(model=bert_dir, dataset=text_ds, rank=3, max_length=12)
+    task = build_task(cfg)
+    cpu = torch.device("cpu")
+    be = (LoopBackend(task.model, task.targets, 3, 2.5, cpu) if backend == "loop"
+          else BatchedBackend(task.model, task.targets, 3, 2.5, cpu, n_slots=1))
+    torch.manual_seed(0)
+    A = {n: torch.randn(3, be.shapes[n][1], dtype=torch.float64) for n in task.targets}
+    B = {n: 0.1 * torch.randn(be.shapes[n][0], 3, dtype=torch.float64) for n in task.targets}
+    x = {k: v[:6] for k, v in task.train_inputs.items()}
+    mask = x["attention_mask"]
+    assert 0 < int(mask.sum()) < mask.numel()  # the batch really has padding
+    out = be.probe(A, B, x, task.train_labels[:6], grads=True, capture=True)
+    for n in task.targets:
+        assert out.inputs[n].shape[0] == int(mask.sum())  # one row per real token, padding dropped
+        G = out.grad_W[n]
+        torch.testing.assert_close(out.grad_B[n], 2.5 * G @ A[n].T, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(out.grad_A[n], 2.5 * B[n].T @ G, rtol=1e-10, atol=1e-12)
+    # the captured rows are exactly the real-token rows of the layer's full input
+    full: dict = {}
+    name = task.targets[0]
+    h = be.layers[name].register_forward_hook(lambda m, a, o: full.setdefault("x", a[0].detach()))
+    try:
+        be.probe(A, B, x, task.train_labels[:6])
+    finally:
+        h.remove()
+    rows = full["x"].reshape(-1, full["x"].shape[-1])[mask.reshape(-1).bool()]
+    torch.testing.assert_close(out.inputs[name], rows)

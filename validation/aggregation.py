@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ServerState", "init_state", "client_start", "aggregate", "total_delta", "client_deltas", "eval_adapter",
-           "SCHEME_TRAINS_A"]
+__all__ = ["ServerState", "init_state", "client_start", "aggregate", "aggregate_and_deltas", "total_delta",
+           "client_deltas", "eval_adapter", "SCHEME_TRAINS_A"]
 
 SCHEME_TRAINS_A = {"fedit": True, "fedsa": True, "ffa": False, "exact": True}
 
@@ -112,3 +112,16 @@ def aggregate(scheme: str, state: ServerState, clients: list[int], A_new: dict, 
     new = ServerState(A, B, merged, B_local, state.client_weights)
     now = total_delta(new, gamma)
     return new, {n: now[n] - old[n] for n in now}
+
+
+def aggregate_and_deltas(scheme: str, state: ServerState, clients: list[int], A_new: dict, B_new: dict,
+                         p: torch.Tensor, gamma: float) -> tuple[ServerState, dict, dict]:
+    """:func:`aggregate`, plus what the metrics measure: the round's change of the effective weight and
+    the cumulative learned change, each (d, k), or for FedSA each averaged client's own, (K, d, k)."""
+    if scheme != "fedsa":
+        new, round_delta = aggregate(scheme, state, clients, A_new, B_new, p, gamma)
+        return new, round_delta, total_delta(new, gamma)
+    old = client_deltas(state, clients, gamma)
+    new, _ = aggregate(scheme, state, clients, A_new, B_new, p, gamma)
+    now = client_deltas(new, clients, gamma)
+    return new, {n: now[n] - old[n] for n in now}, now

@@ -30,13 +30,30 @@ class Divergence(RuntimeError):
 
 @dataclass
 class ProbeOut:
-    """One pass of the global adapter over a fixed batch."""
+    """One pass of the global adapter over a fixed batch.
+
+    ``inputs`` and ``grad_W`` keep only the rows of real tokens: a padded position (attention mask 0)
+    never reaches the loss (it is masked out of attention and of the mean pooling), so it carries no
+    signal, and counting it would dilute every per-row average by the padding fraction.
+    ``grad_W[name]`` is the loss gradient w.r.t. the layer's effective weight ``W0 + gamma B A``,
+    ``sum over rows of (dL/dy_n) x_n^T`` (d, k); so ``dL/dB = gamma grad_W A^T`` and
+    ``dL/dA = gamma B^T grad_W``, which the tests check.
+    """
 
     loss: float
     acc: float
     grad_A: dict[str, torch.Tensor] | None
     grad_B: dict[str, torch.Tensor] | None
-    inputs: dict[str, torch.Tensor] | None  # each adapted layer's input rows, (n_rows, k)
+    inputs: dict[str, torch.Tensor] | None  # each adapted layer's input rows of real tokens, (n_rows, k)
+    grad_W: dict[str, torch.Tensor] | None = None  # dL/dW of each adapted layer, (d, k)
+
+
+def real_rows(inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Boolean mask over the flattened (example, position) rows of a batch: True for real tokens.
+
+    ``None`` when the batch has no attention mask (feature inputs: every row is real)."""
+    mask = inputs.get("attention_mask")
+    return None if mask is None else mask.reshape(-1).bool()
 
 
 def make_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -48,6 +65,7 @@ def make_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_deca
 
 class _Base:
     names: tuple[str, ...]
+    layers: dict[str, nn.Module]  # the adapted layers (base + adapter), by module name
 
     def __init__(self, model: nn.Module, names: tuple[str, ...], rank: int, gamma: float, device: torch.device):
         self.names = names
@@ -99,12 +117,14 @@ class _Base:
         """Loss/accuracy of the single adapter (A, B) on a batch; optionally the gradients of
         the mean loss w.r.t. every A and B, and each adapted layer's input rows."""
         self._set_global(A, B)
+        rows = real_rows(inputs) if capture else None
         captured: dict[str, torch.Tensor] = {}
+        out_grads: dict[str, torch.Tensor] = {}
         hooks = []
         if capture:
             for n in self.names:
-                hooks.append(self._base_linear(n).register_forward_hook(
-                    lambda m, args, out, n=n: captured.__setitem__(n, args[0].detach().reshape(-1, args[0].shape[-1]))))
+                hooks.append(self.layers[n].register_forward_hook(
+                    lambda m, args, out, n=n: self._capture(n, args[0], out, rows, captured, out_grads)))
         try:
             self._requires_grad(grads, grads)
             with torch.set_grad_enabled(grads):
@@ -120,8 +140,20 @@ class _Base:
         finally:
             for h in hooks:
                 h.remove()
+        grad_w = {n: out_grads[n].T @ captured[n] for n in self.names} if capture and grads else None
         acc = (logits.argmax(1) == labels).double().mean().item()
-        return ProbeOut(loss.item(), acc, ga, gb, captured if capture else None)
+        return ProbeOut(loss.item(), acc, ga, gb, captured if capture else None, grad_w)
+
+    @staticmethod
+    def _capture(name: str, x: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None,
+                 inputs: dict[str, torch.Tensor], out_grads: dict[str, torch.Tensor]) -> None:
+        """Forward hook body on the adapted layer (base + adapter): keep its input rows and, when
+        autograd runs, hook the gradient of its output y (dL/dy)."""
+        keep = (lambda t: t.detach().reshape(-1, t.shape[-1])) if rows is None else \
+            (lambda t: t.detach().reshape(-1, t.shape[-1])[rows])
+        inputs[name] = keep(x)
+        if out.requires_grad:
+            out.register_hook(lambda g: out_grads.__setitem__(name, keep(g)))
 
     def evaluate(self, A: dict[str, torch.Tensor], B: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor],
                  labels: torch.Tensor, chunk: int = 64) -> tuple[float, float]:

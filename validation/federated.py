@@ -28,31 +28,31 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 import torch
 
 import sfed_theory
-from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, client_start, eval_adapter, init_state,
-                                   total_delta)
+from validation.aggregation import (SCHEME_TRAINS_A, ServerState, aggregate_and_deltas, client_start, eval_adapter,
+                                   init_state)
 from validation.backends import Divergence, make_backend
 from validation.adaptive import AdaptiveScaler, estimate_rho, rescale_for_new_gamma
-from validation.aggregation import ServerState
 from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
-from validation.metrics import ALL, combine_layers, layer_metrics
+from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
-           "sample_clients", "measure_round", "MEASURED_COLUMNS",
+           "sample_clients", "measure_round", "probe_point", "ProbePoint", "MEASURED_COLUMNS",
            "ADAPTIVE_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
 MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
-    "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "rho_hat", "n_eff_hat",
-    "rho_ratio", "n_eff_ratio", "inc_A_rms", "inc_B_rms", "d_out", "k_in")
+    "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "rho_hat", "n_eff_hat",
+    "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "d_out", "k_in")
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
                                       "n_eff_smoothed")
@@ -88,30 +88,68 @@ def sample_clients(cfg: RunConfig, rnd: int) -> list[int]:
     return list(range(cfg.n_clients))
 
 
-def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], start, end,
+@dataclass
+class ProbePoint:
+    """The probe batch at the adapter where the theory takes its gradients (see :mod:`validation.metrics`).
+
+    ``loss``/``acc`` and ``grad_W`` are those of the shared (evaluated) adapter; ``grad_A``/``grad_B``
+    (and the captured ``inputs``) are at the theory's point: the shared adapter, or for FedSA each
+    participating client's own ``(B_c, Abar)``, stacked ``(K, ...)``."""
+
+    loss: float
+    acc: float
+    grad_A: dict[str, torch.Tensor]
+    grad_B: dict[str, torch.Tensor]
+    grad_W: dict[str, torch.Tensor] | None
+    inputs: dict[str, torch.Tensor] | None
+    per_client: bool = False
+
+    def select(self, positions: list[int]) -> ProbePoint:
+        """The point restricted to the clients at ``positions`` (a no-op unless per client)."""
+        if not self.per_client:
+            return self
+        idx = torch.as_tensor(positions, dtype=torch.long)
+        pick = lambda d: None if d is None else {n: t[idx] for n, t in d.items()}  # noqa: E731
+        return ProbePoint(self.loss, self.acc, pick(self.grad_A), pick(self.grad_B), self.grad_W, pick(self.inputs),
+                          True)
+
+
+def probe_point(backend, state: ServerState, clients: list[int], probe_in: dict, probe_y: torch.Tensor, *,
+                capture: bool = False) -> ProbePoint:
+    """Probe ``state`` (after ``backend.set_base_delta(state.merged)``) at the theory's point."""
+    shared = backend.probe(*eval_adapter(state), probe_in, probe_y, grads=True, capture=capture)
+    if state.B_local is None:
+        return ProbePoint(shared.loss, shared.acc, shared.grad_A, shared.grad_B, shared.grad_W, shared.inputs)
+    own = [backend.probe(state.A, {n: b[c] for n, b in state.B_local.items()}, probe_in, probe_y, grads=True,
+                         capture=capture) for c in clients]
+    stack = lambda key: {n: torch.stack([getattr(o, key)[n] for o in own]) for n in state.A}  # noqa: E731
+    return ProbePoint(shared.loss, shared.acc, stack("grad_A"), stack("grad_B"), shared.grad_W,
+                      stack("inputs") if capture else None, True)
+
+
+def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], start: ProbePoint, end: ProbePoint,
                   round_delta: dict[str, torch.Tensor], total: dict[str, torch.Tensor], A0: dict, B0: dict,
-                  A1: dict, B1: dict, train_A: bool, p: torch.Tensor) -> list[dict]:
+                  A1: dict, B1: dict, train_A: bool, p: torch.Tensor, gamma: float) -> list[dict]:
     """One round's measurement rows: one per adapted layer, then ``__all__`` (see :mod:`metrics`).
 
-    ``start``/``end``: the probe outputs before/after the round (``end`` with captured inputs);
+    ``start``/``end``: the probe before/after the round (``end`` with captured inputs and ``grad_W``);
     ``A0``/``B0``/``A1``/``B1``: the averaged clients' adapters before/after local training,
-    stacked (K, ...); ``p``: their aggregation weights."""
-    K = len(p)
-    layer_rows, incs, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
+    stacked (K, ...); ``p``: their aggregation weights; ``gamma``: the round's scaling factor."""
+    per_client = next(iter(total.values())).dim() == 3  # FedSA: every client keeps its own model
+    layer_rows, grams, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
     for n in targets:
-        parts_inc = [B1[n] - B0[n]] + ([A1[n] - A0[n]] if train_A else [])
-        inc = torch.cat([x.reshape(K, -1) for x in parts_inc], dim=1)
-        incs.append(inc)
-        m = layer_metrics(n, grad_A=start.grad_A[n], grad_B=start.grad_B[n], grad_A_end=end.grad_A[n],
-                          grad_B_end=end.grad_B[n], round_delta=round_delta[n],
-                          total=total[n], layer_input=end.inputs[n], increments=inc, p=p)
+        lr = LayerRound(start.grad_A[n], start.grad_B[n], end.grad_A[n], end.grad_B[n], end.grad_W[n],
+                        round_delta[n], total[n], end.inputs[n], A0[n], B0[n], A1[n], B1[n], p, gamma,
+                        train_A, per_client)
+        m, g = layer_metrics(n, lr)
         m["d_out"], m["k_in"] = shapes[n]
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())
             sq[f][1] += dx.numel()
         layer_rows.append(m)
-    allrow = combine_layers(layer_rows, torch.cat(incs, dim=1), p)
+        grams.append(g)
+    allrow = combine_layers(layer_rows, grams, p)
     for f in ("A", "B"):
         allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
     sh = set(shapes.values())
@@ -228,8 +266,7 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
             p = torch.as_tensor(sizes[clients] / sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
                                 dtype=dtype, device=device)
             backend.set_base_delta(state.merged)
-            gA, gB = eval_adapter(state)
-            start = backend.probe(gA, gB, probe_in, probe_y, grads=True)
+            start = probe_point(backend, state, clients, probe_in, probe_y)
 
             A0, B0 = client_start(state, clients)
             batches = _batches(cfg, task, parts, clients, rnd, device)
@@ -239,20 +276,13 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_s = time.perf_counter() - t0
-            per_client_old = client_deltas(state, clients, gamma) if cfg.scheme == "fedsa" else None
-            state, round_delta = aggregate(cfg.scheme, state, clients, A1, B1, p, gamma)
+            state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma)
 
             backend.set_base_delta(state.merged)
-            eA, eB = eval_adapter(state)
-            end = backend.probe(eA, eB, probe_in, probe_y, grads=True, capture=True)
-            ev_loss, ev_acc = backend.evaluate(eA, eB, eval_in, eval_y)
-            tot = total_delta(state, gamma)
-            if per_client_old is not None:  # FedSA: measure each client's own model
-                tot = client_deltas(state, clients, gamma)
-                round_delta = {n: tot[n] - per_client_old[n] for n in tot}
-
+            end = probe_point(backend, state, clients, probe_in, probe_y, capture=True)
+            ev_loss, ev_acc = backend.evaluate(*eval_adapter(state), eval_in, eval_y)
             measured = measure_round(task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
-                                     train_A, p)
+                                     train_A, p, gamma)
             common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
                       "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
                       "probe_loss_start": start.loss, "probe_loss_end": end.loss,

@@ -67,12 +67,11 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import sfed_theory
-from validation.aggregation import (SCHEME_TRAINS_A, aggregate, client_deltas, client_start, eval_adapter, init_state,
-                                   total_delta)
+from validation.aggregation import SCHEME_TRAINS_A, aggregate_and_deltas, client_start, eval_adapter, init_state
 from validation.backends import Divergence, LoopBackend
 from validation.config import GridConfig, RunConfig
 from validation.federated import (client_parts, config_columns, fixed_batches, gamma_for, measure_round,
-                                  resolve_device, sample_clients)
+                                  probe_point, resolve_device, sample_clients)
 from validation.metrics import ALL
 from validation.models import Task, build_task
 
@@ -385,8 +384,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
         try:
             bk = server_backend(gamma_sent)
             bk.set_base_delta(state.merged)
-            gA, gB = eval_adapter(state)
-            start = bk.probe(gA, gB, probe_in, probe_y, grads=True)
+            start = probe_point(bk, state, clients, probe_in, probe_y)
 
             A0, B0 = client_start(state, clients)
             msgs = []
@@ -473,24 +471,18 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
             B0k = {n: B0[n][idx] for n in B0}
             p = torch.as_tensor(sizes[ok] / sizes[ok].sum() if cfg.weighted else np.full(K_ok, 1 / K_ok),
                                 dtype=dtype, device=device)
-            # FedSA: measured on each averaged client's own model, as in the harness
-            per_client_old = client_deltas(state, ok, gamma_r) if cfg.scheme == "fedsa" else None
-            state, round_delta = aggregate(cfg.scheme, state, ok, A1, B1, p, gamma_r)
+            state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, ok, A1, B1, p, gamma_r)
             if keep_states:
                 states.append(_copy_state(state))
 
             bk = server_backend(gamma_r)
             bk.set_base_delta(state.merged)
-            eA, eB = eval_adapter(state)
-            end = bk.probe(eA, eB, probe_in, probe_y, grads=True, capture=True)
-            ev_loss, ev_acc = bk.evaluate(eA, eB, eval_in, eval_y)
-            tot = total_delta(state, gamma_r)
-            if per_client_old is not None:
-                tot = client_deltas(state, ok, gamma_r)
-                round_delta = {n: tot[n] - per_client_old[n] for n in tot}
+            end = probe_point(bk, state, ok, probe_in, probe_y, capture=True)
+            ev_loss, ev_acc = bk.evaluate(*eval_adapter(state), eval_in, eval_y)
 
             # --- the harness's row building (validation.federated.measure_round), on the averaged clients ---
-            measured = measure_round(task.targets, shapes, start, end, round_delta, tot, A0k, B0k, A1, B1, train_A, p)
+            measured = measure_round(task.targets, shapes, start.select(ok_pos), end, round_delta, tot, A0k, B0k, A1, B1, train_A, p,
+                                     gamma_r)
             common = {"round": rnd, "n_participating": K_ok, "clients": ",".join(map(str, ok)),
                       "train_loss": float(np.mean(losses)), "train_acc": float(np.mean(accs)),
                       "probe_loss_start": start.loss, "probe_loss_end": end.loss,
