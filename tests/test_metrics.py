@@ -69,15 +69,15 @@ def test_n_eff_with_unequal_weights_and_negative_rho():
 
 
 def _ffa_round(B1: torch.Tensor, A: torch.Tensor, G: torch.Tensor, p: torch.Tensor, gamma: float,
-               x: torch.Tensor) -> LayerRound:
+               x: torch.Tensor, G_start: torch.Tensor | None = None) -> LayerRound:
     """One FFA round from B = 0 with hand-chosen tensors (A shared and frozen)."""
     K = B1.shape[0]
     A0 = A.expand(K, *A.shape).clone()
     Bbar = torch.tensordot(p, B1, dims=1)
     dW = gamma * Bbar @ A
     z = torch.zeros(1, dtype=torch.float64)
-    return LayerRound(z, z, gamma * Bbar.T @ G, gamma * G @ A.T, G, dW, dW, x, A0, torch.zeros_like(B1), A0, B1,
-                      p, gamma, train_A=False, per_client=False)
+    return LayerRound(z, z, gamma * Bbar.T @ G, gamma * G @ A.T, G_start if G_start is not None else G, G, dW, dW, x,
+                      A0, torch.zeros_like(B1), A0, B1, p, gamma, train_A=False, per_client=False)
 
 
 def test_layer_row_by_hand_ffa():
@@ -99,6 +99,19 @@ def test_layer_row_by_hand_ffa():
     assert row["n_eff_ratio"] == pytest.approx(2.0)
     assert row["rho_gA"] == pytest.approx(0.0) and row["rho_out"] == pytest.approx(0.0)
     assert math.isnan(row["rho_gB"])  # A frozen: no A increments
+    # same G at start and end: <G, dW> = <G, [[1, 0], [1, 0]]> = 1; the gradient did not move: curvature 0
+    assert row["loss_change"] == pytest.approx(1.0) and row["curvature"] == pytest.approx(0.0)
+
+
+def test_loss_change_and_curvature_by_hand():
+    A = T([1.0, 0.0])
+    B1 = torch.stack([T([1.0], [0.0]), T([0.0], [1.0])])
+    G0 = T([1.0, 0.0], [0.0, 3.0])
+    G1 = T([3.0, 0.0], [0.0, 3.0])  # the gradient moved by [[2, 0], [0, 0]]
+    row, _ = layer_metrics("l", _ffa_round(B1, A, G1, T(0.5, 0.5), 2.0, T([1.0, 1.0]), G_start=G0))
+    # dW = [[1, 0], [1, 0]]: <G0, dW> = 1; <G1 - G0, dW> = 2; ||dW||^2 = 2 -> curvature 1
+    assert row["loss_change"] == pytest.approx(1.0)
+    assert row["curvature"] == pytest.approx(1.0)
 
 
 def test_projected_rho_differs_from_frobenius_rho():
@@ -119,7 +132,7 @@ def test_aggregation_error_of_fedit_by_hand():
     dW = (p @ B1.reshape(2)) * (p @ A1.reshape(2)) * torch.ones(1, 1, dtype=torch.float64)
     z = torch.zeros(2, 1, 1, dtype=torch.float64)
     one = torch.ones(1, 1, dtype=torch.float64)
-    m = LayerRound(one, one, one, one, one, dW, dW, one, z, z, A1, B1, p, 1.0, True, False)
+    m = LayerRound(one, one, one, one, one, one, dW, dW, one, z, z, A1, B1, p, 1.0, True, False)
     row, _ = layer_metrics("l", m)
     assert row["agg_error"] == pytest.approx(1.0)
 
@@ -134,8 +147,8 @@ def test_fedsa_rows_average_each_clients_own_model():
     gA = torch.randn(K, r, k, dtype=torch.float64)
     A0 = torch.randn(K, r, k, dtype=torch.float64)
     B = torch.randn(K, d, r, dtype=torch.float64)
-    m = LayerRound(gA, gA, gA, gA, torch.randn(d, k, dtype=torch.float64), rd, tot, x, A0, B, A0 + 0.1, B + 0.1, p,
-                   1.0, True, per_client=True)
+    G = torch.randn(d, k, dtype=torch.float64)
+    m = LayerRound(gA, gA, gA, gA, G, G, rd, tot, x, A0, B, A0 + 0.1, B + 0.1, p, 1.0, True, per_client=True)
     row, _ = layer_metrics("l", m)
     assert row["update_fro"] == pytest.approx(float(sum(p[i] * rd[i].norm() ** 2 for i in range(K)).sqrt()))
     assert row["adapter_rms"] == pytest.approx(float(sum(p[i] * (x @ tot[i].T).pow(2).mean() for i in range(K)).sqrt()))
@@ -161,3 +174,4 @@ def test_all_row_combines_layers_as_the_concatenation():
     assert allrow["update_fro"] == pytest.approx(math.hypot(rows[0]["update_fro"], rows[1]["update_fro"]))
     assert allrow["rho_ratio"] == pytest.approx(ratio_rho(gram(torch.cat(parts, dim=1)), p))
     assert allrow["rho_hat"] == pytest.approx(cosine_rho(gram(torch.cat(parts, dim=1))))
+    assert allrow["loss_change"] == pytest.approx(rows[0]["loss_change"] + rows[1]["loss_change"])  # a sum, not a norm

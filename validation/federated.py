@@ -51,7 +51,7 @@ __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
 MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
-    "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "rho_hat", "n_eff_hat",
+    "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "loss_change", "curvature", "rho_hat", "n_eff_hat",
     "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "d_out", "k_in")
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
@@ -132,13 +132,13 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
                   A1: dict, B1: dict, train_A: bool, p: torch.Tensor, gamma: float) -> list[dict]:
     """One round's measurement rows: one per adapted layer, then ``__all__`` (see :mod:`metrics`).
 
-    ``start``/``end``: the probe before/after the round (``end`` with captured inputs and ``grad_W``);
+    ``start``/``end``: the probe before/after the round (both with captured inputs and ``grad_W``);
     ``A0``/``B0``/``A1``/``B1``: the averaged clients' adapters before/after local training,
     stacked (K, ...); ``p``: their aggregation weights; ``gamma``: the round's scaling factor."""
     per_client = next(iter(total.values())).dim() == 3  # FedSA: every client keeps its own model
     layer_rows, grams, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
     for n in targets:
-        lr = LayerRound(start.grad_A[n], start.grad_B[n], end.grad_A[n], end.grad_B[n], end.grad_W[n],
+        lr = LayerRound(start.grad_A[n], start.grad_B[n], end.grad_A[n], end.grad_B[n], start.grad_W[n], end.grad_W[n],
                         round_delta[n], total[n], end.inputs[n], A0[n], B0[n], A1[n], B1[n], p, gamma,
                         train_A, per_client)
         m, g = layer_metrics(n, lr)
@@ -266,7 +266,7 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
             p = torch.as_tensor(sizes[clients] / sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
                                 dtype=dtype, device=device)
             backend.set_base_delta(state.merged)
-            start = probe_point(backend, state, clients, probe_in, probe_y)
+            start = probe_point(backend, state, clients, probe_in, probe_y, capture=True)
 
             A0, B0 = client_start(state, clients)
             batches = _batches(cfg, task, parts, clients, rnd, device)

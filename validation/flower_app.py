@@ -384,7 +384,7 @@ def run_on_grid(cfg: RunConfig, grid: Grid, clients_to_nodes: dict[int, int], *,
         try:
             bk = server_backend(gamma_sent)
             bk.set_base_delta(state.merged)
-            start = probe_point(bk, state, clients, probe_in, probe_y)
+            start = probe_point(bk, state, clients, probe_in, probe_y, capture=True)
 
             A0, B0 = client_start(state, clients)
             msgs = []

@@ -34,6 +34,10 @@ Definitions (row of round t; ``p`` are the aggregation weights of the K clients 
   ``dL/dA`` the B increments contribute); ``rho_gB``: ``G dA_i^T`` (the part of ``dL/dB`` the A
   increments contribute; NaN when A is frozen). The theory's client correlation for a quantity is
   the correlation of these, which can differ a lot from the Frobenius ``rho_ratio``.
+* ``loss_change``: ``<G_start, dW>``, the first-order change of the probe loss by the round's
+  update (``G_start = dL/dW`` of the probe at the adapter the round starts from; the SGD regime's
+  derived ``E<G, dW>``); ``curvature``: ``<G_end - G_start, dW> / ||dW||_F^2``, the loss curvature along
+  the update (how much the gradient moved back per unit of step). Both NaN for FedSA.
 * ``layer == "__all__"``: norms combined as sqrt of the sum of squares over layers; correlations
   from the summed Gram matrices, i.e. of the concatenation of all layers' vectors.
 """
@@ -65,7 +69,8 @@ class LayerRound:
     grad_B: torch.Tensor  # (d, r), or (K, d, r)
     grad_A_end: torch.Tensor
     grad_B_end: torch.Tensor
-    grad_W_end: torch.Tensor  # (d, k): dL/dW of the probe at the aggregated (shared) model after the round
+    grad_W_start: torch.Tensor  # (d, k): dL/dW of the probe at the shared model the round starts from
+    grad_W_end: torch.Tensor  # (d, k): the same after the round's aggregation
     round_delta: torch.Tensor  # (d, k), or (K, d, k) per client (FedSA)
     total: torch.Tensor  # (d, k), or (K, d, k)
     inputs: torch.Tensor  # (n, k) real-token rows, or (K, n, k)
@@ -165,11 +170,14 @@ def layer_metrics(name: str, m: LayerRound) -> tuple[dict[str, float], dict[str,
     """The row of one layer (see module docstring) and its Gram matrices for :func:`combine_layers`."""
     contrib = client_contributions(m)
     grams = {k: (None if contrib[k] is None else gram(contrib[k])) for k in GRAM_KINDS}
-    if m.per_client:
-        agg_err = float("nan")
-    else:
+    nan = float("nan")
+    agg_err = loss_change = curvature = nan
+    if not m.per_client:
         exact = torch.tensordot(m.p.to(contrib["own"].dtype), contrib["own"], dims=1)
         agg_err = float((m.round_delta - exact).norm())
+        loss_change = float((m.grad_W_start * m.round_delta).sum())
+        sq = float(m.round_delta.pow(2).sum())
+        curvature = float(((m.grad_W_end - m.grad_W_start) * m.round_delta).sum()) / sq if sq > 0 else nan
     pc = m.per_client
     row = {
         "layer": name,
@@ -180,6 +188,8 @@ def layer_metrics(name: str, m: LayerRound) -> tuple[dict[str, float], dict[str,
         "update_fro": weighted_norm(m.round_delta, m.p, pc),
         "adapter_rms": output_rms(m.total, m.inputs, m.p, pc),
         "agg_error": agg_err,
+        "loss_change": loss_change,
+        "curvature": curvature,
         **_correlations(grams, m.p),
     }
     return row, grams
@@ -192,6 +202,9 @@ def combine_layers(rows: list[dict[str, float]], grams: list[dict[str, np.ndarra
     out: dict[str, float] = {"layer": ALL}
     for c in NORM_COLUMNS:
         out[c] = math.sqrt(sum(r[c] ** 2 for r in rows))
+    out["loss_change"] = sum(r["loss_change"] for r in rows)
+    sq = sum(r["update_fro"] ** 2 for r in rows)
+    out["curvature"] = sum(r["curvature"] * r["update_fro"] ** 2 for r in rows) / sq if sq > 0 else float("nan")
     total = {k: (None if grams[0][k] is None else sum(g[k] for g in grams)) for k in GRAM_KINDS}
     out.update(_correlations(total, p))
     return out
