@@ -196,13 +196,12 @@ def run_pytest(out: Path, mode: str) -> int:
 
 
 def _grid_file(path: Path, model: str | None):
-    """A grid JSON/YAML with ``_``-prefixed comment keys dropped and, if given, the model replaced."""
+    """A grid file (``_``-prefixed comment keys are ignored) with, if given, the model replaced."""
     import dataclasses
 
     from validation.config import GridConfig
 
-    data = json.loads(path.read_text())
-    grid = GridConfig.from_dict({k: v for k, v in data.items() if not k.startswith("_")})
+    grid = GridConfig.from_file(path)
     if model:
         grid = dataclasses.replace(grid, base=dataclasses.replace(grid.base, model=model))
     return grid

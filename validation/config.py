@@ -190,8 +190,8 @@ class GridConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GridConfig":
-        """``{"base": {...RunConfig fields...}, "ranks": [...], ...}``."""
-        d = dict(d)
+        """``{"base": {...RunConfig fields...}, "ranks": [...], ...}``; keys starting with ``_`` are comments."""
+        d = {k: v for k, v in d.items() if not k.startswith("_")}  # "_about" etc.: comments in grid files
         base = RunConfig.from_dict(d.pop("base", {}))
         names = {f.name for f in fields(cls)} - {"base"}
         unknown = set(d) - names
