@@ -54,7 +54,7 @@ GRID_DIR = Path(__file__).resolve().parent / "grids"
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "results"
 MANIFEST = "manifest_issue6.json"
-EXPERIMENTS = ("normcheck", "convergence")
+EXPERIMENTS = ("normcheck", "convergence", "gradient_check", "gradient_check_sgd")
 RULES5 = ("lora", "rslora", "sfed", "sfed-general", "sfed-adaptive")
 FAMILY_N1 = ("sfed", "sfed-general", "sfed-adaptive")  # identical to rslora at N = 1
 RULE_COLORS = {"lora": "#D55E00", "rslora": "#0072B2", "sfed": "#009E73", "sfed-general": "#CC79A7",
