@@ -47,6 +47,9 @@ class Symbols:
     tau: sp.Symbol  # std of the entries of gradients: client G_i = dL_i/dW (SGD) and probe g = dL/dy
     eta: sp.Symbol  # SGD learning rate
     X2: sp.Symbol  # ||x||^2 of the deterministic probe input
+    f_in: sp.Symbol  # refined model: share of a client's B increment along its input direction (A x)^T
+    phi: sp.Symbol  # refined model: share of that component's output direction along the probe gradient -g
+    lam: sp.Symbol  # refined model: loss curvature along the update, G_end = G + lam * dW
 
 
 SYM = Symbols(
@@ -63,6 +66,9 @@ SYM = Symbols(
     tau=sp.Symbol("tau", positive=True),
     eta=sp.Symbol("eta", positive=True),
     X2=sp.Symbol("X2", positive=True),  # printed as X2 = ||x||^2
+    f_in=sp.Symbol("f_in", nonnegative=True),
+    phi=sp.Symbol("phi", nonnegative=True),
+    lam=sp.Symbol("lambda", real=True),
 )
 
 
@@ -88,8 +94,9 @@ def range_size(rng: str) -> sp.Expr:
 class GaussianField:
     """A zero-mean Gaussian random tensor with iid entries (up to the client correlation).
 
-    ``Cov(F[i]_a, F[i']_a') = variance * prod(delta(a, a')) * (rho + (1 - rho) delta(i, i'))`` for a
-    per-client field, and ``variance * prod(delta(a, a'))`` for a shared one.
+    ``Cov(F[i]_a, F[i']_a') = variance * prod(delta(a, a')) * (c + (1 - c) delta(i, i'))`` for a
+    per-client field with client correlation ``c`` (``rho`` unless the field says otherwise), and
+    ``variance * prod(delta(a, a'))`` for a shared one.
     """
 
     name: str
@@ -98,6 +105,7 @@ class GaussianField:
     variance: sp.Expr
     per_client: bool
     description: str
+    correlation: sp.Expr = SYM.rho
 
 
 FIELDS: dict[str, GaussianField] = {
@@ -117,6 +125,11 @@ FIELDS: dict[str, GaussianField] = {
             "client i's loss gradient wrt W, G_i = dL_i/dW (d x k), SGD regime",
         ),
         GaussianField("g", "g", ("d", "1"), SYM.tau**2, False, "probe output gradient g = dL/dy (d), iid N(0, tau^2)"),
+        GaussianField(
+            "w", "w", ("d", "1"), sp.Integer(1), True,
+            "refined model: client i's own output direction of its input-coherent B component (d), iid N(0, 1), "
+            "independent across clients", correlation=sp.Integer(0),
+        ),
     )
 }
 """Every random tensor of the model; they are mutually independent."""
@@ -172,6 +185,18 @@ REGIMES: dict[str, Regime] = {
         "Adam/sign-like: increment scale does not depend on gamma; B_i has iid N(0, s_B^2) entries and, "
         "except for FFA, A_i = A + Delta_i with Delta_i iid N(0, s_dA^2); both client-correlated (rho)",
         r"B_i \sim s_B,\ A_i = A + \Delta_i",
+    ),
+    "adam-refined": Regime(
+        "adam-refined",
+        "Adam/sign-like with the three mechanisms the canonical model leaves out: (a) a share f_in of each "
+        "client's B increment lies along its input direction, u_i (A x)^T, built from A x like Adam's step on "
+        "dL/dB = gamma G A^T (B is no longer independent of A); (b) that component's output direction u_i is "
+        "-sqrt(phi) g/tau (the loss-gradient direction every client descends) plus sqrt(1-phi) w_i (client "
+        "noise); the rest, sqrt(1-f_in) of it, is the canonical client-correlated increment; (c) gradients "
+        "after the round are taken at G_end = g x^T + lambda dW (the loss curvature along the update); "
+        "A increments as in 'adam'",
+        r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A x)^\top/(s_A\|x\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
+        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g x^\top + \lambda\,\Delta W",
     ),
     "sgd": Regime(
         "sgd",

@@ -43,13 +43,17 @@ class ModelParams:
     tau: float = 1.0
     eta: float = 1.0
     x_norm2: float = 1.0
+    f_in: float = 0.0  # refined model ("adam-refined"): input-coherent share of B's increment
+    phi: float = 0.0  # refined model: share of that component's output direction along -g
+    lam: float = 0.0  # refined model: curvature, G_end = g x^T + lam * dW
 
     def __post_init__(self) -> None:
         for name in ("d", "k", "r", "n_clients"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"rho must lie in [0, 1], got {self.rho}")
+        for name in ("rho", "f_in", "phi"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.weights is not None and len(self.weights) != self.n_clients:
             raise ValueError(f"weights has {len(self.weights)} entries, n_clients={self.n_clients}")
         if self.participating is not None and not 1 <= self.participating <= self.n_clients:
@@ -123,15 +127,22 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
 
     p = _weights(rng, params, s)
     a = params.s_A * rng.standard_normal((s, r, k))
+    g = params.tau * rng.standard_normal((s, d))  # the probe's output gradient (refined B is built from it)
     gam = params.gamma
     g_clients = None
-    if regime == "adam":
-        b_i = params.s_B * correlated(d, r)
-        a_i = a[:, None] + params.s_dA * correlated(r, k) if scheme != "ffa" else a[:, None]
-    else:
+    if regime == "sgd":
         g_clients = params.tau * correlated(d, k)
         b_i = -gam * params.eta * g_clients @ np.swapaxes(a, 1, 2)[:, None]
         a_i = a[:, None]
+    else:
+        b_i = params.s_B * correlated(d, r)
+        if regime == "adam-refined":
+            u = (-math.sqrt(params.phi) * g[:, None, :] / params.tau
+                 + math.sqrt(1 - params.phi) * rng.standard_normal((s, kk, d)))
+            ax = a @ x  # (s, r)
+            scale = math.sqrt(params.f_in) * params.s_B / (params.s_A * math.sqrt(params.x_norm2))
+            b_i = scale * u[..., None] * ax[:, None, None, :] + math.sqrt(1 - params.f_in) * b_i
+        a_i = a[:, None] + params.s_dA * correlated(r, k) if scheme != "ffa" else a[:, None]
     b_bar = np.einsum("sc,scdr->sdr", p, b_i)
     a_bar = np.einsum("sc,scrk->srk", p, np.broadcast_to(a_i, (s, kk, r, k)))
     dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
@@ -144,23 +155,26 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
     else:
         b_f, a_f = b_bar, a_bar
     dw = dw_exact if scheme == "exact" else gam * b_f @ a_f
+    probe = g[:, :, None] * x[None, None, :]  # g x^T, (s, d, k)
+    if regime == "adam-refined":
+        probe = probe + params.lam * dw  # the gradient after the step
     out: dict[str, np.ndarray] = {}
     if "adapter_output" in quantities:
         out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1)
     if "update_fro" in quantities:
         out["update_fro"] = np.sum(dw**2, axis=(1, 2))
-    if "grad_A" in quantities or "grad_B" in quantities:
-        g = params.tau * rng.standard_normal((s, d))
-        x2 = float(x @ x)
-        if "grad_A" in quantities:  # ||gamma B^T g x^T||_F^2 = gamma^2 ||B^T g||^2 ||x||^2
-            out["grad_A"] = gam**2 * np.sum(np.einsum("sdr,sd->sr", b_f, g) ** 2, axis=1) * x2
-        if "grad_B" in quantities:  # ||gamma g (A x)^T||_F^2
-            out["grad_B"] = gam**2 * np.sum(g**2, axis=1) * np.sum((a_f @ x) ** 2, axis=1)
+    if "grad_A" in quantities:
+        out["grad_A"] = gam**2 * np.sum((np.swapaxes(b_f, 1, 2) @ probe) ** 2, axis=(1, 2))
+    if "grad_B" in quantities:
+        out["grad_B"] = gam**2 * np.sum((probe @ np.swapaxes(a_f, 1, 2)) ** 2, axis=(1, 2))
     if "aggregation_error" in quantities:
         out["aggregation_error"] = np.sum((dw - dw_exact) ** 2, axis=(1, 2))
     if "loss_change" in quantities:
-        assert g_clients is not None
-        grad_w = g_clients[:, 0] if scheme == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
+        if regime == "adam-refined":
+            grad_w = g[:, :, None] * x[None, None, :]
+        else:
+            assert g_clients is not None
+            grad_w = g_clients[:, 0] if scheme == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
         out["loss_change"] = np.sum(grad_w * dw, axis=(1, 2))
     return out
 
@@ -204,7 +218,10 @@ def simulate(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, 
 
 def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, n_samples: int = 2_000,
                   seed: int = 0) -> dict[str, Estimate]:
-    """Reference sampler: a plain Python loop over samples and clients (for the benchmark)."""
+    """Reference sampler: a plain Python loop over samples and clients (for the benchmark); the
+    canonical regimes only."""
+    if regime == "adam-refined":
+        raise ValueError("simulate_loop covers the canonical regimes 'adam' and 'sgd'; use simulate for 'adam-refined'")
     qs = _check(scheme, regime, None)
     rng = np.random.default_rng(seed)
     x = _probe_x(params, seed)

@@ -30,7 +30,7 @@ PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_
 
 _ARGS: tuple[sp.Symbol, ...] = (
     SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
-    *(power_sum(m) for m in range(2, 5)),
+    SYM.f_in, SYM.phi, SYM.lam, *(power_sum(m) for m in range(2, 5)),
 )
 
 
@@ -78,7 +78,7 @@ def expected_value(quantity: str, scheme: str, regime: str, params: ModelParams)
     else:
         sums = _subset_weight_sums(params.weights, kk)
     base = (params.gamma, params.d, params.k, params.r, kk, params.rho, params.s_A, params.s_B, params.s_dA,
-            params.tau, params.eta, params.x_norm2)
+            params.tau, params.eta, params.x_norm2, params.f_in, params.phi, params.lam)
     return float(np.mean([f(*base, *s) for s in sums]))
 
 
@@ -117,6 +117,9 @@ def predicted_norm(
     eta: float = 1.0,
     x_norm2: float | None = None,
     s_dA: float | None = None,
+    f_in: float = 0.0,
+    phi: float = 0.0,
+    lam: float = 0.0,
 ) -> float:
     """Predicted RMS size ``sqrt(E[Q])`` of a quantity after one aggregation round.
 
@@ -131,19 +134,25 @@ def predicted_norm(
         Scaling rule of :func:`sfed_theory.scaling_factor`; for ``"sfed-general"`` ``rho`` and
         ``participating`` are passed on.
     regime, scheme:
-        ``"adam"`` or ``"sgd"``; ``"fedit"``, ``"fedsa"``, ``"ffa"`` or ``"exact"``.
+        ``"adam"``, ``"adam-refined"`` or ``"sgd"``; ``"fedit"``, ``"fedsa"``, ``"ffa"`` or ``"exact"``.
     rank, n_clients, participating:
         r, N and K (clients averaged per round, equal weights; default N), so ``S2 = 1/K``. Every
         rule's gamma is taken at K, the number of clients averaged, as the harness sets it
         (``sfed``: ``alpha*sqrt(K/r)``).
     rho:
-        Client correlation in [0, 1].
+        Client correlation of the increments, in [-1, 1] (the model's closed forms hold while
+        ``rho + (1 - rho)/K > 0``; ``sfed-general`` itself only takes rho in [0, 1]).
     d, k, s_A, s_B, tau, eta, x_norm2:
         Layer sizes, init std of A (default ``1/sqrt(k)``), std of a client's B increment (Adam),
         gradient std, SGD learning rate, ``||x||^2`` of the probe input (default ``k``).
     s_dA:
         Std of a client's A increment in the Adam regime for fedit/fedsa/exact (default ``s_B``:
         a sign-like step moves entries of A and B by the same amount). Unused by FFA and SGD.
+    f_in, phi, lam:
+        The refined model's parameters (regime ``"adam-refined"``, see
+        :data:`sfed_theory.assumptions.REGIMES`): input-coherent share of B's increment and the
+        share of its output direction along the loss gradient (both in [0, 1]), and the curvature
+        along the update. Ignored by the other regimes.
 
     Raises
     ------
@@ -161,8 +170,13 @@ def predicted_norm(
     if kk > n:
         raise ValueError(f"participating={kk} exceeds n_clients={n}: at most N of N clients can take part")
     rho_f = float(rho)
-    if not (math.isfinite(rho_f) and 0.0 <= rho_f <= 1.0):
-        raise ValueError(f"rho (client correlation) must lie in [0, 1], got {rho!r}")
+    if not (math.isfinite(rho_f) and -1.0 <= rho_f <= 1.0):
+        raise ValueError(f"rho (client correlation) must lie in [-1, 1], got {rho!r}")
+    for name, v in (("f_in", f_in), ("phi", phi)):
+        if not (math.isfinite(float(v)) and 0.0 <= float(v) <= 1.0):
+            raise ValueError(f"{name} is a share and must lie in [0, 1], got {v!r}")
+    if not math.isfinite(float(lam)):
+        raise ValueError(f"lam must be finite, got {lam!r}")
     dd, kd = _count("d", d), _count("k", k)
     s_a = 1.0 / math.sqrt(kd) if s_A is None else _positive("s_A", s_A)
     s_b = _positive("s_B", s_B)
@@ -173,7 +187,7 @@ def predicted_norm(
              else scaling_factor(rule, alpha, r, kk))
     f = _compiled(quantity, scheme, regime)
     value = f(gamma, dd, kd, r, kk, rho_f, s_a, s_b, s_da, _positive("tau", tau), _positive("eta", eta), x2,
-              *weight_sums(kk))
+              float(f_in), float(phi), float(lam), *weight_sums(kk))
     return math.sqrt(max(float(value), 0.0))
 
 

@@ -8,6 +8,8 @@ computed here.
 
 from __future__ import annotations
 
+import sympy as sp
+
 from sfed_theory.assumptions import REGIMES, SCHEMES, SYM
 from sfed_theory.wick import FIXED_CLIENT, Idx, IndexFactory, Mat, Term, frobenius_inner
 
@@ -19,7 +21,8 @@ QUANTITY_TEXT: dict[str, str] = {
     "grad_A": "E||dL/dA||_F^2 at the aggregated adapter, dL/dA = gamma B^T g x^T",
     "grad_B": "E||dL/dB||_F^2 at the aggregated adapter, dL/dB = gamma g x^T A^T",
     "aggregation_error": "E||dW - dW_exact||_F^2 (product of averages minus average of products)",
-    "loss_change": "E<G, dW> (first-order loss change; G = sum_i p_i G_i, or G_c for FedSA), SGD only",
+    "loss_change": "E<G, dW> (first-order loss change; SGD: G = sum_i p_i G_i, or G_c for FedSA; "
+                   "adam-refined: the probe gradient G = g x^T)",
 }
 QUANTITIES: tuple[str, ...] = tuple(QUANTITY_TEXT)
 
@@ -35,20 +38,31 @@ def check_names(quantity: str, scheme: str, regime: str) -> None:
     if quantity == "aggregation_error" and scheme == "fedsa":
         raise ValueError("aggregation_error compares a global update with the exact average of products; "
                          "FedSA-LoRA keeps B local, so it is defined for schemes ffa, fedit, exact only")
-    if quantity == "loss_change" and regime != "sgd":
-        raise ValueError("loss_change is defined in the 'sgd' regime only (under 'adam' the model's increments "
-                         "are independent of the gradient, so E<G, dW> = 0 by assumption)")
+    if quantity == "loss_change" and regime == "adam":
+        raise ValueError("loss_change is defined in the 'sgd' and 'adam-refined' regimes only (under 'adam' the "
+                         "model's increments are independent of the gradient, so E<G, dW> = 0 by assumption)")
 
 
 def _a_moves(scheme: str, regime: str) -> bool:
     # FFA freezes A; one SGD step from B = 0 leaves A unchanged (dL/dA = gamma B^T G = 0).
-    return regime == "adam" and scheme != "ffa"
+    return regime != "sgd" and scheme != "ffa"
+
+
+def _probe_gradient() -> Mat:
+    """The probe's loss gradient w.r.t. W before the round, ``g x^T`` (d x k)."""
+    return Mat.field("g") @ Mat.vector_x().T
 
 
 def client_B(regime: str, i: Idx) -> Mat:
     """Client i's B after the round (B starts at 0)."""
     if regime == "adam":
         return Mat.field("B", i)
+    if regime == "adam-refined":
+        # u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i: the shared descent direction plus client noise
+        u = Mat.field("g").scale(-sp.sqrt(SYM.phi) / SYM.tau) + Mat.field("w", i).scale(sp.sqrt(1 - SYM.phi))
+        coherent = (u @ (Mat.field("A") @ Mat.vector_x()).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B
+                                                                   / (SYM.s_A * sp.sqrt(SYM.X2)))
+        return coherent + Mat.field("B", i).scale(sp.sqrt(1 - SYM.f_in))
     return (Mat.field("G", i) @ Mat.field("A").T).scale(-SYM.gamma * SYM.eta)
 
 
@@ -106,19 +120,20 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     if quantity == "update_fro":
         dw = update(scheme, regime)
         return frobenius_inner(dw, dw, fac)
-    if quantity == "grad_A":
-        b, _ = factors(scheme, regime)
-        grad = (b.T @ g @ x.T).scale(SYM.gamma)
-        return frobenius_inner(grad, grad, fac)
-    if quantity == "grad_B":
-        _, a = factors(scheme, regime)
-        grad = (g @ (a @ x).T).scale(SYM.gamma)
+    if quantity in ("grad_A", "grad_B"):
+        b, a = factors(scheme, regime)
+        probe = _probe_gradient()
+        if regime == "adam-refined":  # taken after the step: the gradient moved by the curvature along dW
+            probe = probe + update(scheme, regime).scale(SYM.lam)
+        grad = (b.T @ probe if quantity == "grad_A" else probe @ a.T).scale(SYM.gamma)
         return frobenius_inner(grad, grad, fac)
     if quantity == "aggregation_error":
         err = update(scheme, regime) - _exact(scheme, regime)
         return frobenius_inner(err, err, fac)
-    # loss_change (SGD): the gradient of the objective the update is applied to
-    if scheme == "fedsa":
+    # loss_change: the gradient of the objective the update is applied to
+    if regime == "adam-refined":
+        grad_w = _probe_gradient()
+    elif scheme == "fedsa":
         grad_w = Mat.field("G", FIXED_CLIENT)
     else:
         grad_w = Mat.client_average(lambda i: Mat.field("G", i), "d", "k")

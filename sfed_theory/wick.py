@@ -274,16 +274,19 @@ def expect(terms: Sequence[Term]) -> tuple[sp.Expr, list[Pairing]]:
                 coeff *= FIELDS[e1.field].variance
                 deltas.extend(zip(e1.idx, e2.idx))
                 if e1.client is not None and e1.client != e2.client:
-                    client_pairs.append((e1.client, e2.client))  # rho + (1 - rho) delta(i, i')
+                    # corr + (1 - corr) delta(i, i'), corr the field's client correlation
+                    client_pairs.append((e1.client, e2.client, FIELDS[e1.field].correlation))
             for same in itertools.product((False, True), repeat=len(client_pairs)):
                 c = coeff
                 dl = list(deltas)
-                for (i1, i2), s in zip(client_pairs, same):
+                for (i1, i2, corr), s in zip(client_pairs, same):
                     if s:
-                        c *= 1 - SYM.rho
+                        c *= 1 - corr
                         dl.append((i1, i2))
                     else:
-                        c *= SYM.rho
+                        c *= corr
+                if c == 0:
+                    continue
                 value = c * contract(term, dl)
                 records.append(Pairing(t_pos, tuple(pairs), tuple(dl), c, value))
                 total += value

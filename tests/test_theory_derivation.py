@@ -26,7 +26,7 @@ def test_canonical_moment_matches_theory_md():
 
 def test_every_combination_derives_with_inspectable_steps():
     combos = defined_combinations()
-    assert len(combos) == 42  # 4 quantities x 4 schemes x 2 regimes + 6 aggregation errors + 4 loss changes
+    assert len(combos) == 65  # 4 quantities x 4 schemes x 3 regimes + 9 aggregation errors + 8 loss changes
     for q, s, r in combos:
         dv = derive(q, s, r)
         if (q, s) == ("grad_A", "exact"):  # the adapter restarts at B = 0: dL/dA has no terms at all

@@ -45,7 +45,7 @@ def _check_all(params: ModelParams, scheme: str, regime: str, seed: int) -> list
 
 
 BASE = ModelParams(d=4, k=5, r=3, n_clients=4, gamma=0.8, rho=0.25, s_A=0.7, s_B=1.1, s_dA=0.5, tau=0.9,
-                   eta=0.6, x_norm2=1.5)
+                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7)  # the refined regime's shares and curvature
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -64,6 +64,7 @@ def models(draw: st.DrawFn) -> tuple[ModelParams, str, str, int]:
         weights=weights, participating=draw(st.none() | st.integers(1, n)),
         s_A=draw(st.floats(0.3, 2.0)), s_B=draw(st.floats(0.3, 2.0)), s_dA=draw(st.floats(0.3, 2.0)),
         tau=draw(st.floats(0.3, 2.0)), eta=draw(st.floats(0.3, 2.0)), x_norm2=draw(st.floats(0.5, 3.0)),
+        f_in=draw(st.floats(0.05, 1.0)), phi=draw(st.floats(0.05, 1.0)), lam=draw(st.floats(-1.0, 1.0)),
     )
     return params, draw(st.sampled_from(list(SCHEMES))), draw(st.sampled_from(list(REGIMES))), draw(st.integers(0, 10**6))
 
