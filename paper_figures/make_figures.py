@@ -9,11 +9,11 @@
     sfed-figures --update-docs            # also copy the main figure to docs/main_figure.png
 
 Without ``--rerun`` nothing is trained: (a)-(d) and the main figure read the stored results
-(``results/scaling.parquet``, ``results/curves.parquet``), (g) and (h) the issue-6 results
-(``results/convergence.parquet``, ``results/normcheck.parquet``), (e) and (f) evaluate the theory
-API. A missing results file is an error that names the file and how to re-create it. ``--rerun``
-runs ``scaling``/``curves`` through the generic harness grid path and ``convergence``/``normcheck``
-through the issue-6 driver ``python -m paper_figures.convergence_figs run/collect``.
+(``results/scaling.parquet``, ``results/curves.parquet``), (g) and (h) the convergence study and
+the norm check (``results/convergence.parquet``, ``results/normcheck.parquet``), (e) and (f) evaluate
+the theory API. A missing results file is an error that names the file and how to re-create it.
+``--rerun`` runs the experiments' grids through :func:`paper_figures.experiments.rerun` (resumable,
+pinned to the committed harness, provenance in ``results/manifest.json``).
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("e", "fig_e_moment_heatmap", None, "theory: adapter output moment over (N, r) per rule"),
     Figure("f", "fig_f_rho_gamma", None, "theory: client correlation rho vs optimal gamma and moment"),
     Figure("g", "fig_convergence", "convergence",
-           "issue 6: final eval accuracy vs rank per rule, eval-loss curves at the top rank per N"),
+           "final eval accuracy vs rank per rule (one untuned learning rate), eval-loss curves at the top rank"),
     Figure("h", "fig_normcheck", "normcheck",
-           "issue 6: measured vs predicted slope of the update norm in N and r, per rule and split"),
+           "measured vs predicted slope of the update norm in N and r, per rule and split"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
@@ -130,12 +130,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--grids", choices=experiments.GRID_SETS, default="cpu",
                    help="grid set: cpu (default; measured on 2 idle CPU cores: scaling 54 runs 99 s, curves "
                         "12 runs 192 s; on 2 shared cores: normcheck 72 runs 27 min with 1 worker, "
-                        "convergence 96 runs 29 min with 2 workers) or gpu (paper_figures/grids/gpu_*.json; "
-                        "no gpu normcheck grid)")
+                        "convergence 96 runs 29 min with 2 workers), gpu (paper_figures/grids/gpu_*.json; "
+                        "no gpu normcheck grid) or quick (the synthetic task, where a grid exists)")
     g.add_argument("--experiments", nargs="+", choices=experiments.EXPERIMENTS, default=None,
-                   help="default: every experiment with a grid file in --grids (only scaling, curves with --set). "
-                        "scaling, curves: generic harness grids (manifest.json); convergence, normcheck: "
-                        "run via python -m paper_figures.convergence_figs run/collect (manifest_issue6.json)")
+                   help="default: every experiment with a grid file in --grids")
     g.add_argument("--work-dir", default="runs/paper_figures",
                    help="per-run files of the harness (resumable; one subfolder per harness-code digest)")
     g.add_argument("--no-resume", action="store_true", help="re-run cells already finished in --work-dir")
@@ -143,8 +141,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="run even if validation/ or sfed_theory/ differ from the committed HEAD "
                         "(recorded in the manifest)")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300 "
-                        "(scaling and curves only)")
+                   help="override a RunConfig field of every grid's base, e.g. device=cuda max_examples=300")
     return ap
 
 
@@ -153,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if ns.rerun:
-            exps = ns.experiments or [e for e in (experiments.GRID_EXPERIMENTS if ns.set else experiments.EXPERIMENTS)
-                                      if experiments.grid_file(e, ns.grids).is_file()]
+            exps = ns.experiments or [e for e in experiments.EXPERIMENTS if experiments.grid_file(e, ns.grids).is_file()]
             experiments.rerun(ns.results, grid_set=ns.grids, experiments=tuple(exps),
                               work_dir=ns.work_dir, resume=not ns.no_resume, allow_dirty=ns.allow_dirty,
                               **parse_overrides(ns.set))

@@ -49,7 +49,7 @@ class Symbols:
     X2: sp.Symbol  # ||x||^2 of the deterministic probe input
     f_in: sp.Symbol  # refined model: share of a client's B increment along its input direction (A x)^T
     phi: sp.Symbol  # refined model: share of that component's output direction along the probe gradient -g
-    lam: sp.Symbol  # refined model: loss curvature along the update, G_end = G + lam * dW
+    lam: sp.Symbol  # refined model: output-space curvature, G_end = (g + lam * dW x) x^T
 
 
 SYM = Symbols(
@@ -193,10 +193,10 @@ REGIMES: dict[str, Regime] = {
         "dL/dB = gamma G A^T (B is no longer independent of A); (b) that component's output direction u_i is "
         "-sqrt(phi) g/tau (the loss-gradient direction every client descends) plus sqrt(1-phi) w_i (client "
         "noise); the rest, sqrt(1-f_in) of it, is the canonical client-correlated increment; (c) gradients "
-        "after the round are taken at G_end = g x^T + lambda dW (the loss curvature along the update); "
-        "A increments as in 'adam'",
+        "after the round are taken at G_end = (g + lambda dW x) x^T: the output gradient moved by the loss "
+        "curvature lambda (isotropic in output space) times the output change; A increments as in 'adam'",
         r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A x)^\top/(s_A\|x\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
-        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g x^\top + \lambda\,\Delta W",
+        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = (g + \lambda\,\Delta W x)\,x^\top",
     ),
     "sgd": Regime(
         "sgd",

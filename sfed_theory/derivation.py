@@ -30,6 +30,8 @@ __all__ = [
     "solve_invariance",
     "in_terms_of_c",
     "clear_caches",
+    "solve_step_size",
+    "lr_transfer_factor",
 ]
 
 C_N = sp.Symbol("c_N", positive=True)
@@ -175,3 +177,41 @@ def clear_caches() -> None:
     """Forget every cached derivation (for cold-start timing)."""
     derive.cache_clear()
     solve_invariance.cache_clear()
+
+
+_TARGET = sp.Symbol("T", positive=True)  # the output size a tuned learning rate aims for, E||y||^2 / d
+
+
+@lru_cache(maxsize=None)
+def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output") -> sp.Expr:
+    """The client increment scale ``s_B*`` that puts ``E[quantity] / d`` at a target ``T`` (Adam regime).
+
+    Under Adam-like updates a client's increment is about the learning rate per entry, so ``s_B`` is
+    proportional to lr and ``s_B*`` is where the tuned learning rate sits: ``sympy.solve`` of the
+    derived moment for ``s_B``. For FFA ``s_B* = sqrt(T) / (gamma s_A sqrt(X2 r c_N))``: the tuned lr
+    scales like ``1 / (gamma sqrt(r c_N))``. For FedIT, FedSA and exact the A increment is set to 0 here:
+    starting from B = 0 it enters the output at second order in lr (B's step times A's step).
+    """
+    q = closed_form(quantity, scheme, "adam").subs(SYM.s_dA, 0)
+    roots = [z for z in sp.solve(sp.Eq(q / SYM.d, _TARGET), SYM.s_B) if _positive_at_generic_point(z)]
+    if len(roots) != 1:
+        raise RuntimeError(f"expected one positive root for s_B, sympy returned {roots}")
+    return sp.simplify(roots[0])
+
+
+def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell: tuple[int, int], *,
+                       rho: float = 0.0, scheme: str = "ffa") -> float:
+    """Predicted ``lr*(cell) / lr*(reference)`` for a rule, cells given as ``(rank, n_clients)``.
+
+    From :func:`solve_step_size` at the rule's gamma (taken at K = N clients averaged) and the client
+    correlation ``rho`` (same weights for all clients): SFed keeps it near 1 (exactly 1 at rho = 0),
+    rsLoRA gives ``sqrt(N)``-like growth, LoRA ``sqrt(N r)``."""
+    from sfed_theory.rules import scaling_factor
+
+    f = sp.lambdify((SYM.gamma, SYM.r, SYM.rho, power_sum(2), SYM.s_A, SYM.X2, _TARGET),
+                    solve_step_size(scheme), "math")
+
+    def at(r: int, n: int) -> float:
+        return f(scaling_factor(rule, alpha, r, n), r, rho, 1.0 / n, 1.0, 1.0, 1.0)
+
+    return at(*cell) / at(*reference)

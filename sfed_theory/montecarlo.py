@@ -45,7 +45,7 @@ class ModelParams:
     x_norm2: float = 1.0
     f_in: float = 0.0  # refined model ("adam-refined"): input-coherent share of B's increment
     phi: float = 0.0  # refined model: share of that component's output direction along -g
-    lam: float = 0.0  # refined model: curvature, G_end = g x^T + lam * dW
+    lam: float = 0.0  # refined model: output-space curvature, G_end = (g + lam * dW x) x^T
 
     def __post_init__(self) -> None:
         for name in ("d", "k", "r", "n_clients"):
@@ -156,8 +156,8 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         b_f, a_f = b_bar, a_bar
     dw = dw_exact if scheme == "exact" else gam * b_f @ a_f
     probe = g[:, :, None] * x[None, None, :]  # g x^T, (s, d, k)
-    if regime == "adam-refined":
-        probe = probe + params.lam * dw  # the gradient after the step
+    if regime == "adam-refined":  # the output gradient after the step: g + lam * dW x
+        probe = probe + params.lam * (dw @ x)[:, :, None] * x[None, None, :]
     out: dict[str, np.ndarray] = {}
     if "adapter_output" in quantities:
         out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1)

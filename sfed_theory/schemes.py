@@ -123,8 +123,8 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     if quantity in ("grad_A", "grad_B"):
         b, a = factors(scheme, regime)
         probe = _probe_gradient()
-        if regime == "adam-refined":  # taken after the step: the gradient moved by the curvature along dW
-            probe = probe + update(scheme, regime).scale(SYM.lam)
+        if regime == "adam-refined":  # after the step the output gradient moved by lambda times the output change
+            probe = probe + (update(scheme, regime) @ x @ x.T).scale(SYM.lam)
         grad = (b.T @ probe if quantity == "grad_A" else probe @ a.T).scale(SYM.gamma)
         return frobenius_inner(grad, grad, fac)
     if quantity == "aggregation_error":

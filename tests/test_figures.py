@@ -83,7 +83,7 @@ def test_each_experiment_file_is_required_by_its_figures(tmp_path):
     with pytest.raises(experiments.MissingResults, match=r"curves\.parquet"):
         make_figures.build(tmp_path / "figs", only_scaling, keys=["c"])
     for key, exp in (("g", "convergence"), ("h", "normcheck")):
-        with pytest.raises(experiments.MissingResults, match=rf"{exp}\.parquet.*convergence_figs run {exp}"):
+        with pytest.raises(experiments.MissingResults, match=rf"{exp}\.parquet.*--rerun --experiments {exp}"):
             make_figures.build(tmp_path / "figs", only_scaling, keys=[key])
     assert not (tmp_path / "figs").exists()
 
@@ -169,48 +169,72 @@ def test_manifest_records_grid_versions_and_machine():
             {k: v for k, v in on_disk.items() if k != "base"}
 
 
-@pytest.mark.parametrize("experiment", experiments.ISSUE6_EXPERIMENTS)
-def test_committed_issue6_results_are_complete_and_pinned(experiment):
-    """convergence / normcheck: every run of the grid is stored, provenance in manifest_issue6.json."""
+@pytest.mark.parametrize("experiment", ["convergence", "normcheck"])
+def test_committed_results_with_extra_axes_are_complete_and_pinned(experiment):
+    """convergence / normcheck (grids with splits, oracle rho, N = 1 dedupe): every run of the grid is
+    stored, with its provenance in the one manifest."""
     df = experiments.load(experiment, RESULTS)
     path = experiments.results_path(experiment, RESULTS)
     assert path.stat().st_size < 1_000_000, f"{path} is {path.stat().st_size} bytes; keep the committed set small"
-    man = json.loads((RESULTS / convergence_figs.MANIFEST).read_text())[experiment]
+    man = experiments.load_manifest(RESULTS)[experiment]
     assert man["file"] == path.name and man["grid_file"] == f"paper_figures/grids/cpu_{experiment}.json"
     assert man["runs_found"] == man["runs_expected"] == df["run_id"].nunique() > 0
     assert len(man["git"]["commit"]) == 40 and man["git"]["harness_clean"] is True
-    grid, extras = convergence_figs.load_spec(experiments.grid_file(experiment, "cpu"))
-    assert set(df["partition"]) == set(extras["partitions"])
-    assert set(df["rule"]) == set(grid.rules) and set(df["rank"]) == set(grid.ranks)
-    assert (df.groupby("run_id")["round"].nunique() == grid.base.rounds).all()
-    with pytest.raises(ValueError, match="load_spec"):
+    s = experiments.spec(experiment, "cpu")
+    assert set(df["partition"]) == set(s.partitions)
+    assert set(df["rule"]) == set(s.grid.rules) and set(df["rank"]) == set(s.grid.ranks)
+    assert (df.groupby("run_id")["round"].nunique() == s.grid.base.rounds).all()
+    # the spec's cells are exactly the stored runs (the oracle rho is cached in the stored manifest)
+    oracle = {k: v for k, v in (man["oracle_rho"] or {}).items() if not k.endswith("/pilot")}
+    ids = {c.run_id for c in s.runs(_oracle_folder(oracle))}
+    assert ids == set(df["run_id"])
+    with pytest.raises(ValueError, match="extra axes"):
         experiments.load_grid(experiment, "cpu")
 
 
-def test_rerun_runs_issue6_experiments_through_their_driver(tmp_path, monkeypatch):
-    """--rerun --experiments normcheck calls convergence_figs.run_experiment then collect, in a work
-    folder keyed by the harness digest; --set is refused for them, and a missing grid set is an error."""
-    calls = []
-    monkeypatch.setattr(convergence_figs, "run_experiment",
-                        lambda exp, gs, work, threads=None: calls.append(("run", exp, gs, Path(work))))
+def _oracle_folder(oracle: dict) -> Path:
+    import tempfile
 
-    def fake_collect(exp, gs, work, results, wall_s=None):
+    d = Path(tempfile.mkdtemp())
+    (d / "oracle_rho.json").write_text(json.dumps(oracle))
+    return d
+
+
+def test_rerun_runs_every_experiment_through_one_runner(tmp_path, monkeypatch):
+    """--rerun --experiments normcheck runs its cells, then collects, in a work folder keyed by the
+    harness digest; an unknown grid set or a missing grid file is an error before anything runs."""
+    calls = []
+    monkeypatch.setattr(experiments, "run_experiment",
+                        lambda exp, gs, work, **kw: calls.append(("run", exp, gs, Path(work))) or
+                        {"wall_s": 0.0, "failed": {}})
+
+    def fake_collect(exp, gs, work, results, **kw):
         calls.append(("collect", exp, gs, Path(work)))
         return Path(results) / f"{exp}.parquet"
 
-    monkeypatch.setattr(convergence_figs, "collect", fake_collect)
+    monkeypatch.setattr(experiments, "collect", fake_collect)
     out = experiments.rerun(tmp_path / "res", experiments=("normcheck",), work_dir=tmp_path / "work",
                             allow_dirty=True, progress=False)
     assert out == {"normcheck": tmp_path / "res" / "normcheck.parquet"}
     assert [c[:3] for c in calls] == [("run", "normcheck", "cpu"), ("collect", "normcheck", "cpu")]
     work = calls[0][3]
     assert work == calls[1][3] and work.name == "cpu_normcheck" and work.parent.name.startswith("harness-")
-    with pytest.raises(ValueError, match="--set"):
-        experiments.rerun(tmp_path / "res", experiments=("convergence",), work_dir=tmp_path / "work",
-                          allow_dirty=True, rounds=2)
     with pytest.raises(ValueError, match="no gpu grid"):
         experiments.rerun(tmp_path / "res", grid_set="gpu", experiments=("normcheck",),
                           work_dir=tmp_path / "work", allow_dirty=True)
+    with pytest.raises(ValueError, match="unknown grid set"):
+        experiments.rerun(tmp_path / "res", grid_set="tpu", experiments=("normcheck",), allow_dirty=True)
+
+
+def test_no_import_cycles_in_paper_figures():
+    """experiments/specs/provenance never import the figure modules (the figures read results only)."""
+    import ast
+
+    for mod in ("experiments", "specs", "provenance"):
+        tree = ast.parse((ROOT / "paper_figures" / f"{mod}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m and m.endswith("_figs")}, (mod, imported)
 
 
 # ----------------------------------------------------------------------------- numbers come from data/theory

@@ -29,7 +29,8 @@ import pandas as pd
 
 from validation.metrics import ALL
 
-__all__ = ["QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "fit_exponents", "format_report", "loglog_slope"]
+__all__ = ["QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
+           "agreement_summary", "format_report", "loglog_slope"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
     "adapter_output": "adapter_rms",
@@ -98,12 +99,57 @@ def _scales(rows: pd.DataFrame, k: int, optimizer: str) -> dict[str, float]:
     return out
 
 
+TOLERANCE = 0.05
+"""Agreement "within tolerance": ``|predicted - measured| <= TOLERANCE`` (a slope difference)."""
+PREDICTIONS: tuple[str, ...] = ("rho0", "rho_hat", "refined")
+"""Prediction columns ``predicted_<name>``: the canonical model at rho = 0 (the paper's assumption)
+and at the measured rho (which follows the data at each point), and the refined model with its
+parameters estimated from the pilot runs (N <= ``pilot_max_n``) only."""
+
+
+def _cube(h: pd.DataFrame, wrt: str, col: str, xs: np.ndarray, seeds: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """cube[point, seed, layer] of one column (NaN where a run is missing)."""
+    piv = h.pivot_table(index=[wrt, "seed"], columns="layer", values=col, aggfunc="mean")
+    cube = np.full((xs.size, seeds.size, layers.size), np.nan)
+    for i, x in enumerate(xs):
+        for j, s in enumerate(seeds):
+            if (x, s) in piv.index:
+                cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
+    return cube
+
+
+def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict:
+    """``{(scheme, optimizer, partition): RefinedParams}`` fitted on each AdamW group's pilot runs
+    (groups with too little pilot data are left out with a warning)."""
+    from validation.refined import fit_refined
+
+    ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
+    if "partition" not in ok:
+        ok = ok.assign(partition="?")
+    out = {}
+    for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
+        try:
+            out[key] = fit_refined(grp, pilot_max_n=pilot_max_n)
+        except ValueError as e:
+            warnings.warn(f"no refined prediction for {key}: {e}", stacklevel=2)
+    return out
+
+
 def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0,
-                  rho_column: str = "rho_hat") -> pd.DataFrame:
-    """One row per (scheme, optimizer, rule, quantity, wrt, fixed value): measured slope, 95% CI,
-    and predicted slopes at rho = 0 (the paper's assumption) and at the measured mean rho
-    (``rho_column`` of the ``__all__`` rows with more than one client: ``"rho_hat"``, the mean
-    pairwise cosine, or ``"rho_ratio"``, the adaptive rule's ratio estimator).
+                  rho_column: str = "rho_hat", refined: bool | dict = True, pilot_max_n: int = 4) -> pd.DataFrame:
+    """One row per (scheme, optimizer, partition, rule, quantity, wrt, fixed value): measured slope,
+    95% CI, and the predicted slopes of :data:`PREDICTIONS`.
+
+    ``predicted_rho0``: canonical model, rho = 0. ``predicted_rho_hat``: canonical model at the
+    measured mean rho (``rho_column`` of the ``__all__`` rows with more than one client:
+    ``"rho_hat"``, the mean pairwise cosine, or ``"rho_ratio"``); it uses data of the points it
+    predicts. ``predicted_refined`` (AdamW only, ``refined=True``): the refined model
+    (:mod:`validation.refined`) with parameters estimated from the runs with N <= ``pilot_max_n`` of
+    the same scheme, optimizer and split (``refined`` may also be the dict of :func:`refined_fits`); ``refined_sample`` says whether a slope's points reach
+    beyond the pilot (``"out"``) or not (``"in"``). Agreement is given two ways for each prediction:
+    ``in_ci_<p>`` (strictly inside the 95% CI) and ``agrees_<p>`` (within :data:`TOLERANCE` of the
+    measured slope). Quantities whose closed form is identically zero at the measured point (dL/dA
+    under exact aggregation) have no slope and are skipped.
 
     The harness rule ``sfed-adaptive`` has no closed-form gamma; it is predicted as ``sfed`` at
     rho = 0 (its round-1 gamma with the default prior) and as ``sfed-general`` at the measured rho
@@ -113,76 +159,137 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
         raise ValueError(f"results lack columns {sorted(need - set(df.columns))}" if not df.empty
                          else "no results to analyse")
     ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
-    per_layer = ok[ok["layer"] != ALL]
-    allrows = ok[ok["layer"] == ALL]
+    if "partition" not in ok:
+        ok = ok.assign(partition="?")
     rng = np.random.default_rng(seed)
     out = []
-    for (scheme, opt, rule), g in per_layer.groupby(["scheme", "optimizer", "rule"]):
-        a = allrows[(allrows.scheme == scheme) & (allrows.optimizer == opt) & (allrows.rule == rule)]
-        d = int(a["d_out"].iloc[0]) if len(a) and a["d_out"].iloc[0] > 0 else 384
-        k = int(a["k_in"].iloc[0]) if len(a) and a["k_in"].iloc[0] > 0 else 384
-        alpha = float(g["alpha"].iloc[0])
-        part = g["participating"] < g["n_clients"]
-        for wrt, fixed_col in (("rank", "n_clients"), ("n_clients", "rank")):
-            for fixed, h in g.groupby(fixed_col):
-                xs = np.sort(h[wrt].unique())
-                if xs.size < 2:
-                    continue
-                seeds = np.sort(h["seed"].unique())
-                layers = np.sort(h["layer"].unique())
-                sub = a[a[fixed_col] == fixed]
-                rho_m = sub.loc[sub["n_participating"] > 1, rho_column].clip(0, 1).mean()
-                scales = _scales(sub, k, opt)
-                # K, the clients averaged at each point: the rule's N in the harness and in the prediction
-                k_avg = [int(sub.loc[sub[wrt] == x, "n_participating"].max()) for x in xs]
-                if wrt == "rank" and int(fixed) == 1:
-                    rho_m = 0.0  # one client: rho does not enter the prediction
-                for quantity, col in QUANTITY_COLUMNS.items():
-                    if col not in h:
-                        continue
-                    piv = h.pivot_table(index=[wrt, "seed"], columns="layer", values=col, aggfunc="mean")
-                    cube = np.full((xs.size, seeds.size, layers.size), np.nan)
-                    for i, x in enumerate(xs):
-                        for j, s in enumerate(seeds):
-                            if (x, s) in piv.index:
-                                cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
-                    slope, lo, hi = _fit_one(cube, xs.astype(float), n_boot, rng)
-                    kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k,
-                              participating=k_avg, **scales)
-                    r0, rr = (("sfed", "sfed-general") if rule == "sfed-adaptive" else (rule, rule))
-                    pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
-                    pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
-                                if math.isfinite(rho_m) else float("nan"))
-                    out.append({"scheme": scheme, "optimizer": opt, "rule": rule, "quantity": quantity,
-                                "column": col, "wrt": wrt, "fixed": f"{'N' if fixed_col == 'n_clients' else 'r'}={fixed}",
-                                "fixed_value": int(fixed), "points": ",".join(map(str, xs)), "n_seeds": seeds.size, "n_layers": layers.size,
-                                "measured": slope, "ci_low": lo, "ci_high": hi, "predicted_rho0": pred0,
-                                "rho_hat": rho_m, "predicted_rho_hat": pred_rho,
-                                "partial_participation": bool(part.any())})
+    params = (refined if isinstance(refined, dict)
+              else refined_fits(ok, round=round, pilot_max_n=pilot_max_n) if refined else {})
+    for (scheme, opt, part), grp in ok.groupby(["scheme", "optimizer", "partition"]):
+        ref = params.get((scheme, opt, part))
+        for rule, g in grp[grp["layer"] != ALL].groupby("rule"):
+            a = grp[(grp["layer"] == ALL) & (grp["rule"] == rule)]
+            out.extend(_fit_rule(g, a, scheme, opt, part, rule, rho_column, ref, pilot_max_n, n_boot, rng))
     res = pd.DataFrame(out)
     if not res.empty:
-        for pred, name in (("predicted_rho0", "agrees_rho0"), ("predicted_rho_hat", "agrees_rho_hat")):
-            res[name] = (res["ci_low"] - 0.05 <= res[pred]) & (res[pred] <= res["ci_high"] + 0.05)
+        for p in PREDICTIONS:
+            pred = res[f"predicted_{p}"]
+            res[f"in_ci_{p}"] = (res["ci_low"] <= pred) & (pred <= res["ci_high"])
+            res[f"agrees_{p}"] = (pred - res["measured"]).abs() <= TOLERANCE
     return res
 
 
-def format_report(fits: pd.DataFrame) -> str:
-    """A plain-text table: measured exponent [95% CI] beside the predicted ones."""
+def _fit_rule(g: pd.DataFrame, a: pd.DataFrame, scheme: str, opt: str, part: str, rule: str, rho_column: str,
+              ref, pilot_max_n: int, n_boot: int, rng: np.random.Generator) -> list[dict]:
+    """The fit rows of one rule: per-layer rows ``g``, its ``__all__`` rows ``a``."""
+    from validation.refined import refined_kwargs
+
+    d = int(a["d_out"].iloc[0]) if len(a) and a["d_out"].iloc[0] > 0 else 384
+    k = int(a["k_in"].iloc[0]) if len(a) and a["k_in"].iloc[0] > 0 else 384
+    alpha = float(g["alpha"].iloc[0])
+    part_rows = bool((g["participating"] < g["n_clients"]).any())
+    zero = _zero_forms(scheme, opt)
+    out = []
+    for wrt, fixed_col in (("rank", "n_clients"), ("n_clients", "rank")):
+        for fixed, h in g.groupby(fixed_col):
+            xs = np.sort(h[wrt].unique())
+            if xs.size < 2:
+                continue
+            seeds, layers = np.sort(h["seed"].unique()), np.sort(h["layer"].unique())
+            sub = a[a[fixed_col] == fixed]
+            rho_m = sub.loc[sub["n_participating"] > 1, rho_column].clip(0, 1).mean()
+            if wrt == "rank" and int(fixed) == 1:
+                rho_m = 0.0  # one client: rho does not enter the prediction
+            # K, the clients averaged at each point: the rule's N in the harness and in the prediction
+            k_avg = [int(sub.loc[sub[wrt] == x, "n_participating"].max()) for x in xs]
+            ns = xs if wrt == "n_clients" else np.array([fixed])
+            kw = dict(regime=OPTIMIZER_REGIME[opt], scheme=scheme, alpha=alpha, d=d, k=k, participating=k_avg,
+                      **_scales(sub, k, opt))
+            r0, rr = (("sfed", "sfed-general") if rule == "sfed-adaptive" else (rule, rule))
+            for quantity, col in QUANTITY_COLUMNS.items():
+                if col not in h or quantity in zero:
+                    continue
+                slope, lo, hi = _fit_one(_cube(h, wrt, col, xs, seeds, layers), xs.astype(float), n_boot, rng)
+                pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
+                pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
+                            if math.isfinite(rho_m) else float("nan"))
+                pred_ref = float("nan")
+                if ref is not None and rule in ref.s_B:
+                    rkw = {**refined_kwargs(ref, rule), "alpha": alpha, "participating": k_avg}
+                    pred_ref = _predict(quantity, rule, wrt, xs.tolist(), int(fixed), **rkw)
+                out.append({"scheme": scheme, "optimizer": opt, "partition": part, "rule": rule,
+                            "quantity": quantity, "column": col, "wrt": wrt,
+                            "fixed": f"{'N' if fixed_col == 'n_clients' else 'r'}={fixed}",
+                            "fixed_value": int(fixed), "points": ",".join(map(str, xs)), "n_seeds": seeds.size,
+                            "n_layers": layers.size, "measured": slope, "ci_low": lo, "ci_high": hi,
+                            "predicted_rho0": pred0, "rho_hat": rho_m, "predicted_rho_hat": pred_rho,
+                            "predicted_refined": pred_ref,
+                            "refined_sample": "out" if ns.max() > pilot_max_n else "in",
+                            "partial_participation": part_rows})
+    return out
+
+
+def _zero_forms(scheme: str, opt: str) -> set[str]:
+    """Quantities whose closed form is identically zero for this scheme and regime (nothing to fit)."""
+    try:
+        from sfed_theory.derivation import closed_form
+    except ImportError:
+        return set()
+    return {q for q in QUANTITY_COLUMNS if closed_form(q, scheme, OPTIMIZER_REGIME[opt]) == 0}
+
+
+def agreement_summary(fits: pd.DataFrame) -> pd.DataFrame:
+    """Per prediction: how many fitted slopes it has, how many lie strictly inside the 95% CI and how
+    many within :data:`TOLERANCE`; the refined model's out-of-sample slopes also on their own."""
+    rows = []
+    for p in PREDICTIONS:
+        for label, sel in ((p, fits[f"predicted_{p}"].notna()),
+                           *((("refined, out-of-sample", fits["predicted_refined"].notna()
+                               & (fits["refined_sample"] == "out")),) if p == "refined" else ())):
+            f = fits[sel]
+            rows.append({"prediction": label, "slopes": len(f), "in_ci": int(f[f"in_ci_{p}"].sum()),
+                         "within_tol": int(f[f"agrees_{p}"].sum())})
+    return pd.DataFrame(rows)
+
+
+def format_report(fits: pd.DataFrame, refined_params: list | None = None) -> str:
+    """A plain-text table: measured exponent [95% CI] beside the predicted ones, then the agreement
+    counts (strictly inside the CI, and within the tolerance) and the refined model's parameters."""
     if fits.empty:
         return "no exponents could be fitted (need >= 2 ranks or >= 2 client counts)"
     lines = ["Log-log exponents, measured [95% bootstrap CI over seeds x layers] vs predicted by sfed_theory",
-             "(pred rho=0: the paper's independent-clients assumption; pred rho^: at the measured client "
-             "correlation; ok0 / ok^ = that prediction inside the CI widened by 0.05)"]
-    for (scheme, opt, wrt), g in fits.groupby(["scheme", "optimizer", "wrt"], sort=False):
+             "  rho=0: canonical model, independent clients (the paper's assumption)",
+             "  rho^:  canonical model at the measured client correlation of these points (follows the data by "
+             "construction)",
+             f"  refd:  refined model, parameters estimated from the pilot runs only (in/out: slope within / beyond "
+             f"the pilot's N)",
+             f"  marks per prediction: C = strictly inside the 95% CI, T = within {TOLERANCE} of the measured "
+             "slope, - = neither"]
+    mark = lambda r, p: ("" if not math.isfinite(r[f"predicted_{p}"]) else  # noqa: E731
+                         ("C" if r[f"in_ci_{p}"] else "") + ("T" if r[f"agrees_{p}"] else "") or "-")
+    keys = ["scheme", "optimizer", "partition", "wrt"]
+    for key, g in fits.groupby(keys, sort=False):
+        scheme, opt, part, wrt = key
         lines.append("")
-        lines.append(f"== scheme={scheme} optimizer={opt} (regime {OPTIMIZER_REGIME[opt]}): exponent in "
+        lines.append(f"== scheme={scheme} optimizer={opt} (regime {OPTIMIZER_REGIME[opt]}) split={part}: exponent in "
                      f"{'rank r' if wrt == 'rank' else 'clients N'} ==")
-        lines.append(f"{'quantity':<15}{'rule':<8}{'at':<7}{'measured':>9} {'95% CI':<17}{'pred rho=0':>11}"
-                     f"{'rho^':>7}{'pred rho^':>10}  ok0 ok^")
+        lines.append(f"{'quantity':<15}{'rule':<8}{'at':<7}{'measured':>9} {'95% CI':<17}{'rho=0':>7}{'rho^':>7}"
+                     f"{'@rho^':>7}{'refd':>7}    0   ^   refd")
         for _, r in g.sort_values(["quantity", "rule", "fixed_value"]).iterrows():
             ci = f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]" if math.isfinite(r.ci_low) else "[n/a]"
+            ref = f"{r.predicted_refined:>+7.3f}" if math.isfinite(r.predicted_refined) else f"{'n/a':>7}"
             lines.append(f"{r.quantity:<15}{r.rule:<8}{r.fixed:<7}{r.measured:>+9.3f} {ci:<17}"
-                         f"{r.predicted_rho0:>+11.3f}{r.rho_hat:>7.2f}{r.predicted_rho_hat:>+10.3f}  "
-                         f"{'yes' if r.agrees_rho0 else 'NO':<4}"
-                         f"{'-' if not math.isfinite(r.predicted_rho_hat) else 'yes' if r.agrees_rho_hat else 'NO'}")
+                         f"{r.predicted_rho0:>+7.3f}{r.rho_hat:>7.3f}{r.predicted_rho_hat:>+7.3f}{ref}"
+                         f"  {mark(r, 'rho0'):<3} {mark(r, 'rho_hat'):<3} {mark(r, 'refined'):<3}"
+                         f"{r.refined_sample if math.isfinite(r.predicted_refined) else ''}")
+    lines.append("")
+    lines.append(f"Agreement (C: strictly inside the 95% CI; T: within {TOLERANCE}):")
+    for _, r in agreement_summary(fits).iterrows():
+        if r.slopes:
+            lines.append(f"  {r.prediction:<24} C {r.in_ci:>4}/{r.slopes:<4} ({r.in_ci / r.slopes:6.1%})   "
+                         f"T {r.within_tol:>4}/{r.slopes:<4} ({r.within_tol / r.slopes:6.1%})")
+    if refined_params:
+        lines.append("")
+        lines.append("Refined model parameters (estimated from the pilot runs only):")
+        lines.extend(f"  {p.describe()}" for p in refined_params)
     return "\n".join(lines)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from validation.config import GridConfig, RunConfig, parse_overrides
 
 __all__ = ["main", "default_grid"]
@@ -84,7 +86,7 @@ def _grid_from_args(ns: argparse.Namespace) -> GridConfig:
 
 
 def _analyze(out: Path, ns: argparse.Namespace) -> int:
-    from validation.analysis import fit_exponents, format_report
+    from validation.analysis import fit_exponents, format_report, refined_fits
     from validation.grid import load_results
     from validation.plots import coordinate_check
 
@@ -94,12 +96,16 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
         return 1
     n_div = df.loc[df["diverged"].astype(bool), "run_id"].nunique()
     print(f"\n{df['run_id'].nunique()} runs, {len(df)} rows in {out} ({n_div} diverged, excluded from fits)")
-    fits = fit_exponents(df, round=ns.round, n_boot=ns.n_boot)
-    print(format_report(fits))
+    params = refined_fits(df, round=ns.round)
+    fits = fit_exponents(df, round=ns.round, n_boot=ns.n_boot, refined=params)
+    print(format_report(fits, list(params.values())))
     fig_dir = Path(ns.figures) if ns.figures else out
     fig_dir.mkdir(parents=True, exist_ok=True)
     fits.to_csv(fig_dir / "exponents.csv", index=False)
     print(f"table: {fig_dir / 'exponents.csv'}")
+    if params:
+        pd.DataFrame([p.to_row() for p in params.values()]).to_csv(fig_dir / "refined_params.csv", index=False)
+        print(f"refined model parameters: {fig_dir / 'refined_params.csv'}")
     for p in coordinate_check(df, fig_dir, round=ns.round):
         print(f"figure: {p}")
     return 0
