@@ -23,7 +23,8 @@ from sfed_theory.montecarlo import ModelParams
 from sfed_theory.rules import RULES, scaling_factor
 from sfed_theory.schemes import check_names
 
-__all__ = ["PREDICTABLE", "predicted_norm", "predicted_exponent", "weight_sums", "expected_value"]
+__all__ = ["PREDICTABLE", "MOMENT_ARGS", "predicted_norm", "predicted_exponent", "weight_sums", "expected_value",
+           "moment_function"]
 
 PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_B", "aggregation_error")
 """Quantities ``predicted_norm`` accepts (sqrt of a second moment)."""
@@ -32,6 +33,17 @@ _ARGS: tuple[sp.Symbol, ...] = (
     SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
     SYM.f_in, SYM.phi, SYM.lam, *(power_sum(m) for m in range(2, 5)),
 )
+
+
+MOMENT_ARGS: tuple[str, ...] = tuple(str(a) for a in _ARGS)
+"""Positional arguments of :func:`moment_function`'s result, in order (``S2, S3, S4`` last)."""
+
+
+@lru_cache(maxsize=None)
+def moment_function(quantity: str, scheme: str, regime: str) -> Callable[..., np.ndarray]:
+    """The derived ``E[quantity]`` as a numpy function of :data:`MOMENT_ARGS` (vectorised over arrays)."""
+    check_names(quantity, scheme, regime)
+    return sp.lambdify(_ARGS, closed_form(quantity, scheme, regime), "numpy")
 
 
 @lru_cache(maxsize=None)

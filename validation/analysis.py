@@ -118,9 +118,20 @@ def _cube(h: pd.DataFrame, wrt: str, col: str, xs: np.ndarray, seeds: np.ndarray
     return cube
 
 
+def _projected_rho_column(quantity: str, scheme: str) -> str:
+    """The measured correlation that governs a quantity: its clients' contributions projected on its
+    direction (see :mod:`validation.metrics`); the Frobenius one where nothing projects."""
+    from validation.aggregation import SCHEME_TRAINS_A
+
+    return {"adapter_output": "rho_out", "grad_A": "rho_gA",
+            "grad_B": "rho_gB" if SCHEME_TRAINS_A[scheme] else "rho_ratio"}.get(quantity, "rho_ratio")
+
+
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict:
-    """``{(scheme, optimizer, partition): RefinedParams}`` fitted on each AdamW group's pilot runs
-    (groups with too little pilot data are left out with a warning)."""
+    """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
+    AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
+    its parameters, and its client correlation is the measured one projected on its direction
+    (:func:`_projected_rho_column`). Groups with too little pilot data are left out with a warning."""
     from validation.refined import fit_refined
 
     ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
@@ -128,10 +139,14 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
         ok = ok.assign(partition="?")
     out = {}
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
-        try:
-            out[key] = fit_refined(grp, pilot_max_n=pilot_max_n)
-        except ValueError as e:
-            warnings.warn(f"no refined prediction for {key}: {e}", stacklevel=2)
+        for q in QUANTITY_COLUMNS:
+            if q in _zero_forms(key[0], key[1]):
+                continue
+            try:
+                out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,),
+                                             rho_column=_projected_rho_column(q, key[0]))
+            except ValueError as e:
+                warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out
 
 
@@ -166,7 +181,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
     params = (refined if isinstance(refined, dict)
               else refined_fits(ok, round=round, pilot_max_n=pilot_max_n) if refined else {})
     for (scheme, opt, part), grp in ok.groupby(["scheme", "optimizer", "partition"]):
-        ref = params.get((scheme, opt, part))
+        ref = {q: params.get((scheme, opt, part, q)) for q in QUANTITY_COLUMNS}
         for rule, g in grp[grp["layer"] != ALL].groupby("rule"):
             a = grp[(grp["layer"] == ALL) & (grp["rule"] == rule)]
             out.extend(_fit_rule(g, a, scheme, opt, part, rule, rho_column, ref, pilot_max_n, n_boot, rng))
@@ -182,7 +197,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
 def _fit_rule(g: pd.DataFrame, a: pd.DataFrame, scheme: str, opt: str, part: str, rule: str, rho_column: str,
               ref, pilot_max_n: int, n_boot: int, rng: np.random.Generator) -> list[dict]:
     """The fit rows of one rule: per-layer rows ``g``, its ``__all__`` rows ``a``."""
-    from validation.refined import refined_kwargs
+    from validation.refined import predicted_slope
 
     d = int(a["d_out"].iloc[0]) if len(a) and a["d_out"].iloc[0] > 0 else 384
     k = int(a["k_in"].iloc[0]) if len(a) and a["k_in"].iloc[0] > 0 else 384
@@ -213,10 +228,9 @@ def _fit_rule(g: pd.DataFrame, a: pd.DataFrame, scheme: str, opt: str, part: str
                 pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
                 pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
                             if math.isfinite(rho_m) else float("nan"))
-                pred_ref = float("nan")
-                if ref is not None and rule in ref.s_B:
-                    rkw = {**refined_kwargs(ref, rule), "alpha": alpha, "participating": k_avg}
-                    pred_ref = _predict(quantity, rule, wrt, xs.tolist(), int(fixed), **rkw)
+                rq = ref.get(quantity)
+                pred_ref = (predicted_slope(rq, quantity, rule, wrt, xs, int(fixed), k_avg, alpha)
+                            if rq is not None and rule in rq.s_B else float("nan"))
                 out.append({"scheme": scheme, "optimizer": opt, "partition": part, "rule": rule,
                             "quantity": quantity, "column": col, "wrt": wrt,
                             "fixed": f"{'N' if fixed_col == 'n_clients' else 'r'}={fixed}",

@@ -2,24 +2,24 @@
 
 The refined random model adds three mechanisms to the canonical one (see
 ``sfed_theory.assumptions.REGIMES["adam-refined"]`` and docs/THEORY.md): an input-coherent share
-``f_in`` of each client's B increment, ``u_i (A x)^T``; a share ``phi`` of that component's output
-direction along the loss gradient, common to all clients; and the output-space curvature ``lam``:
-within the round the probe's output gradient moves by ``lam`` times the output change ``dW x``. Its parameters are estimated from the PILOT part of
-a grid (runs with ``N <= pilot_max_n``, default 4) and then predict every grid point, in particular
-N = 16 and the rank dependence. Which parameter comes from what:
+``f_in`` of each client's B increment, ``u_i (A x)^T`` (B is built from A x); a share ``phi`` of that
+component's output direction along the loss gradient, common to all clients; and the output-space
+curvature ``lam``: within the round the probe's output gradient moves by ``lam`` times the output
+change ``dW x``. Its parameters are estimated from the PILOT part of a grid (runs with
+``N <= pilot_max_n``, default 4) and then predict every grid point, in particular N = 16 and the
+rank dependence. Which parameter comes from what:
 
 * ``s_B``, ``s_dA``: seed-mean RMS client increments (``inc_B_rms``, ``inc_A_rms``) of the pilot runs
   of the same rule (the client increment's size as a measured input; under Adam it barely moves).
-* ``tau2x2``: the probe gradient's size ``tau^2 ||x||^2 = sum_l ||G_l||_F^2 / (L d)``, from dL/dB at the
-  round's start (B = 0, the same at every N): ``grad_B^2 / (gamma^2 r s_A^2 L d)``.
+* ``tau2x2`` per rank: the probe gradient's size ``tau^2 ||x||^2 = sum_l ||G_l||_F^2 / (L d)`` seen through
+  that rank's A, from dL/dB at the round's START (B = 0: measured before any training, identical at
+  every N for a rank and seed): ``grad_B^2 / (gamma^2 r s_A^2 L d)``, pilot mean.
 * ``rho_f``: the mean measured Frobenius correlation ``rho_ratio`` of the pilot runs with N > 1; the
   model's correlation of the non-coherent part is then ``(rho_f - f_in phi) / (1 - f_in)`` so that the
   model reproduces the measured Frobenius correlation.
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
-  fitted, absolute sizes are not predicted. (The harness's ``curvature`` column, the curvature along
-  the update in weight space, is a diagnostic: it grows with r, which an output-space curvature
-  alone does not give; see docs/THEORY.md.)
+  fitted, absolute sizes are not predicted.
 
 Layers of one model are treated alike (MiniLM's adapted layers are all 384 x 384): the ``__all__``
 value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant that the free scale takes.
@@ -36,7 +36,8 @@ from scipy.optimize import minimize
 
 from validation.metrics import ALL
 
-__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "RefinedParams", "fit_refined", "refined_kwargs"]
+__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "RefinedParams", "fit_refined", "predict_points",
+           "predicted_slope"]
 
 REFINED_REGIME = "adam-refined"
 PILOT_MAX_N = 4
@@ -54,7 +55,7 @@ class RefinedParams:
     phi: float
     rho_f: float  # measured Frobenius correlation (pilot mean)
     lam: float
-    tau2x2: float
+    tau2x2: dict[int, float]  # per rank
     s_B: dict[str, float]  # per rule
     s_dA: dict[str, float]
     d: int
@@ -73,29 +74,48 @@ class RefinedParams:
         return (f"{self.scheme}/{self.partition}: f_in={self.f_in:.4f} phi={self.phi:.3f} lambda={self.lam:.4g} "
                 f"(fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, rms log residual "
                 f"{self.rms_log_residual:.3f}); rho_F={self.rho_f:+.4f} (pilot rho_ratio) -> model rho={self.rho:+.4f}; "
-                f"tau^2|x|^2={self.tau2x2:.4g} (start dL/dB); "
-                f"s_B={_fmt(self.s_B)} s_dA={_fmt(self.s_dA)} (pilot increments)")
+                f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
+                f"s_dA={_fmt(self.s_dA)} (pilot increments)")
 
     def to_row(self) -> dict:
         """Flat dict for a CSV."""
         d = asdict(self)
         d["rho"] = self.rho
-        d["s_B"], d["s_dA"] = _fmt(self.s_B), _fmt(self.s_dA)
+        for key in ("tau2x2", "s_B", "s_dA"):
+            d[key] = _fmt(getattr(self, key))
         return d
 
 
-def _fmt(m: dict[str, float]) -> str:
+def _fmt(m: dict) -> str:
     return ",".join(f"{k}:{v:.4g}" for k, v in sorted(m.items()))
 
 
-def refined_kwargs(p: RefinedParams, rule: str) -> dict:
-    """Keyword arguments of :func:`sfed_theory.predict.predicted_norm` for ``rule`` under ``p``."""
+def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
+    """``sqrt(E[quantity])`` of the refined model at grid points (rank, N, K clients averaged); gamma
+    from the rule at K, as the harness sets it. Ranks without a pilot ``tau2x2`` use the pilot mean."""
+    from sfed_theory.predict import moment_function
+    from sfed_theory.rules import scaling_factor
+
+    r, n, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ns, ks))
+    gamma = np.array([scaling_factor(rule, alpha, int(a), int(b)) for a, b in zip(r, kk)])
+    t_mean = float(np.mean(list(p.tau2x2.values())))
+    tau = np.sqrt([p.tau2x2.get(int(a), t_mean) for a in r])
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
-    kw = dict(regime=REFINED_REGIME, scheme=p.scheme, d=p.d, k=p.k, s_A=s_a, s_B=p.s_B[rule],
-              tau=math.sqrt(p.tau2x2), x_norm2=1.0, rho=p.rho, f_in=p.f_in, phi=p.phi, lam=p.lam)
-    if p.s_dA.get(rule, math.nan) > 0:
-        kw["s_dA"] = p.s_dA[rule]
-    return kw
+    s_da = p.s_dA.get(rule, 0.0) or p.s_B[rule]
+    f = moment_function(quantity, p.scheme, REFINED_REGIME)
+    m = f(gamma, p.d, p.k, r, kk, p.rho, s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
+          1.0 / kk, kk ** -2.0, kk ** -3.0)
+    return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
+
+
+def predicted_slope(p: RefinedParams, quantity: str, rule: str, wrt: str, xs, fixed: int, ks, alpha: float) -> float:
+    """Least-squares log-log slope of :func:`predict_points` in ``wrt`` (``"rank"`` or ``"n_clients"``)."""
+    xs = np.asarray(xs, dtype=float)
+    ranks, ns = (xs, np.full_like(xs, fixed)) if wrt == "rank" else (np.full_like(xs, fixed), xs)
+    y = predict_points(p, quantity, rule, ranks, ns, ks, alpha)
+    if not np.all(y > 0):
+        return float("nan")
+    return float(np.polyfit(np.log(xs), np.log(y), 1)[0])
 
 
 def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -104,68 +124,65 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby(["rule", "rank", "n_clients", "n_participating"], as_index=False)[cols].mean()
 
 
-def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N) -> RefinedParams:
+def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
+                quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio") -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
     ``layer == "__all__"`` rows of non-diverged runs with ``n_clients <= pilot_max_n`` are used.
-    Raises ValueError when the pilot part has too little to fit (fewer than two ranks or no N > 1)."""
-    from sfed_theory.predict import predicted_norm
-
+    ``quantities``: the quantities whose pilot shapes are fitted; ``rho_column``: the measured client
+    correlation the model reproduces (``rho_ratio``, or a quantity's projected one: ``rho_out``,
+    ``rho_gA``, ``rho_gB``). The shares are kept in [0, 1/2]: a share above one half would make the
+    "client noise" smaller than the structure it is supposed to be noise around. Raises ValueError when the pilot part has too little to fit (fewer than two ranks or no N > 1)."""
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
     scheme, part = str(a.scheme.iloc[0]), str(a.partition.iloc[0]) if "partition" in a else "?"
     d, k, n_layers = int(a.d_out.iloc[0]), int(a.k_in.iloc[0]), int(rows[rows.layer != ALL].layer.nunique())
     t = _pilot_table(a)
-    s_a2 = 1.0 / (3 * k)
-    tau2x2 = float(np.mean(t.grad_B**2 / (t.gamma**2 * t["rank"] * s_a2 * n_layers * d)))
+    t2 = t.grad_B**2 / (t.gamma**2 * t["rank"] * (1.0 / (3 * k)) * n_layers * d)
+    tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
     s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
     s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
-    rho_f = float(a.loc[a.n_clients > 1, "rho_ratio"].mean())
-    meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if (t[c] > 0).all()}
+    rho_f = float(a.loc[a.n_clients > 1, rho_column].mean())
+    meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
+    groups = list(t.groupby("rule"))
 
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
         return RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid)
 
-    # lambda's natural unit: the probe gradient's size over the size of the output change
-    base = params(0.0, 0.0, 0.0)
-    out0 = np.median([predicted_norm("adapter_output", row.rule, rank=int(row.rank), n_clients=int(row.n_clients),
-                                     participating=int(row.n_participating), alpha=float(row.alpha),
-                                     **refined_kwargs(base, row.rule)) for row in t.itertuples()])
-    lam_unit = math.sqrt(d * tau2x2) / out0
+    def predicted(p: RefinedParams, q: str) -> np.ndarray:
+        out = np.empty(len(t))
+        for rule, g in groups:
+            out[g.index] = predict_points(p, q, rule, g["rank"], g.n_clients, g.n_participating, float(g.alpha.iloc[0]))
+        return out
 
-    def residuals(x: np.ndarray) -> np.ndarray:
-        p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
-        if not -0.99 < p.rho < 1:
-            return np.full(sum(v.size for v in meas.values()), 1e3)
-        out = []
-        for q, y in meas.items():
-            pred = []
-            for row in t.itertuples():
-                kw = refined_kwargs(p, row.rule)
-                pred.append(predicted_norm(q, row.rule, rank=int(row.rank), n_clients=int(row.n_clients),
-                                           participating=int(row.n_participating), alpha=float(row.alpha), **kw))
-            lp = np.log(np.maximum(pred, 1e-300))
-            r = y - lp
-            out.append(r - r.mean())  # one free scale per quantity
-        return np.concatenate(out)
+    # lambda's natural unit: the probe gradient's size over the size of the output change
+    lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / float(np.median(predicted(params(0, 0, 0),
+                                                                                        "adapter_output")))
 
     def loss(x: np.ndarray) -> float:
-        return float(np.sum(residuals(x) ** 2))
+        p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
+        if not -0.99 < p.rho < 1:
+            return 1e6
+        total = 0.0
+        for q, y in meas.items():
+            r = y - np.log(np.maximum(predicted(p, q), 1e-300))
+            total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
+        return total
 
-    starts = [np.array([_logit(f), _logit(ph), math.log(lam)]) for f in (0.01, 0.1) for ph in (0.05, 0.5)
+    starts = [np.array([_logit(f), _logit(ph), math.log(lam)]) for f in (0.01, 0.1) for ph in (0.05, 0.3)
               for lam in (0.01, 1.0)]
-    best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10, "maxiter": 1500})
+    best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10, "maxiter": 2000})
                 for s in starts), key=lambda r: r.fun)
     f, ph = _shares(best.x[:2])
     rms = float(np.sqrt(best.fun / max(1, sum(v.size for v in meas.values()))))
-    return params(f, ph, lam_unit * math.exp(float(best.x[2])), rms)
+    return params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))), rms)
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
-    return tuple(float(1.0 / (1.0 + math.exp(-v))) for v in np.clip(x, -30, 30))  # type: ignore[return-value]
+    return tuple(float(0.5 / (1.0 + math.exp(-v))) for v in np.clip(x, -30, 30))  # type: ignore[return-value]
 
 
 def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
+    return math.log(p / (0.5 - p))
