@@ -247,3 +247,48 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
     args = dict(rule="sfed", alpha=16.0) | kwargs
     with pytest.raises(ValueError, match=match):
         client_scaling_factors(args.pop("rule"), args.pop("alpha"), args.pop("ranks"), **args)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def _rows(out: str) -> dict[str, list[float]]:
+    lines = [ln for ln in out.splitlines() if ln and not ln.startswith("#")]
+    return {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in lines[1:]}
+
+
+def test_table_with_ranks_prints_server_client_gammas_rescale_and_size(capsys):
+    from sfed_theory.cli import main
+
+    assert main(["table", "--alpha", "16", "--ranks", "4", "16", "64", "--rho", "0.1", "--weights", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert "gamma[4]" in out and "rescale[64]" in out
+    rows = _rows(out)
+    assert set(rows) == set(HETERO_RULES)
+    for rule, cells in rows.items():
+        s = client_scaling_factors(rule, 16.0, [4, 16, 64], weights=[1, 2, 3], rho=0.1)
+        assert cells == pytest.approx([s.server, s.size, *s.clients, *s.rescale], rel=1e-4)
+    assert main(["table", "--alpha", "16", "--ranks", "64", "64", "64", "64"]) == 0
+    sfed = _rows(capsys.readouterr().out)["sfed-hetero"]
+    assert sfed[:1] + sfed[2:6] == pytest.approx([scaling_factor("sfed", 16, 64, 4)] * 5, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--ranks", "4", "0"], "integer >= 1"),
+        (["--ranks", "4", "16", "--rank", "4"], "not both"),
+        (["--ranks", "4", "16", "--clients", "3"], "disagrees"),
+        (["--ranks", "4", "16", "--weights", "1,2,3"], "weights has 3 entries but ranks has 2"),
+        (["--ranks", "4", "16", "--participating", "1"], "participating"),
+        (["--ranks", "4", "--a-init", "independent"], "shared A"),
+        (["--rank", "4"], "--rank and --clients"),
+    ],
+)
+def test_table_with_bad_ranks_exits_2_with_a_clear_message(argv, match, capsys):
+    from sfed_theory.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["table", "--alpha", "16", *argv])
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
