@@ -13,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ import sympy as sp
 
 from sfed_theory.assumptions import ASSUMPTIONS, REGIMES, SCHEMES
 from sfed_theory.derivation import derive, in_terms_of_c, solve_invariance
+from sfed_theory.hetero import A_INITS, QUANTITY_TEXT_H, REGIMES_H, SCHEME_TEXT, VARIANTS, C
 from sfed_theory.hetero_rules import HETERO_RULES, HETERO_SCHEMES, client_scaling_factors
 from sfed_theory.rules import RULES, effective_clients, scaling_factor
 from sfed_theory.schemes import QUANTITIES, QUANTITY_TEXT, check_names
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     p = argparse.ArgumentParser(prog="sfed-theory", description="Derived moments of aggregated LoRA updates "
                                 "and the federated scaling factor gamma.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{derive,solve,table,check,assumptions}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{derive,solve,table,check,assumptions,hetero}")
 
     d = sub.add_parser("derive", help="derive closed forms (optionally every step)")
     d.add_argument("--scheme", choices=_choices(list(SCHEMES)), default="all")
@@ -126,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gamma", type=_pos_float, default=0.8)
 
     sub.add_parser("assumptions", help="list the named assumptions of the random model")
+
+    h = sub.add_parser("hetero", help="heterogeneous client ranks: derived moments and the solved scale c")
+    h.add_argument("--scheme", choices=_choices(list(SCHEME_TEXT)), default="all")
+    h.add_argument("--variant", choices=_choices(list(VARIANTS)), default="all")
+    h.add_argument("--regime", choices=_choices(list(REGIMES_H)), default="all")
+    h.add_argument("--a-init", choices=_choices(list(A_INITS)), default="shared")
+    h.add_argument("--quantity", choices=_choices(list(QUANTITY_TEXT_H)), default="adapter_output")
+    h.add_argument("--steps", action="store_true", help="print index terms and every Wick pairing")
+    h.add_argument("--solve", action="store_true", help="also solve the invariance condition for c")
     return p
 
 
@@ -273,6 +285,32 @@ def _cmd_assumptions() -> int:
     return 0
 
 
+def _cmd_hetero(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sfed_theory.hetero import NoClosedForm, check_hetero, derive_hetero, solve_hetero
+
+    sweep = "all" in (a.scheme, a.variant, a.regime, a.a_init, a.quantity)
+    for combo in itertools.product(_selected(a.quantity, list(QUANTITY_TEXT_H)), _selected(a.scheme, list(SCHEME_TEXT)),
+                                   _selected(a.variant, list(VARIANTS)), _selected(a.regime, list(REGIMES_H)),
+                                   _selected(a.a_init, list(A_INITS))):
+        try:
+            check_hetero(*combo)
+        except NoClosedForm as err:
+            print(f"{combo[0]} [{'/'.join(combo[1:])}]: {err}")
+            continue
+        except ValueError as err:
+            if sweep:
+                continue  # combination not defined by the model
+            parser.error(str(err))
+        dv = derive_hetero(*combo)
+        print(dv.text(steps=a.steps))
+        if a.solve and combo[0] in ("adapter_output", "update_fro") and dv.result.has(C):
+            inv = solve_hetero(*combo[1:], quantity=combo[0])
+            print(f"  one-client profile h(r) = {inv.profile}\n  c* = {inv.c_star}")
+    print("# W(a, b, q, l...) = sum over clients i with r_i >= every l of p_i^a h_i^b r_i^q; gamma_i = c h_i; "
+          "R = max r_i; r_c = the downloading client's rank")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sfed-theory`` console script; returns the exit status."""
     parser = build_parser()
@@ -285,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_table(a, parser)
     if a.command == "check":
         return _cmd_check(a, parser)
+    if a.command == "hetero":
+        return _cmd_hetero(a, parser)
     return _cmd_assumptions()
 
 

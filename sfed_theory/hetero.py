@@ -45,7 +45,9 @@ from functools import lru_cache
 import sympy as sp
 
 from sfed_theory.assumptions import FIELDS, SYM, GaussianField, power_sum
-from sfed_theory.wick import FIXED_CLIENT, Entry, Idx, IndexFactory, Mat, Pairing, Term, expect, frobenius_inner
+from sfed_theory.wick import (
+    FIXED_CLIENT, Entry, Idx, IndexFactory, Mat, Pairing, Term, expect, frobenius_inner, term_latex,
+)
 
 __all__ = [
     "R_MAX", "C", "R_C", "W", "HETERO_FIELDS", "SCHEME_TEXT", "VARIANTS", "REGIMES_H", "A_INITS",
@@ -374,10 +376,15 @@ class HeteroDerivation:
     pairings: tuple[Pairing, ...]
     result: sp.Expr  # E[quantity] in c, the model symbols and the mix sums W
 
-    def text(self) -> str:
-        """One-line summary: the combination, the pairing count and the closed form."""
-        return (f"{self.quantity} [{self.scheme}/{self.variant}/{self.regime}/A {self.a_init}]: "
-                f"{len(self.terms)} index terms, {len(self.pairings)} pairings\n  E = {self.result}")
+    def text(self, steps: bool = False) -> str:
+        """The combination, the counts and the closed form; with ``steps`` every index term and pairing."""
+        lines = [f"{self.quantity} [{self.scheme}/{self.variant}/{self.regime}/A {self.a_init}]: "
+                 f"{len(self.terms)} index terms, {len(self.pairings)} pairings"]
+        if steps:
+            lines += [f"  term: {term_latex(t)}" for t in self.terms]
+            lines += [f"  pairing[{p.term}]: {p.text()}" for p in self.pairings]
+        lines.append(f"  E = {self.result}")
+        return "\n".join(lines)
 
 
 @lru_cache(maxsize=None)

@@ -292,3 +292,16 @@ def test_table_with_bad_ranks_exits_2_with_a_clear_message(argv, match, capsys):
         main(["table", "--alpha", "16", *argv])
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def test_hetero_command_prints_the_derivation_and_the_solved_scale(capsys):
+    from sfed_theory.cli import main
+
+    assert main(["hetero", "--scheme", "zero-pad", "--variant", "ffa", "--regime", "adam", "--steps", "--solve"]) == 0
+    out = capsys.readouterr().out
+    assert "pairing[0]: <B[i_{1}] B[i_{2}]> <A A>" in out and "Sum(W(1, 1, 0, l)**2, (l, 1, R))" in out
+    assert "h(r) = 1/sqrt(r)" in out and "c* = alpha*sqrt(1/(" in out
+    assert main(["hetero", "--quantity", "download"]) == 0
+    assert "no closed form" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["hetero", "--quantity", "loss_change", "--regime", "adam", "--scheme", "stack", "--variant", "ffa"])
