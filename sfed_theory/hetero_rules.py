@@ -39,7 +39,8 @@ import numpy as np
 
 from sfed_theory.rules import effective_clients
 
-__all__ = ["HETERO_RULES", "HETERO_SCHEMES", "ClientScaling", "client_scaling_factors", "aggregate_moment"]
+__all__ = ["HETERO_RULES", "HETERO_SCHEMES", "ClientScaling", "client_scaling_factors", "aggregate_moment",
+           "mix_ranks", "size_exponent"]
 
 HETERO_RULES: tuple[str, ...] = ("lora", "rslora", "sfed", "sfed-general", "sfed-hetero", "sfed-hetero-shared")
 HETERO_SCHEMES: tuple[str, ...] = ("zero-pad", "stack", "svd")
@@ -198,3 +199,22 @@ def client_scaling_factors(rule: str, alpha: float, ranks: Sequence[int], *, sch
     size = math.sqrt(aggregate_moment(r, clients, **moment)) / alpha
     return ClientScaling(rule, alpha, r, scheme, tuple(float(v) for v in p), rho, float(server),
                          tuple(float(g) for g in clients), tuple(float(server / g) for g in clients), size)
+
+
+def mix_ranks(mix: Sequence[int], n_clients: int) -> tuple[int, ...]:
+    """``n_clients`` ranks cycling through ``mix``: a fixed rank mix at any N (``(4, 16, 64)``, 5 ->
+    ``(4, 16, 64, 4, 16)``); the N axis of a heterogeneous grid."""
+    m = _check_ranks(mix)
+    if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
+        raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
+    return tuple(m[i % len(m)] for i in range(int(n_clients)))
+
+
+def size_exponent(rule: str, alpha: float, mix: Sequence[int], n_clients: Sequence[int], **kw: object) -> float:
+    """Least-squares slope of ``log size`` against ``log N`` for a rank mix cycled to each N: the
+    predicted exponent in N of the aggregate's norm under ``rule`` (0 for the derived rules)."""
+    ns = sorted({int(n) for n in n_clients})
+    if len(ns) < 2:
+        raise ValueError(f"n_clients must hold at least two distinct client counts, got {list(n_clients)}")
+    sizes = [client_scaling_factors(rule, alpha, mix_ranks(mix, n), **kw).size for n in ns]  # type: ignore[arg-type]
+    return float(np.polyfit(np.log(ns), np.log(sizes), 1)[0])

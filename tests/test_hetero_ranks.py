@@ -305,3 +305,19 @@ def test_hetero_command_prints_the_derivation_and_the_solved_scale(capsys):
     assert "no closed form" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["hetero", "--quantity", "loss_change", "--regime", "adam", "--scheme", "stack", "--variant", "ffa"])
+
+
+def test_mix_ranks_and_size_exponents_in_n():
+    from sfed_theory.hetero_rules import mix_ranks, size_exponent
+
+    assert mix_ranks((4, 16, 64), 5) == (4, 16, 64, 4, 16)
+    ns = (3, 6, 12, 24, 48)
+    # at rho = 0 the aggregate of fixed-per-client gammas shrinks like N^(-1/2); sfed and the derived rules hold it
+    assert size_exponent("rslora", 16, (4, 16, 64), ns) == pytest.approx(-0.5, abs=0.02)
+    assert size_exponent("lora", 16, (4, 16, 64), ns) == pytest.approx(-0.5, abs=0.02)
+    assert size_exponent("sfed-hetero", 16, (4, 16, 64), ns, rho=0.2) == pytest.approx(0.0, abs=1e-9)
+    assert size_exponent("sfed", 16, (4, 16, 64), ns, rho=0.2) > 0.3  # sqrt(N) undoes an average that rho stops
+    with pytest.raises(ValueError, match="two distinct"):
+        size_exponent("sfed", 16, (4,), (3, 3))
+    with pytest.raises(ValueError, match="integer >= 1"):
+        mix_ranks((4, 16), 0)
