@@ -51,7 +51,7 @@ from sfed_theory.wick import (
 
 __all__ = [
     "R_MAX", "C", "R_C", "W", "HETERO_FIELDS", "SCHEME_TEXT", "VARIANTS", "REGIMES_H", "A_INITS",
-    "QUANTITY_TEXT_H", "NoClosedForm", "check_hetero", "hetero_combinations", "build_hetero",
+    "QUANTITY_TEXT_H", "QUANTITIES_H", "NoClosedForm", "check_hetero", "hetero_combinations", "build_hetero",
     "contract_hetero", "HeteroDerivation", "derive_hetero", "mix_value", "at_mix", "equal_ranks",
     "HeteroInvariance", "local_profile", "solve_hetero",
 ]
@@ -566,7 +566,7 @@ class HeteroInvariance:
         return float(out)
 
 
-def _positive_root(roots: Sequence[sp.Expr], atoms: dict[sp.Expr, sp.Symbol]) -> sp.Expr:
+def _positive_root(roots: Sequence[sp.Expr]) -> sp.Expr:
     point = {s: sp.Rational(3, 7) + n / 5 for n, s in enumerate(sorted(
         set().union(*(z.free_symbols for z in roots)), key=str))}
     good = []
@@ -593,7 +593,7 @@ def solve_hetero(scheme: str = "zero-pad", variant: str = "ffa", regime: str = "
     atoms = {a: sp.Symbol(f"H{n}", positive=True) for n, a in enumerate(sorted(_mix_atoms(q), key=str))}
     eq = sp.Eq(q.xreplace(atoms) / SYM.d, ref / SYM.d)
     roots = tuple(sp.solve(eq, C))
-    root = _positive_root(roots, atoms)
+    root = _positive_root(roots)
     back = {s: a for a, s in atoms.items()}
     return HeteroInvariance(
         quantity, scheme, variant, regime, a_init, q, sp.factor(ref), eq, roots, root.xreplace(back),
