@@ -4,6 +4,9 @@ Public API
 ----------
 scaling_factor(rule, alpha, rank, n_clients, **kw) -> float
     gamma for "lora", "rslora", "sfed" and "sfed-general" (rho, weights, participating).
+client_scaling_factors(rule, alpha, ranks, *, scheme, weights, rho) -> ClientScaling
+    heterogeneous client ranks: the server's gamma, each client's gamma, the function-preserving
+    rescale of B between them, and the aggregate's predicted size (sfed_theory.hetero derives it).
 effective_clients(n_clients, rho, weights, participating) -> float
     N_eff = 1 / (rho + (1 - rho) * sum p_i^2).
 predicted_norm(quantity, rule, *, regime, scheme, rank, n_clients, ...) -> float
@@ -17,6 +20,7 @@ derive(quantity, scheme, regime) -> Derivation;  solve_invariance(scheme, regime
 from importlib import import_module
 from typing import Any
 
+from sfed_theory.hetero_rules import ClientScaling, client_scaling_factors
 from sfed_theory.rules import RULES, effective_clients, scaling_factor, weights_sum_squares
 
 # sympy-backed parts load on first use, so `import sfed_theory.rules` stays light
@@ -42,6 +46,8 @@ __version__ = "0.1.0"
 __all__ = [
     "RULES",
     "scaling_factor",
+    "client_scaling_factors",
+    "ClientScaling",
     "effective_clients",
     "weights_sum_squares",
     "predicted_norm",

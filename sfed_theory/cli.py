@@ -4,6 +4,7 @@ Examples::
 
     sfed-theory table --alpha 16 --rank 256 --clients 16            # gamma of every rule
     sfed-theory table --alpha 16 --rank 256 --clients 16 --rho 0.1 --participating 4
+    sfed-theory table --alpha 16 --ranks 4 16 64 --scheme zero-pad      # heterogeneous client ranks
     sfed-theory derive --scheme ffa --regime adam --steps --latex   # index expression, pairings, result
     sfed-theory solve                                               # invariance condition -> gamma*
     sfed-theory check --samples 20000                               # closed form vs Monte Carlo
@@ -12,6 +13,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -20,6 +22,8 @@ import sympy as sp
 
 from sfed_theory.assumptions import ASSUMPTIONS, REGIMES, SCHEMES
 from sfed_theory.derivation import derive, in_terms_of_c, solve_invariance
+from sfed_theory.hetero import A_INITS, QUANTITY_TEXT_H, REGIMES_H, SCHEME_TEXT, VARIANTS, C
+from sfed_theory.hetero_rules import HETERO_RULES, HETERO_SCHEMES, client_scaling_factors
 from sfed_theory.rules import RULES, effective_clients, scaling_factor
 from sfed_theory.schemes import QUANTITIES, QUANTITY_TEXT, check_names
 
@@ -78,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and documentation)."""
     p = argparse.ArgumentParser(prog="sfed-theory", description="Derived moments of aggregated LoRA updates "
                                 "and the federated scaling factor gamma.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{derive,solve,table,check,assumptions}")
+    sub = p.add_subparsers(dest="command", required=True,
+                           metavar="{derive,solve,table,check,assumptions,hetero}")
 
     d = sub.add_parser("derive", help="derive closed forms (optionally every step)")
     d.add_argument("--scheme", choices=_choices(list(SCHEMES)), default="all")
@@ -94,10 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
                    default="adapter_output")
     s.add_argument("--latex", action="store_true")
 
-    t = sub.add_parser("table", help="gamma of every rule for given alpha, rank and clients")
+    t = sub.add_parser("table", help="gamma of every rule for given alpha, rank and clients (or client ranks)")
     t.add_argument("--alpha", type=_pos_float, required=True)
-    t.add_argument("--rank", type=_pos_int, required=True)
-    t.add_argument("--clients", type=_pos_int, required=True)
+    t.add_argument("--rank", type=_pos_int, default=None, help="one rank for every client (with --clients)")
+    t.add_argument("--clients", type=_pos_int, default=None)
+    t.add_argument("--ranks", type=_pos_int, nargs="+", default=None,
+                   help="one rank per client (heterogeneous ranks; N = number of ranks)")
+    t.add_argument("--scheme", choices=HETERO_SCHEMES, default="zero-pad", help="with --ranks: aggregation scheme")
+    t.add_argument("--train-a", action="store_true", help="with --ranks: A is trained and aggregated too")
+    t.add_argument("--a-init", choices=("shared", "independent"), default="shared",
+                   help="with --ranks: one broadcast A, or each client's own A init (stack, svd)")
     t.add_argument("--rho", type=_unit, default=0.0)
     t.add_argument("--participating", type=_pos_int, default=None, help="K of N clients per round")
     t.add_argument("--weights", type=_weights, default=None, help="comma-separated client weights")
@@ -118,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gamma", type=_pos_float, default=0.8)
 
     sub.add_parser("assumptions", help="list the named assumptions of the random model")
+
+    h = sub.add_parser("hetero", help="heterogeneous client ranks: derived moments and the solved scale c")
+    h.add_argument("--scheme", choices=_choices(list(SCHEME_TEXT)), default="all")
+    h.add_argument("--variant", choices=_choices(list(VARIANTS)), default="all")
+    h.add_argument("--regime", choices=_choices(list(REGIMES_H)), default="all")
+    h.add_argument("--a-init", choices=_choices(list(A_INITS)), default="shared")
+    h.add_argument("--quantity", choices=_choices(list(QUANTITY_TEXT_H)), default="adapter_output")
+    h.add_argument("--steps", action="store_true", help="print index terms and every Wick pairing")
+    h.add_argument("--solve", action="store_true", help="also solve the invariance condition for c")
     return p
 
 
@@ -170,6 +190,11 @@ def _cmd_solve(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_table(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if a.ranks is not None:
+        return _cmd_table_ranks(a, parser)
+    if a.rank is None or a.clients is None:
+        parser.error("table needs --rank and --clients (one rank for all clients), or --ranks R1 R2 ... "
+                     "(one rank per client)")
     extra = {"rho": a.rho, "participating": a.participating, "weights": a.weights}
     try:
         n_eff = effective_clients(a.clients, **extra)
@@ -184,6 +209,35 @@ def _cmd_table(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(f"{'rule':14s} {'gamma':>12s}")
     for rule, gamma in rows:
         print(f"{rule:14s} {gamma:12.6g}")
+    return 0
+
+
+def _cmd_table_ranks(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if a.rank is not None:
+        parser.error("give either --rank (one rank for all clients) or --ranks (one per client), not both")
+    if a.clients is not None and a.clients != len(a.ranks):
+        parser.error(f"--clients {a.clients} disagrees with the {len(a.ranks)} ranks given; N is the number of ranks")
+    if a.participating is not None:
+        parser.error("--participating is not modelled with --ranks: list the ranks of the clients averaged in a round")
+    try:
+        rows = [client_scaling_factors(rule, a.alpha, a.ranks, scheme=a.scheme, weights=a.weights, rho=a.rho,
+                                       train_a=a.train_a, a_init=a.a_init) for rule in HETERO_RULES]
+    except ValueError as err:
+        parser.error(str(err))
+    weights = ",".join(f"{w:.4g}" for w in rows[0].weights) if a.weights else "equal"
+    print(f"# alpha={a.alpha:g} ranks={','.join(map(str, a.ranks))} (N={len(a.ranks)}, R={max(a.ranks)}) "
+          f"scheme={a.scheme} rho={a.rho:g} weights={weights} A={'trained' if a.train_a else 'frozen'}, "
+          f"{a.a_init} init")
+    print("# gamma[r]: a client's scaling factor; rescale[r] = server / gamma multiplies its B on download "
+          "(divides on upload)")
+    print("# size: sqrt(E||dW x||^2) of the server's aggregate over that of one rank-1 client at gamma = alpha")
+    head = [f"{'rule':19s}", f"{'server':>10s}", f"{'size':>8s}"]
+    head += [f"{f'gamma[{r}]':>11s}" for r in a.ranks] + [f"{f'rescale[{r}]':>12s}" for r in a.ranks]
+    print(" ".join(head))
+    for s in rows:
+        cells = [f"{s.rule:19s}", f"{s.server:10.5g}", f"{s.size:8.5g}"]
+        cells += [f"{g:11.5g}" for g in s.clients] + [f"{f:12.5g}" for f in s.rescale]
+        print(" ".join(cells))
     return 0
 
 
@@ -231,6 +285,32 @@ def _cmd_assumptions() -> int:
     return 0
 
 
+def _cmd_hetero(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from sfed_theory.hetero import NoClosedForm, check_hetero, derive_hetero, solve_hetero
+
+    sweep = "all" in (a.scheme, a.variant, a.regime, a.a_init, a.quantity)
+    for combo in itertools.product(_selected(a.quantity, list(QUANTITY_TEXT_H)), _selected(a.scheme, list(SCHEME_TEXT)),
+                                   _selected(a.variant, list(VARIANTS)), _selected(a.regime, list(REGIMES_H)),
+                                   _selected(a.a_init, list(A_INITS))):
+        try:
+            check_hetero(*combo)
+        except NoClosedForm as err:
+            print(f"{combo[0]} [{'/'.join(combo[1:])}]: {err}")
+            continue
+        except ValueError as err:
+            if sweep:
+                continue  # combination not defined by the model
+            parser.error(str(err))
+        dv = derive_hetero(*combo)
+        print(dv.text(steps=a.steps))
+        if a.solve and combo[0] in ("adapter_output", "update_fro") and dv.result.has(C):
+            inv = solve_hetero(*combo[1:], quantity=combo[0])
+            print(f"  one-client profile h(r) = {inv.profile}\n  c* = {inv.c_star}")
+    print("# W(a, b, q, l...) = sum over clients i with r_i >= every l of p_i^a h_i^b r_i^q; gamma_i = c h_i; "
+          "R = max r_i; r_c = the downloading client's rank")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sfed-theory`` console script; returns the exit status."""
     parser = build_parser()
@@ -243,6 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_table(a, parser)
     if a.command == "check":
         return _cmd_check(a, parser)
+    if a.command == "hetero":
+        return _cmd_hetero(a, parser)
     return _cmd_assumptions()
 
 

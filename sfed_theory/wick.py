@@ -15,12 +15,12 @@ product of two copies of the same matrix gets independent dummy indices.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import sympy as sp
 
-from sfed_theory.assumptions import FIELDS, SYM, power_sum, range_size
+from sfed_theory.assumptions import FIELDS, SYM, GaussianField, power_sum, range_size
 
 __all__ = ["Idx", "Entry", "Term", "Mat", "Pairing", "IndexFactory", "expect", "contract", "term_latex"]
 
@@ -64,7 +64,7 @@ class Entry:
     client: Idx | None = None
 
     def latex(self) -> str:
-        name = "x" if self.field == "x" else FIELDS[self.field].latex
+        name = FIELDS[self.field].latex if self.field in FIELDS else self.field  # x, masks: as named
         sup = f"^{{({self.client.latex()})}}" if self.client is not None else ""
         shown = [i for i in self.idx if i.rng != "1"]  # column index of a vector is always 1
         return f"{name}{sup}_{{{' '.join(i.latex() for i in shown)}}}"
@@ -253,14 +253,23 @@ def contract(term: Term, deltas: Sequence[tuple[Idx, Idx]]) -> sp.Expr:
     return value
 
 
-def expect(terms: Sequence[Term]) -> tuple[sp.Expr, list[Pairing]]:
-    """``E[sum of terms]`` by Isserlis' theorem; returns the (expanded) result and every pairing."""
+def expect(terms: Sequence[Term], *, fields: Mapping[str, GaussianField] | None = None,
+           contract_fn: Callable[[Term, Sequence[tuple[Idx, Idx]]], sp.Expr] | None = None,
+           ) -> tuple[sp.Expr, list[Pairing]]:
+    """``E[sum of terms]`` by Isserlis' theorem; returns the (expanded) result and every pairing.
+
+    Entries whose field is in ``fields`` (default :data:`FIELDS`) are paired; every other entry (the
+    probe input ``x``, or deterministic factors of an extension) passes through to ``contract_fn``
+    (default :func:`contract`), which sums a term over its indices under the pairing's deltas.
+    """
+    fields = FIELDS if fields is None else fields
+    contract_fn = contract if contract_fn is None else contract_fn
     total: sp.Expr = sp.Integer(0)
     records: list[Pairing] = []
     for t_pos, term in enumerate(terms):
         by_field: dict[str, list[int]] = {}
         for pos, e in enumerate(term.entries):
-            if e.field != "x":
+            if e.field in fields:
                 by_field.setdefault(e.field, []).append(pos)
         if any(len(v) % 2 for v in by_field.values()):
             continue  # odd moments of a zero-mean Gaussian vanish
@@ -271,11 +280,11 @@ def expect(terms: Sequence[Term]) -> tuple[sp.Expr, list[Pairing]]:
             deltas: list[tuple[Idx, Idx]] = []
             client_pairs: list[tuple[Idx, Idx]] = []
             for e1, e2 in pairs:
-                coeff *= FIELDS[e1.field].variance
+                coeff *= fields[e1.field].variance
                 deltas.extend(zip(e1.idx, e2.idx))
                 if e1.client is not None and e1.client != e2.client:
                     # corr + (1 - corr) delta(i, i'), corr the field's client correlation
-                    client_pairs.append((e1.client, e2.client, FIELDS[e1.field].correlation))
+                    client_pairs.append((e1.client, e2.client, fields[e1.field].correlation))
             for same in itertools.product((False, True), repeat=len(client_pairs)):
                 c = coeff
                 dl = list(deltas)
@@ -287,7 +296,7 @@ def expect(terms: Sequence[Term]) -> tuple[sp.Expr, list[Pairing]]:
                         c *= corr
                 if c == 0:
                     continue
-                value = c * contract(term, dl)
+                value = c * contract_fn(term, dl)
                 records.append(Pairing(t_pos, tuple(pairs), tuple(dl), c, value))
                 total += value
     return sp.expand(total), records
