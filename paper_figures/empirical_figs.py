@@ -33,7 +33,7 @@ import sfed_theory
 
 from paper_figures import style
 
-__all__ = ["QUANTITIES", "REQUIRED_COLUMNS", "check_columns", "theory_scales", "round_rows", "with_predictions",
+__all__ = ["QUANTITIES", "REQUIRED_COLUMNS", "default_slice", "check_columns", "theory_scales", "round_rows", "with_predictions",
            "fit_scales",
            "fig_main", "fig_a_grad_vs_rank", "fig_b_grad_vs_clients", "fig_c_loss_curves", "fig_d_pred_vs_meas"]
 
@@ -66,6 +66,15 @@ def theory_scales(k: int, optimizer: str, inc_A_rms: float = float("nan"),
     return out
 
 
+def default_slice(df: pd.DataFrame) -> pd.DataFrame:
+    """The default task's slice of a multi-scheme results set: FFA, Dirichlet split, AdamW."""
+    sel = df
+    for col, val in (("scheme", "ffa"), ("partition", "dirichlet"), ("optimizer", "adamw")):
+        if col in sel and (sel[col] == val).any():
+            sel = sel[sel[col] == val]
+    return sel
+
+
 def check_columns(df: pd.DataFrame, need=REQUIRED_COLUMNS, what: str = "results") -> None:
     """Fail with the list of missing columns (the results format changed or the file is wrong)."""
     missing = [c for c in need if c not in df.columns]
@@ -87,6 +96,8 @@ def round_rows(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
     if sel.empty:
         raise ValueError(f"no non-diverged '__all__' rows in round {rnd}")
     keys = ["rule", "rank", "n_clients", "n_participating", "scheme", "optimizer", "alpha", "d_out", "k_in"]
+    if "partition" in sel:
+        keys.append("partition")
     norms = [c for c, _ in QUANTITIES.values()]
     cols = norms + ["rho_hat"] + [c for c in SCALE_COLUMNS if c in sel]
     g = sel.groupby(keys)
@@ -102,13 +113,18 @@ def _n_layers(df: pd.DataFrame) -> pd.Series:
 
 
 def with_predictions(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
-    """Round-``rnd`` seed-mean rows with ``pred_<q>_rho0`` and ``pred_<q>_rhohat`` columns (unscaled).
+    """Round-``rnd`` seed-mean rows with ``pred_<q>_rho0``, ``pred_<q>_rhohat`` and, where the refined
+    model can be fitted (AdamW, pilot runs with N <= 4), ``pred_<q>_refined`` columns (unscaled).
 
-    Per-layer predictions times sqrt(number of layers) (the ``__all__`` norm sums squares over
-    the layers, which share one shape in the default model).
+    ``rho0``: canonical model, independent clients. ``rhohat``: canonical model at each point's own
+    measured rho, so it follows the data by construction. ``refined``: the refined model with its
+    parameters estimated from the pilot runs only (:func:`validation.analysis.refined_fits`), a real
+    out-of-sample prediction at N = 16. Per-layer predictions times sqrt(number of layers) (the
+    ``__all__`` norm sums squares over the layers, which share one shape in the default model).
     """
     rows = round_rows(df, rnd)
     n_layers = int(_n_layers(df[df["round"] == rnd]).median()) if (df["layer"] != ALL).any() else 1
+    refined = _refined_params(df, rnd)
     out = []
     for _, r in rows.iterrows():
         rec = r.to_dict()
@@ -123,8 +139,35 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
                     n_clients=int(r["n_participating"]), alpha=float(r["alpha"]), rho=rho,
                     d=int(r["d_out"]), k=int(r["k_in"]), **scales)
                 rec[f"pred_{q}_{tag}"] = v * math.sqrt(n_layers)
+            rec[f"pred_{q}_refined"] = _refined_point(refined, q, r)
         out.append(rec)
     return pd.DataFrame(out)
+
+
+def _refined_params(df: pd.DataFrame, rnd: int) -> dict:
+    """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted)."""
+    import warnings
+
+    try:
+        from validation.analysis import refined_fits
+    except ImportError:  # the figures can be drawn without the harness
+        return {}
+    if not {"rho_out", "rho_gA", "curvature"} <= set(df.columns):
+        return {}  # results from before the refined model's measurements
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return refined_fits(df, round=rnd)
+
+
+def _refined_point(params: dict, q: str, r: pd.Series) -> float:
+    key = (r["scheme"], r["optimizer"], r.get("partition", "?"), q)
+    p = params.get(key)
+    if p is None or r["rule"] not in p.s_B:
+        return float("nan")
+    from validation.refined import predict_points
+
+    return float(predict_points(p, q, r["rule"], [int(r["rank"])], [int(r["n_clients"])],
+                                [int(r["n_participating"])], float(r["alpha"]))[0])
 
 
 def fit_scales(pred: pd.DataFrame, tag: str = "rhohat") -> dict[str, float]:
@@ -148,7 +191,8 @@ def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str,
                   formats, rnd: int = 1, quantities=("grad_A", "grad_B"), theory: bool = True) -> list[Path]:
     style.apply()
     pred = with_predictions(df, rnd)
-    scales = fit_scales(pred)
+    tag = "refined" if pred[[f"pred_{q}_refined" for q in quantities]].notna().all().all() else "rhohat"
+    scales = fit_scales(pred, tag)
     rules = _rules(pred)
     fig, axes = plt.subplots(len(quantities), len(rules), figsize=(style.PAGE_W, 2.0 * len(quantities) + 0.45),
                              squeeze=False, sharex=True, sharey="row", constrained_layout=True)
@@ -167,7 +211,7 @@ def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str,
                 if (g["n_seeds"] > 1).any():
                     ax.vlines(g[xcol], g[f"{col}_lo"], g[f"{col}_hi"], color=c, lw=1.6, alpha=0.55)
                 if theory:
-                    ax.plot(g[xcol], scales[q] * g[f"pred_{q}_rhohat"], "--", color=c, lw=0.8, alpha=0.8)
+                    ax.plot(g[xcol], scales[q] * g[f"pred_{q}_{tag}"], "--", color=c, lw=0.8, alpha=0.8)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             _tidy_log_axis(ax.yaxis)
@@ -183,7 +227,8 @@ def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str,
     handles, labels = axes[0, -1].get_legend_handles_labels()
     if theory:
         handles.append(Line2D([], [], color="0.3", ls="--", lw=0.8))
-        labels.append(r"theory ($\hat\rho$, 1 fitted scale per row)")
+        labels.append("refined theory, fitted on N <= 4 only (1 scale per row)" if tag == "refined" else
+                      r"theory at each point's measured $\hat\rho$ (follows the data; 1 scale per row)")
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
     meta = _describe(df)
     bars = "; bars = seed range" if (pred["n_seeds"] > 1).any() else ""
@@ -270,8 +315,11 @@ def fig_d_pred_vs_meas(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: i
     pred = with_predictions(df, rnd)
     rules = _rules(pred)
     qs = list(QUANTITIES)
-    fig, axes = plt.subplots(2, len(qs), figsize=(style.PAGE_W, 3.75), squeeze=False, constrained_layout=True)
-    rows = {"rho0": r"theory at $\rho=0$", "rhohat": r"theory at measured $\hat\rho$"}
+    rows = {"rho0": r"canonical, $\rho=0$", "rhohat": "canonical at each\npoint's measured\n" + r"$\hat\rho$ (follows data)"}
+    if pred[[f"pred_{q}_refined" for q in qs]].notna().all().all():
+        rows["refined"] = "refined, fitted\non N <= 4 only"
+    fig, axes = plt.subplots(len(rows), len(qs), figsize=(style.PAGE_W, 1.9 * len(rows)), squeeze=False,
+                             constrained_layout=True)
     for i, tag in enumerate(rows):
         scales = fit_scales(pred, tag)
         for j, q in enumerate(qs):

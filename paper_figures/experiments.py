@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
         p.add_argument("--reverse", action="store_true", help="run the cells from the other end (a second worker)")
         p.add_argument("--allow-dirty", action="store_true")
+        p.add_argument("--wall-s", type=float, help="collect: the run's wall time, for the manifest")
     ns = ap.parse_args(argv)
     pin = harness_pin()
     if not pin["clean"] and not ns.allow_dirty:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         provenance.import_harness()
         done = run_experiment(ns.experiment, ns.grid_set, work, reverse=ns.reverse)
         return 0 if not done["failed"] else 1
-    print(collect(ns.experiment, ns.grid_set, work, ns.results))
+    print(collect(ns.experiment, ns.grid_set, work, ns.results, wall_s=ns.wall_s))
     return 0
 
 

@@ -46,35 +46,50 @@ class Figure:
     def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
         from paper_figures import convergence_figs as C
         from paper_figures import empirical_figs as E
+        from paper_figures import gradient_figs as G
+        from paper_figures import lr_transfer as L
         from paper_figures import theory_figs as T
 
+        norms = lambda: E.default_slice(results["gradient_check"])  # noqa: E731  FFA, Dirichlet, AdamW
         fns: dict[str, Callable[..., list[Path]]] = {
-            "main": lambda: E.fig_main(results["scaling"], out, formats),
-            "a": lambda: E.fig_a_grad_vs_rank(results["scaling"], out, formats),
-            "b": lambda: E.fig_b_grad_vs_clients(results["scaling"], out, formats),
+            "main": lambda: E.fig_main(norms(), out, formats),
+            "a": lambda: E.fig_a_grad_vs_rank(norms(), out, formats),
+            "b": lambda: E.fig_b_grad_vs_clients(norms(), out, formats),
             "c": lambda: E.fig_c_loss_curves(results["curves"], out, formats),
-            "d": lambda: E.fig_d_pred_vs_meas(results["scaling"], out, formats),
+            "d": lambda: E.fig_d_pred_vs_meas(norms(), out, formats),
             "e": lambda: T.fig_e_moment_heatmap(out, formats=formats),
             "f": lambda: T.fig_f_rho(out, formats=formats),
             "g": lambda: C.fig_convergence(results["convergence"], out, formats),
             # n_boot=400 as in convergence_figs.draw_all (same figure; 1000 takes ~85 s here)
             "h": lambda: C.fig_normcheck(C.normcheck_fits(results["normcheck"], n_boot=400), out, formats),
+            "i": lambda: G.fig_gradient_check(G.slope_fits(results["gradient_check"]), out, formats,
+                                              title="AdamW, FFA / FedIT / FedSA x IID / Dirichlet: slopes in N and r "
+                                                    "of four norms"),
+            "k": lambda: G.fig_gradient_check(G.slope_fits(results["gradient_check_sgd"]), out, formats,
+                                              stem="fig_gradient_check_sgd",
+                                              title="SGD, FFA / FedIT x IID / Dirichlet: slopes in N and r of four "
+                                                    "norms (canonical model)"),
+            "j": lambda: L.fig_lr_transfer(results["lr_transfer"], out, formats),
         }
         return fns[self.key]()
 
 
 FIGURES: tuple[Figure, ...] = (
-    Figure("main", MAIN_FIGURE, "scaling", "aggregated update norm and adapter output vs N, per rule"),
-    Figure("a", "fig_a_grad_vs_rank", "scaling", "adapter gradient norms vs rank, one line per N, per rule"),
-    Figure("b", "fig_b_grad_vs_clients", "scaling", "adapter gradient norms vs N, one line per rank, per rule"),
+    Figure("main", MAIN_FIGURE, "gradient_check", "aggregated update norm and adapter output vs N, per rule"),
+    Figure("a", "fig_a_grad_vs_rank", "gradient_check", "adapter gradient norms vs rank, one line per N, per rule"),
+    Figure("b", "fig_b_grad_vs_clients", "gradient_check", "adapter gradient norms vs N, one line per rank, per rule"),
     Figure("c", "fig_c_loss_curves", "curves", "train loss / eval accuracy per round at high rank, per rule"),
-    Figure("d", "fig_d_pred_vs_meas", "scaling", "predicted vs measured norms (log-log, y = x)"),
+    Figure("d", "fig_d_pred_vs_meas", "gradient_check", "predicted vs measured norms (log-log, y = x)"),
     Figure("e", "fig_e_moment_heatmap", None, "theory: adapter output moment over (N, r) per rule"),
     Figure("f", "fig_f_rho_gamma", None, "theory: client correlation rho vs optimal gamma and moment"),
     Figure("g", "fig_convergence", "convergence",
            "final eval accuracy vs rank per rule (one untuned learning rate), eval-loss curves at the top rank"),
     Figure("h", "fig_normcheck", "normcheck",
            "measured vs predicted slope of the update norm in N and r, per rule and split"),
+    Figure("i", "fig_gradient_check", "gradient_check",
+           "AdamW: measured vs predicted slopes of the four norms (canonical, refined out of sample)"),
+    Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
+    Figure("j", "fig_lr_transfer", "lr_transfer", "final eval loss vs learning rate per rule, N and r; optima"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

@@ -134,6 +134,11 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
     (:func:`_projected_rho_column`). Groups with too little pilot data are left out with a warning."""
     from validation.refined import fit_refined
 
+    need = {"grad_B", "gamma", "inc_B_rms", "inc_A_rms", "rho_ratio", "rho_out", "rho_gA", "rho_gB", "d_out", "k_in"}
+    if not need <= set(df.columns):
+        warnings.warn(f"no refined predictions: the results lack {sorted(need - set(df.columns))} (measured by "
+                      "the harness since the refined model)", stacklevel=2)
+        return {}
     ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
     if "partition" not in ok:
         ok = ok.assign(partition="?")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -94,10 +95,9 @@ def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, al
     """``sqrt(E[quantity])`` of the refined model at grid points (rank, N, K clients averaged); gamma
     from the rule at K, as the harness sets it. Ranks without a pilot ``tau2x2`` use the pilot mean."""
     from sfed_theory.predict import moment_function
-    from sfed_theory.rules import scaling_factor
 
     r, n, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ns, ks))
-    gamma = np.array([scaling_factor(rule, alpha, int(a), int(b)) for a, b in zip(r, kk)])
+    gamma = np.array([_gamma(rule, alpha, int(a), int(b)) for a, b in zip(r, kk)])
     t_mean = float(np.mean(list(p.tau2x2.values())))
     tau = np.sqrt([p.tau2x2.get(int(a), t_mean) for a in r])
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
@@ -106,6 +106,13 @@ def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, al
     m = f(gamma, p.d, p.k, r, kk, p.rho, s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
           1.0 / kk, kk ** -2.0, kk ** -3.0)
     return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
+
+
+@lru_cache(maxsize=4096)
+def _gamma(rule: str, alpha: float, rank: int, k: int) -> float:
+    from sfed_theory.rules import scaling_factor
+
+    return scaling_factor(rule, alpha, rank, k)
 
 
 def predicted_slope(p: RefinedParams, quantity: str, rule: str, wrt: str, xs, fixed: int, ks, alpha: float) -> float:
@@ -171,9 +178,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    starts = [np.array([_logit(f), _logit(ph), math.log(lam)]) for f in (0.01, 0.1) for ph in (0.05, 0.3)
+    starts = [np.array([_logit(f), _logit(ph), math.log(lam)]) for f, ph in ((0.01, 0.05), (0.1, 0.3))
               for lam in (0.01, 1.0)]
-    best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-10, "maxiter": 2000})
+    best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
                 for s in starts), key=lambda r: r.fun)
     f, ph = _shares(best.x[:2])
     rms = float(np.sqrt(best.fun / max(1, sum(v.size for v in meas.values()))))

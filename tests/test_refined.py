@@ -1,0 +1,67 @@
+"""The refined model's estimation uses the pilot runs only, and its predictions are the derived closed forms."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sfed_theory.predict import predicted_norm
+from test_harness_helpers import synth
+from validation.analysis import fit_exponents, refined_fits
+from validation.federated import run
+from validation.refined import fit_refined, predict_points
+
+
+@pytest.fixture(scope="module")
+def small_grid() -> pd.DataFrame:
+    cfgs = [synth(rule=rule, n_clients=n, rank=r, seed=s, rounds=1, partition="iid")
+            for rule in ("lora", "sfed") for n in (1, 2, 4) for r in (2, 4) for s in (0, 1)]
+    return pd.concat([run(c) for c in cfgs], ignore_index=True)
+
+
+def test_parameters_come_from_the_pilot_runs_only(small_grid):
+    p = fit_refined(small_grid, pilot_max_n=2)
+    spoiled = small_grid.copy()
+    big = spoiled.n_clients > 2
+    for col in ("adapter_rms", "update_fro", "grad_A_end", "grad_B_end", "rho_ratio", "inc_B_rms", "grad_B"):
+        spoiled.loc[big, col] *= 7.0  # anything beyond the pilot must not move the estimates
+    q = fit_refined(spoiled, pilot_max_n=2)
+    assert (p.f_in, p.phi, p.lam, p.rho_f) == (q.f_in, q.phi, q.lam, q.rho_f)
+    assert p.s_B == q.s_B and p.tau2x2 == q.tau2x2
+    assert 0 <= p.f_in <= 0.5 and 0 <= p.phi <= 0.5
+    with pytest.raises(ValueError, match="pilot part"):
+        fit_refined(small_grid[small_grid.n_clients == 1], pilot_max_n=2)
+
+
+def test_predictions_are_the_derived_closed_forms(small_grid):
+    p = fit_refined(small_grid, pilot_max_n=2)
+    for q in ("adapter_output", "update_fro", "grad_A", "grad_B"):
+        got = predict_points(p, q, "sfed", [2, 4], [4, 4], [4, 4], 16.0)
+        for i, r in enumerate((2, 4)):
+            want = predicted_norm(q, "sfed", regime="adam-refined", scheme=p.scheme, rank=r, n_clients=4,
+                                  alpha=16.0, rho=p.rho, d=p.d, k=p.k, s_A=1 / math.sqrt(3 * p.k), s_B=p.s_B["sfed"],
+                                  tau=math.sqrt(p.tau2x2[r]), x_norm2=1.0, f_in=p.f_in, phi=p.phi, lam=p.lam)
+            assert got[i] == pytest.approx(want, rel=1e-10), q
+
+
+def test_exponent_table_has_refined_columns_and_labels_out_of_sample(small_grid):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = refined_fits(small_grid, pilot_max_n=2)
+        fits = fit_exponents(small_grid, n_boot=50, refined=params, pilot_max_n=2)
+    assert {"predicted_refined", "agrees_refined", "in_ci_refined", "refined_sample"} <= set(fits.columns)
+    n_fits = fits[fits.wrt == "n_clients"]
+    assert (n_fits.refined_sample == "out").all()  # N runs to 4, beyond the pilot
+    r_fits = fits[fits.wrt == "rank"]
+    assert set(r_fits.loc[r_fits.fixed_value <= 2, "refined_sample"]) == {"in"}
+    assert set(r_fits.loc[r_fits.fixed_value == 4, "refined_sample"]) == {"out"}
+    assert fits.predicted_refined.notna().all()
+    # agreement is stated two ways, and they are different claims
+    tol = (fits.predicted_refined - fits.measured).abs() <= 0.05
+    assert (fits.agrees_refined == tol).all()
+    ci = (fits.ci_low <= fits.predicted_refined) & (fits.predicted_refined <= fits.ci_high)
+    assert (fits.in_ci_refined == ci).all()
