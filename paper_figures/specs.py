@@ -4,7 +4,9 @@ A grid file ``paper_figures/grids/<set>_<experiment>.json`` holds a GridConfig (
 ``n_clients``, ``rules``, ...) and optionally:
 
 * ``partitions``: client splits (``"iid"``, ``"dirichlet"``), an extra grid axis.
-* ``lrs``: learning rates, an extra grid axis (the learning-rate sweep).
+* ``lrs``: learning rates, an extra grid axis (the learning-rate sweep): one list for every rule, or
+  ``{rule: [...]}`` for a window per rule (a rule whose optimum the theory places far away gets its
+  own window; every window must still show an interior optimum).
 * ``oracle``: how ``sfed-general``'s configured rho is obtained: the round-1 ``rho_ratio`` (layer
   ``__all__``) of a PILOT run of the same task with rule ``oracle.rule`` at rank ``oracle.rank``, one
   round, averaged over ``oracle.seeds``; measured once per (split, N) and cached in
@@ -40,7 +42,7 @@ class ExperimentSpec:
 
     grid: Any  # validation.config.GridConfig
     partitions: tuple[str, ...] = ()
-    lrs: tuple[float, ...] = ()
+    lrs: tuple[float, ...] | dict[str, tuple[float, ...]] = ()
     oracle: dict[str, Any] = field(default_factory=dict)
     dedupe_n1: bool = False
     target_loss_frac: float | None = None
@@ -58,6 +60,11 @@ class ExperimentSpec:
         base = RunConfig.from_dict({**self.grid.base.to_dict(), **overrides})
         return dataclasses.replace(self, grid=dataclasses.replace(self.grid, base=base))
 
+    def _all_lrs(self) -> list[float]:
+        if isinstance(self.lrs, dict):
+            return sorted({x for v in self.lrs.values() for x in v})
+        return list(self.lrs or (self.grid.base.lr,))
+
     def runs(self, work: Path | None = None) -> list:
         """Every RunConfig (oracle rho filled in from pilot runs cached in ``work``; N = 1 deduped if
         asked); seeds outermost, then cheapest first, so a cut-short grid still has whole seeds."""
@@ -69,10 +76,12 @@ class ExperimentSpec:
             rhos = oracle_rho(self.grid.base, parts, [n for n in self.grid.n_clients if n > 1], self.oracle, work)
         out = []
         for part in parts:
-            for lr in (self.lrs or (self.grid.base.lr,)):
+            for lr in self._all_lrs():
                 base = dataclasses.replace(self.grid.base, partition=part, lr=float(lr))
                 for c in dataclasses.replace(self.grid, base=base).runs():
                     if self.dedupe_n1 and c.n_clients == 1 and c.rule in FAMILY_N1:
+                        continue
+                    if isinstance(self.lrs, dict) and float(lr) not in self.lrs.get(c.rule, ()):
                         continue
                     if c.rule == "sfed-general" and c.n_clients > 1 and rhos:
                         c = dataclasses.replace(c, rho=rhos[f"{part}/{c.n_clients}"])
@@ -90,9 +99,14 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     about = str(d.get("_about", ""))
     extras = {k: d.pop(k) for k in _EXTRAS if k in d}
     grid = GridConfig.from_dict(d)  # ignores "_" comment keys
-    lrs = tuple(float(x) for x in extras.get("lrs", ()))
-    if any(not (x > 0) for x in lrs):
-        raise ValueError(f"{path}: every entry of 'lrs' must be a learning rate > 0, got {lrs}")
+    raw = extras.get("lrs", ())
+    lrs = ({rule: tuple(float(x) for x in v) for rule, v in raw.items()} if isinstance(raw, dict)
+           else tuple(float(x) for x in raw))
+    flat = [x for v in lrs.values() for x in v] if isinstance(lrs, dict) else list(lrs)
+    if any(not (x > 0) for x in flat):
+        raise ValueError(f"{path}: every entry of 'lrs' must be a learning rate > 0, got {raw}")
+    if isinstance(lrs, dict) and set(lrs) != set(grid.rules):
+        raise ValueError(f"{path}: 'lrs' per rule must name exactly the grid's rules {list(grid.rules)}, got {list(lrs)}")
     return ExperimentSpec(grid, tuple(extras.get("partitions", ())), lrs, dict(extras.get("oracle", {})),
                           bool(extras.get("dedupe_n1", False)), extras.get("target_loss_frac"), about)
 
