@@ -107,7 +107,7 @@ total = sum(p.value for p in d_out.pairings)
 assert sp.simplify(sp.expand(total) - sp.expand(d_out.result)) == 0, "closed form != sum of pairings"
 display(Math(r"\mathbb{E}\|y\|^2 = " + sp.latex(d_out.result)))
 display(Math(r"\mathbb{E}\|y\|^2 = " + sp.latex(derivation.in_terms_of_c(d_out.result))))
-equal = {power_sum(m): SYM.N ** (1 - m) for m in range(2, 5)}
+equal = {power_sum(m): SYM.N ** (1 - m) for m in range(2, 9)}
 display(Math(r"\text{equal weights, }\rho = 0:\ \mathbb{E}\|y\|^2 = "
              + sp.latex(sp.simplify(d_out.result.subs(equal).subs(SYM.rho, 0)))))
 

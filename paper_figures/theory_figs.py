@@ -47,7 +47,7 @@ def gamma_star_fn(regime: str = "adam", scheme: str = "ffa"):
     """``f(alpha, r, N, rho, k) -> gamma*`` from the solved invariance condition, equal client weights."""
     inv = sfed_theory.solve_invariance(scheme, regime)
     n = SYM.N
-    g = inv.gamma_star.subs({power_sum(m): n ** (1 - m) for m in range(2, 5)})
+    g = inv.gamma_star.subs({power_sum(m): n ** (1 - m) for m in range(2, 9)})
     return sp.lambdify((SYM.alpha, SYM.r, SYM.N, SYM.rho, SYM.k), g, "numpy")
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "REGIMES",
     "SCHEMES",
     "power_sum",
+    "MAX_POWER_SUM",
     "range_size",
 ]
 
@@ -70,6 +71,10 @@ SYM = Symbols(
     phi=sp.Symbol("phi", nonnegative=True),
     lam=sp.Symbol("lambda", real=True),
 )
+
+
+MAX_POWER_SUM = 8
+"""The highest client-weight power sum ``S_m`` a derived closed form may contain (``S_2 .. S_8``)."""
 
 
 @lru_cache(maxsize=None)
@@ -125,6 +130,11 @@ FIELDS: dict[str, GaussianField] = {
             "client i's loss gradient wrt W, G_i = dL_i/dW (d x k), SGD regime",
         ),
         GaussianField("g", "g", ("d", "1"), SYM.tau**2, False, "probe output gradient g = dL/dy (d), iid N(0, tau^2)"),
+        GaussianField(
+            "Ai", "A", ("r", "k"), SYM.s_A**2, True,
+            "client i's own A init (r x k) under an '-indep' scheme, iid N(0, s_A^2), independent across clients",
+            correlation=sp.Integer(0),
+        ),
         GaussianField(
             "w", "w", ("d", "1"), sp.Integer(1), True,
             "refined model: client i's own output direction of its input-coherent B component (d), iid N(0, 1), "
@@ -224,6 +234,11 @@ SCHEMES: dict[str, Scheme] = {
                     "factors (Bbar, Abar)", r"\gamma \bar B \bar A"),
     "fedsa": Scheme("fedsa", "FedSA-LoRA: A averaged, B stays local; the update is one client c's "
                     "personalised model dW = gamma B_c Abar, factors (B_c, Abar)", r"\gamma B_c \bar A"),
+    "fedit-indep": Scheme("fedit-indep", "FedIT with an A init drawn by every client itself (the server averages "
+                          "them, as the paper's pseudocode appears to do): dW = gamma Bbar Abar, Abar = sum_i p_i "
+                          "(A_i + Delta_i)", r"\gamma \bar B \bar A,\ \bar A = \textstyle\sum_i p_i A_i"),
+    "fedsa-indep": Scheme("fedsa-indep", "FedSA-LoRA with an A init drawn by every client itself: dW = gamma B_c Abar",
+                          r"\gamma B_c \bar A,\ \bar A = \textstyle\sum_i p_i A_i"),
     "exact": Scheme("exact", "exact aggregation (average of products, FedEx-style): dW = gamma sum_i p_i B_i A_i; "
                     "the whole update is merged into W0 and the adapter restarts at (B, A) = (0, A0), where "
                     "its gradients are taken", r"\gamma \sum_i p_i B_i A_i"),

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import sympy as sp
 
-from sfed_theory.assumptions import REGIMES, SCHEMES, SYM, power_sum
+from sfed_theory.assumptions import MAX_POWER_SUM, REGIMES, SCHEMES, SYM, power_sum
 from sfed_theory.schemes import QUANTITIES, QUANTITY_TEXT, build, check_names
 from sfed_theory.wick import Pairing, Term, expect, term_latex
 
@@ -37,7 +37,7 @@ __all__ = [
 C_N = sp.Symbol("c_N", positive=True)
 """Display symbol for ``rho + (1 - rho) * S2 = 1 / N_eff`` (used only for printing)."""
 
-_WEIGHT_SUMS = tuple(power_sum(m) for m in range(2, 5))
+_WEIGHT_SUMS = tuple(power_sum(m) for m in range(2, MAX_POWER_SUM + 1))
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def solve_invariance(scheme: str = "ffa", regime: str = "adam", quantity: str = 
         raise RuntimeError(f"expected one positive root for gamma, sympy returned {roots}")
     g = sp.simplify(positive[0])
     n = SYM.N
-    equal = {power_sum(m): n ** (1 - m) for m in range(2, 5)}
+    equal = {power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)}
     return Invariance(
         quantity, scheme, regime, eq, roots, g,
         at_rho0_equal=sp.simplify(g.subs(SYM.rho, 0).subs(equal)),

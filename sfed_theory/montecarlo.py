@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sfed_theory.assumptions import REGIMES, SCHEMES
-from sfed_theory.schemes import QUANTITIES, check_names
+from sfed_theory.schemes import QUANTITIES, base_scheme, check_names
 
 __all__ = ["ModelParams", "Estimate", "simulate", "simulate_loop", "applicable_quantities"]
 
@@ -127,34 +127,40 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
 
     p = _weights(rng, params, s)
     a = params.s_A * rng.standard_normal((s, r, k))
+    base = base_scheme(scheme)
+    # each client's A init: the broadcast A, or (an "-indep" scheme) its own independent draw
+    a_init = (params.s_A * rng.standard_normal((s, kk, r, k)) if base != scheme
+              else np.broadcast_to(a[:, None], (s, kk, r, k)))
     g = params.tau * rng.standard_normal((s, d))  # the probe's output gradient (refined B is built from it)
     gam = params.gamma
     g_clients = None
     if regime == "sgd":
         g_clients = params.tau * correlated(d, k)
-        b_i = -gam * params.eta * g_clients @ np.swapaxes(a, 1, 2)[:, None]
-        a_i = a[:, None]
+        b_i = -gam * params.eta * g_clients @ np.swapaxes(a_init, 2, 3)
+        a_i = a_init
     else:
         b_i = params.s_B * correlated(d, r)
         if regime == "adam-refined":
             u = (-math.sqrt(params.phi) * g[:, None, :] / params.tau
                  + math.sqrt(1 - params.phi) * rng.standard_normal((s, kk, d)))
-            ax = a @ x  # (s, r)
+            ax = a_init @ x  # (s, K, r)
             scale = math.sqrt(params.f_in) * params.s_B / (params.s_A * math.sqrt(params.x_norm2))
-            b_i = scale * u[..., None] * ax[:, None, None, :] + math.sqrt(1 - params.f_in) * b_i
-        a_i = a[:, None] + params.s_dA * correlated(r, k) if scheme != "ffa" else a[:, None]
+            b_i = scale * u[..., None] * ax[:, :, None, :] + math.sqrt(1 - params.f_in) * b_i
+        a_i = a_init + params.s_dA * correlated(r, k) if base != "ffa" else a_init
     b_bar = np.einsum("sc,scdr->sdr", p, b_i)
     a_bar = np.einsum("sc,scrk->srk", p, np.broadcast_to(a_i, (s, kk, r, k)))
     dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
     if scheme == "ffa":
         b_f, a_f = b_bar, a
-    elif scheme == "fedsa":
-        b_f, a_f = b_i[:, 0], a_bar  # client c = the first averaged client
+    elif base == "fedsa":
+        # client c drawn with probability p_c: FedSA quantities are p-weighted means over clients' own models
+        c = (rng.random((s, 1)) > np.cumsum(p, axis=1)).sum(axis=1).clip(max=kk - 1)
+        b_f, a_f = b_i[np.arange(s), c], a_bar
     elif scheme == "exact":
         b_f, a_f = np.zeros_like(b_bar), a  # merged into W0; the adapter restarts at (0, A)
     else:
         b_f, a_f = b_bar, a_bar
-    dw = dw_exact if scheme == "exact" else gam * b_f @ a_f
+    dw = dw_exact if base == "exact" else gam * b_f @ a_f
     probe = g[:, :, None] * x[None, None, :]  # g x^T, (s, d, k)
     if regime == "adam-refined":  # the output gradient after the step: g + lam * dW x
         probe = probe + params.lam * (dw @ x)[:, :, None] * x[None, None, :]
@@ -174,7 +180,7 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
             grad_w = g[:, :, None] * x[None, None, :]
         else:
             assert g_clients is not None
-            grad_w = g_clients[:, 0] if scheme == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
+            grad_w = g_clients[np.arange(s), c] if base == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
         out["loss_change"] = np.sum(grad_w * dw, axis=(1, 2))
     return out
 
@@ -220,8 +226,9 @@ def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam"
                   seed: int = 0) -> dict[str, Estimate]:
     """Reference sampler: a plain Python loop over samples and clients (for the benchmark); the
     canonical regimes only."""
-    if regime == "adam-refined":
-        raise ValueError("simulate_loop covers the canonical regimes 'adam' and 'sgd'; use simulate for 'adam-refined'")
+    if regime == "adam-refined" or base_scheme(scheme) != scheme:
+        raise ValueError("simulate_loop covers the canonical regimes 'adam' and 'sgd' with one broadcast A init; "
+                         "use simulate for 'adam-refined' and the '-indep' schemes")
     qs = _check(scheme, regime, None)
     rng = np.random.default_rng(seed)
     x = _probe_x(params, seed)
@@ -254,7 +261,8 @@ def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam"
         a_bar = sum(pi * ai for pi, ai in zip(p, as_))
         exact = gam * sum(pi * bi @ ai for pi, bi, ai in zip(p, bs, as_))
         if scheme == "fedsa":
-            b_f, a_f = bs[0], a_bar
+            c = int(rng.choice(kk, p=p))  # FedSA: client c drawn with probability p_c (p-weighted mean)
+            b_f, a_f = bs[c], a_bar
         elif scheme == "exact":
             b_f, a_f = np.zeros_like(b_bar), a
         else:
@@ -269,7 +277,7 @@ def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam"
             "aggregation_error": float(np.sum((dw - exact) ** 2)),
         }
         if regime == "sgd":
-            grad_w = gs[0] if scheme == "fedsa" else sum(pi * gi for pi, gi in zip(p, gs))
+            grad_w = gs[c] if scheme == "fedsa" else sum(pi * gi for pi, gi in zip(p, gs))
             row["loss_change"] = float(np.sum(grad_w * dw))
         for q in qs:
             values[q].append(row[q])

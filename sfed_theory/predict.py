@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-from sfed_theory.assumptions import SYM, power_sum
+from sfed_theory.assumptions import MAX_POWER_SUM, SYM, power_sum
 from sfed_theory.derivation import closed_form
 from sfed_theory.montecarlo import ModelParams
 from sfed_theory.rules import RULES, scaling_factor
@@ -31,12 +31,12 @@ PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_
 
 _ARGS: tuple[sp.Symbol, ...] = (
     SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
-    SYM.f_in, SYM.phi, SYM.lam, *(power_sum(m) for m in range(2, 5)),
+    SYM.f_in, SYM.phi, SYM.lam, *(power_sum(m) for m in range(2, MAX_POWER_SUM + 1)),
 )
 
 
 MOMENT_ARGS: tuple[str, ...] = tuple(str(a) for a in _ARGS)
-"""Positional arguments of :func:`moment_function`'s result, in order (``S2, S3, S4`` last)."""
+"""Positional arguments of :func:`moment_function`'s result, in order (``S2 .. S8`` last)."""
 
 
 @lru_cache(maxsize=None)
@@ -55,20 +55,21 @@ def _compiled(quantity: str, scheme: str, regime: str) -> Callable[..., float]:
     return sp.lambdify(_ARGS, expr, "math")
 
 
-def weight_sums(n_averaged: int) -> tuple[float, float, float]:
-    """``(S2, S3, S4)`` for equal weights over ``n_averaged`` clients: ``S_m = K^(1 - m)``."""
-    return tuple(float(n_averaged) ** (1 - m) for m in range(2, 5))  # type: ignore[return-value]
+def weight_sums(n_averaged):
+    """``(S2, .., S8)`` for equal weights over ``n_averaged`` clients (a number or an array): ``S_m = K^(1 - m)``."""
+    return tuple(np.asarray(n_averaged, dtype=float) ** (1 - m) if np.ndim(n_averaged) else float(n_averaged) ** (1 - m)
+                 for m in range(2, MAX_POWER_SUM + 1))
 
 
-def _subset_weight_sums(weights: Sequence[float], n_averaged: int) -> list[tuple[float, float, float]]:
-    """``(S2, S3, S4)`` of the renormalised weights of every K-subset (uniform client sampling)."""
+def _subset_weight_sums(weights: Sequence[float], n_averaged: int) -> list[tuple[float, ...]]:
+    """``(S2, .., S8)`` of the renormalised weights of every K-subset (uniform client sampling)."""
     w = np.asarray(weights, dtype=float)
     if math.comb(w.size, n_averaged) > 20_000:
         raise ValueError("too many client subsets to enumerate; use equal weights or fewer clients")
     out = []
     for subset in itertools.combinations(range(w.size), n_averaged):
         p = w[list(subset)] / w[list(subset)].sum()
-        out.append(tuple(float(np.sum(p**m)) for m in range(2, 5)))
+        out.append(tuple(float(np.sum(p**m)) for m in range(2, MAX_POWER_SUM + 1)))
     return out  # type: ignore[return-value]
 
 
@@ -86,7 +87,7 @@ def expected_value(quantity: str, scheme: str, regime: str, params: ModelParams)
     elif kk == params.n_clients:
         w = np.asarray(params.weights, dtype=float)
         p = w / w.sum()
-        sums = [tuple(float(np.sum(p**m)) for m in range(2, 5))]
+        sums = [tuple(float(np.sum(p**m)) for m in range(2, MAX_POWER_SUM + 1))]
     else:
         sums = _subset_weight_sums(params.weights, kk)
     base = (params.gamma, params.d, params.k, params.r, kk, params.rho, params.s_A, params.s_B, params.s_dA,

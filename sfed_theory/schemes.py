@@ -35,7 +35,7 @@ def check_names(quantity: str, scheme: str, regime: str) -> None:
         raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
     if regime not in REGIMES:
         raise ValueError(f"unknown regime {regime!r}; allowed: {', '.join(REGIMES)}")
-    if quantity == "aggregation_error" and scheme == "fedsa":
+    if quantity == "aggregation_error" and base_scheme(scheme) == "fedsa":
         raise ValueError("aggregation_error compares a global update with the exact average of products; "
                          "FedSA-LoRA keeps B local, so it is defined for schemes ffa, fedit, exact only")
     if quantity == "loss_change" and regime == "adam":
@@ -43,9 +43,23 @@ def check_names(quantity: str, scheme: str, regime: str) -> None:
                          "model's increments are independent of the gradient, so E<G, dW> = 0 by assumption)")
 
 
+INDEPENDENT_A = "-indep"
+"""Scheme suffix: every client draws its own A init (the server averages them), instead of one A
+broadcast to all (peft, Flower and the harness broadcast one)."""
+
+
+def base_scheme(scheme: str) -> str:
+    """The aggregation rule of a scheme name, without the A-init suffix."""
+    return scheme.removesuffix(INDEPENDENT_A)
+
+
+def _own_init(scheme: str) -> bool:
+    return scheme.endswith(INDEPENDENT_A)
+
+
 def _a_moves(scheme: str, regime: str) -> bool:
     # FFA freezes A; one SGD step from B = 0 leaves A unchanged (dL/dA = gamma B^T G = 0).
-    return regime != "sgd" and scheme != "ffa"
+    return regime != "sgd" and base_scheme(scheme) != "ffa"
 
 
 def _probe_gradient() -> Mat:
@@ -53,43 +67,48 @@ def _probe_gradient() -> Mat:
     return Mat.field("g") @ Mat.vector_x().T
 
 
-def client_B(regime: str, i: Idx) -> Mat:
-    """Client i's B after the round (B starts at 0)."""
+def _a_init(scheme: str, i: Idx) -> Mat:
+    """Client i's A init: the broadcast A, or its own draw under an ``-indep`` scheme."""
+    return Mat.field("Ai", i) if _own_init(scheme) else Mat.field("A")
+
+
+def client_B(regime: str, i: Idx, scheme: str = "ffa") -> Mat:
+    """Client i's B after the round (B starts at 0; it is built from the client's own A init)."""
     if regime == "adam":
         return Mat.field("B", i)
+    a0 = _a_init(scheme, i)
     if regime == "adam-refined":
         # u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i: the shared descent direction plus client noise
         u = Mat.field("g").scale(-sp.sqrt(SYM.phi) / SYM.tau) + Mat.field("w", i).scale(sp.sqrt(1 - SYM.phi))
-        coherent = (u @ (Mat.field("A") @ Mat.vector_x()).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B
-                                                                   / (SYM.s_A * sp.sqrt(SYM.X2)))
+        coherent = (u @ (a0 @ Mat.vector_x()).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B / (SYM.s_A * sp.sqrt(SYM.X2)))
         return coherent + Mat.field("B", i).scale(sp.sqrt(1 - SYM.f_in))
-    return (Mat.field("G", i) @ Mat.field("A").T).scale(-SYM.gamma * SYM.eta)
+    return (Mat.field("G", i) @ a0.T).scale(-SYM.gamma * SYM.eta)
 
 
 def client_A(scheme: str, regime: str, i: Idx) -> Mat:
     """Client i's A after the round."""
-    if _a_moves(scheme, regime):
-        return Mat.field("A") + Mat.field("D", i)
-    return Mat.field("A")
+    a0 = _a_init(scheme, i)
+    return a0 + Mat.field("D", i) if _a_moves(scheme, regime) else a0
 
 
 def _abar(scheme: str, regime: str) -> Mat:
-    if not _a_moves(scheme, regime):
+    if not _a_moves(scheme, regime) and not _own_init(scheme):
         return Mat.field("A")  # every client holds the same A: its average is A
     return Mat.client_average(lambda i: client_A(scheme, regime, i), "r", "k")
 
 
-def _bbar(regime: str) -> Mat:
-    return Mat.client_average(lambda i: client_B(regime, i), "d", "r")
+def _bbar(regime: str, scheme: str) -> Mat:
+    return Mat.client_average(lambda i: client_B(regime, i, scheme), "d", "r")
 
 
 def _exact(scheme: str, regime: str) -> Mat:
-    return Mat.client_average(lambda i: client_B(regime, i) @ client_A(scheme, regime, i), "d", "k").scale(SYM.gamma)
+    return Mat.client_average(lambda i: client_B(regime, i, scheme) @ client_A(scheme, regime, i), "d",
+                              "k").scale(SYM.gamma)
 
 
 def update(scheme: str, regime: str) -> Mat:
     """The server's update dW (gamma included)."""
-    if scheme == "exact":
+    if base_scheme(scheme) == "exact":
         return _exact(scheme, regime)
     b, a = factors(scheme, regime)
     return (b @ a).scale(SYM.gamma)
@@ -101,11 +120,11 @@ def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
     Exact aggregation merges the average of products into the frozen weight and restarts the
     adapter at ``(0, A)`` (B zero, A back at its init, as FLoRA-style methods re-initialise), so
     that is where its gradients are taken: ``dL/dA = gamma 0^T g x^T = 0`` there."""
-    if scheme == "fedsa":
-        return client_B(regime, FIXED_CLIENT), _abar(scheme, regime)
+    if base_scheme(scheme) == "fedsa":
+        return client_B(regime, FIXED_CLIENT, scheme), _abar(scheme, regime)
     if scheme == "exact":
         return Mat.zero("d", "r"), Mat.field("A")
-    return _bbar(regime), _abar(scheme, regime)
+    return _bbar(regime, scheme), _abar(scheme, regime)
 
 
 def build(quantity: str, scheme: str, regime: str) -> list[Term]:
@@ -133,7 +152,7 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     # loss_change: the gradient of the objective the update is applied to
     if regime == "adam-refined":
         grad_w = _probe_gradient()
-    elif scheme == "fedsa":
+    elif base_scheme(scheme) == "fedsa":
         grad_w = Mat.field("G", FIXED_CLIENT)
     else:
         grad_w = Mat.client_average(lambda i: Mat.field("G", i), "d", "k")

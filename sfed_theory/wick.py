@@ -236,8 +236,9 @@ def contract(term: Term, deltas: Sequence[tuple[Idx, Idx]]) -> sp.Expr:
         if rng == "N":
             m = w_count.get(root, 0)
             if any(i.fixed for i in members):
-                # the fixed client c: not summed; weights evaluated at c
-                value *= sp.Symbol("p_c", positive=True) ** m
+                # the fixed client c (FedSA's own model): quantities are p-weighted means over which
+                # client is c, as the harness reports them, so p_c^m averages to sum_c p_c^(m+1)
+                value *= power_sum(m + 1)
             elif m == 0:
                 value *= SYM.N
             else:

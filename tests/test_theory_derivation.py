@@ -26,7 +26,7 @@ def test_canonical_moment_matches_theory_md():
 
 def test_every_combination_derives_with_inspectable_steps():
     combos = defined_combinations()
-    assert len(combos) == 65  # 4 quantities x 4 schemes x 3 regimes + 9 aggregation errors + 8 loss changes
+    assert len(combos) == 96  # 4 quantities x 6 schemes x 3 regimes + 12 aggregation errors + 12 loss changes
     for q, s, r in combos:
         dv = derive(q, s, r)
         if (q, s) == ("grad_A", "exact"):  # the adapter restarts at B = 0: dL/dA has no terms at all
@@ -155,3 +155,19 @@ def test_sgd_loss_change_invariance_recovers_sfed():
     out = solve_invariance("ffa", "sgd", "adapter_output")
     assert out.power == 4
     assert sp.simplify(out.readable() - SYM.alpha**4 * (SYM.k + 2) / (C_N * SYM.r * (SYM.k + SYM.r + 1))) == 0
+
+
+def test_independent_a_inits_collapse_faster_than_one_broadcast_a():
+    """FedIT with one broadcast A init: the output moment falls like S2 (1/N at rho = 0); with every
+    client's own A init averaged by the server, the init part of Abar shrinks too: like S2^2."""
+    from sfed_theory.assumptions import SYM, power_sum
+
+    s2 = power_sum(2)
+    shared = closed_form("adapter_output", "fedit", "adam")
+    own = closed_form("adapter_output", "fedit-indep", "adam")
+    at = {SYM.rho: 0, SYM.s_dA: 0}
+    assert sp.simplify(shared.subs(at) / own.subs(at) - 1 / s2) == 0
+    # one client (S_m = 1): nothing is averaged, the two inits agree
+    assert sp.simplify((shared - own).subs({power_sum(m): 1 for m in (2, 3, 4)})) == 0
+    # identical increments (rho = 1) do not make independent inits identical: A's init still averages
+    assert sp.simplify((shared - own).subs({SYM.rho: 1})) != 0

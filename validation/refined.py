@@ -94,7 +94,7 @@ def _fmt(m: dict) -> str:
 def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
     """``sqrt(E[quantity])`` of the refined model at grid points (rank, N, K clients averaged); gamma
     from the rule at K, as the harness sets it. Ranks without a pilot ``tau2x2`` use the pilot mean."""
-    from sfed_theory.predict import moment_function
+    from sfed_theory.predict import moment_function, weight_sums
 
     r, n, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ns, ks))
     gamma = np.array([_gamma(rule, alpha, int(a), int(b)) for a, b in zip(r, kk)])
@@ -104,7 +104,7 @@ def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, al
     s_da = p.s_dA.get(rule, 0.0) or p.s_B[rule]
     f = moment_function(quantity, p.scheme, REFINED_REGIME)
     m = f(gamma, p.d, p.k, r, kk, p.rho, s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
-          1.0 / kk, kk ** -2.0, kk ** -3.0)
+          *weight_sums(kk))
     return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
 
 
