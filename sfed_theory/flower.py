@@ -168,6 +168,9 @@ class RoundRecord:
 class SFedStrategy(FedAvg):
     """FedAvg with the SFed scaling factor: gamma in every train ConfigRecord, scheme-aware aggregation.
 
+    Subclasses may change the sampling (:meth:`sample_train_nodes`) and list the metrics every
+    reply must carry (``required_metrics``); the round just aggregated is :attr:`last_round`.
+
     Parameters
     ----------
     alpha:
@@ -195,6 +198,8 @@ class SFedStrategy(FedAvg):
     **fedavg_kwargs:
         ``fraction_train``, ``min_train_nodes``, ``fraction_evaluate``, ... as for ``FedAvg``.
     """
+
+    required_metrics: tuple[str, ...] = ()
 
     def __init__(self, *, alpha: float, rule: str = "sfed", scheme: str = "fedit", rank: int | None = None,
                  n_clients: int | None = None, rho: float = 0.0, client_weights: Sequence[float] | None = None,
@@ -365,6 +370,9 @@ class SFedStrategy(FedAvg):
             tensors = self.check_arrays(content[self.arrayrecord_key], record.start)
             if self.weighted and self.weighted_by_key not in metrics:
                 raise ValueError(f"reply has no {self.weighted_by_key!r} metric to weight it by")
+            missing = [k for k in self.required_metrics if k not in metrics]
+            if missing:
+                raise ValueError(f"reply has no metric(s) {missing}")
         except ValueError as e:
             return ClientOutcome(node, "rejected", str(e), None, metrics), None
         return ClientOutcome(node, "ok", "", None, metrics), tensors
