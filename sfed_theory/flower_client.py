@@ -28,7 +28,7 @@ from sfed_theory.flower import adapter_key, split_key
 from sfed_theory.peft import require_peft, set_scaling
 from validation.adaptive import rescale_for_new_gamma
 
-__all__ = ["RoundStart", "load_round", "reply_arrays", "load_local_b", "keep_local_b", "round_config"]
+__all__ = ["RoundStart", "load_round", "load_adapter", "reply_arrays", "load_local_b", "keep_local_b", "round_config"]
 
 _LOCAL_B, _LOCAL_B_META = "sfed-fedsa-local-b", "sfed-fedsa-local-b-meta"
 
@@ -89,18 +89,25 @@ def _add_merged(model: Any, merged: dict[str, torch.Tensor]) -> None:
             base.weight.copy_(base._sfed_w0 + delta.to(base.weight))
 
 
-def load_round(model: Any, msg: Message, context: Context, *, adapter_name: str = "default") -> RoundStart:
-    """Put the round's adapter from an SFedStrategy train message into a peft model (see module docstring)."""
+def load_adapter(model: Any, arrays: ArrayRecord, gamma: float, *, adapter_name: str = "default") -> None:
+    """Put a global adapter (SFedStrategy's arrays, at ``gamma``) into a peft model: its LoRA
+    weights, ``gamma`` as every layer's scaling and (exact) the merged weight change. Also what a
+    ServerApp's ``evaluate_fn`` needs, with ``strategy.gamma``."""
     from peft import set_peft_model_state_dict
 
-    gamma, scheme = round_config(msg)
-    arrays = msg.content["arrays"].to_torch_state_dict()
-    merged = {split_key(k)[0]: t for k, t in arrays.items() if split_key(k)[1] == "merged"}
-    set_peft_model_state_dict(model, {k: t for k, t in arrays.items() if split_key(k)[1] != "merged"},
+    tensors = arrays.to_torch_state_dict()
+    merged = {split_key(k)[0]: t for k, t in tensors.items() if split_key(k)[1] == "merged"}
+    set_peft_model_state_dict(model, {k: t for k, t in tensors.items() if split_key(k)[1] != "merged"},
                               adapter_name=adapter_name)
     set_scaling(model, gamma, adapter_name)
     if merged:
         _add_merged(model, merged)
+
+
+def load_round(model: Any, msg: Message, context: Context, *, adapter_name: str = "default") -> RoundStart:
+    """Put the round's adapter from an SFedStrategy train message into a peft model (see module docstring)."""
+    gamma, scheme = round_config(msg)
+    load_adapter(model, msg.content["arrays"], gamma, adapter_name=adapter_name)
     if scheme != "fedsa":
         return RoundStart(gamma, scheme)
     layers = {n: m for n, m in _lora_layers(model).items() if adapter_name in m.lora_B}

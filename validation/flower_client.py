@@ -34,6 +34,7 @@ from flwr.clientapp import ClientApp
 
 from sfed_theory.flower import adapter_key, split_key
 from sfed_theory.flower_client import keep_local_b, load_local_b
+from sfed_theory.peft import require_peft
 from validation.aggregation import SCHEME_TRAINS_A
 from validation.backends import Divergence, LoopBackend
 from validation.config import RunConfig
@@ -179,7 +180,9 @@ client_app = ClientApp()
 
 @client_app.query()
 def _client_query(msg: Message, context: Context) -> Message:
-    """Handshake: which harness client (partition) this node plays."""
+    """Handshake: which harness client (partition) this node plays. Also loads peft (and with it
+    transformers) now, so that the start-up is not counted in the first run's time."""
+    require_peft()
     info = {"partition-id": partition_id(context)}
     if "num-partitions" in context.node_config:
         info["num-partitions"] = int(context.node_config["num-partitions"])

@@ -37,8 +37,8 @@ from validation.flower_client import faults_run_config
 from validation.flower_record import FlowerRun, state_tensors
 from validation.flower_server import events_path, read_states, states_path
 
-__all__ = ["simulate", "SimulationResult", "local_superlink", "load_flower_run", "compare", "compare_summary",
-           "compare_states", "main", "APP_DIR"]
+__all__ = ["simulate", "run_app", "SimulationResult", "local_superlink", "load_flower_run", "compare",
+           "compare_summary", "compare_states", "main", "APP_DIR"]
 
 APP_DIR = Path(__file__).resolve().parents[1] / "flower"  # the Flower app bundle (its pyproject.toml)
 _CONNECTION = "sfed-local"
@@ -124,18 +124,6 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(wait)
 
 
-def _run_config_file(path: Path, configs: list[RunConfig], out: Path, *, faults: dict | None, keep_states: bool,
-                     round_timeout: float, pull_interval: float) -> Path:
-    """The run-config overrides of one simulation as a TOML file (``flwr run --run-config FILE``)."""
-    import tomli_w
-
-    rc = {"config": json.dumps([c.to_dict() for c in configs]), "grid-file": "", "out-dir": str(out.resolve()),
-          "round-timeout": float(round_timeout), "node-wait": 120.0, "resume": False, "keep-states": keep_states,
-          "faults": faults_run_config(faults or {}), "grid-pull-interval": float(pull_interval)}
-    path.write_text(tomli_w.dumps(rc))
-    return path
-
-
 def load_flower_run(out: str | Path, cfg: RunConfig, *, keep_states: bool = False) -> FlowerRun:
     """A run written by the ServerApp, read back (rows, events, and the kept states as flat tensor dicts)."""
     from validation.grid import result_path
@@ -146,42 +134,56 @@ def load_flower_run(out: str | Path, cfg: RunConfig, *, keep_states: bool = Fals
     return FlowerRun(cfg, rows, events, states)
 
 
+def run_app(app_dir: str | Path, run_config: dict, *, num_supernodes: int, num_cpus: int = 1,
+            timeout: float = 3600.0, stream: bool = False) -> tuple[int, str]:
+    """``flwr run`` of the Flower app in ``app_dir`` on a local simulation SuperLink of its own.
+
+    ``run_config``: overrides of the app's ``[tool.flwr.app.config]`` (written to a TOML file).
+    Returns ``flwr run``'s exit code and output (its log stream; empty with ``stream=True``, which
+    shows it as it comes). Runs not only this project's app: any app whose code this environment has."""
+    import tomli_w
+
+    fed = (f"num-supernodes={num_supernodes} client-resources-num-cpus=1 client-resources-num-gpus=0 "
+           f"init-args-num-cpus={num_cpus} init-args-num-gpus=0")
+    with tempfile.TemporaryDirectory(prefix="sfed-flwr-") as tmp:
+        home, rc_file = Path(tmp) / "flwr-home", Path(tmp) / "run_config.toml"
+        rc_file.write_text(tomli_w.dumps(run_config))
+        with local_superlink(home) as conn:
+            cmd = ["flwr", "run", str(Path(app_dir).resolve()), conn, "--stream", "--run-config", str(rc_file),
+                   "--federation-config", fed]
+            proc = subprocess.run(cmd, env=_flower_env(home), timeout=timeout, text=True,
+                                  stdout=None if stream else subprocess.PIPE, stderr=subprocess.STDOUT)
+    return proc.returncode, proc.stdout or ""
+
+
 def simulate(configs: list[RunConfig], out: str | Path, *, num_supernodes: int | None = None, num_cpus: int = 1,
              faults: dict | None = None, keep_states: bool = False, round_timeout: float = 600.0,
              pull_interval: float = 0.005, timeout: float = 3600.0, stream: bool = False) -> SimulationResult:
-    """Run ``configs`` in one Flower simulation (``flwr run`` on a local simulation SuperLink).
+    """Run ``configs`` in one Flower simulation (``flwr run`` of ``flower/`` on a local simulation SuperLink).
 
     ``num_supernodes`` defaults to the largest ``n_clients``; Ray gets ``num_cpus`` CPUs and each
     virtual client one. ``faults``: ``{(run_id, round, client) | (round, client): "drop" | "bad-shape"}``.
     ``pull_interval``: how often the ServerApp polls for replies (Flower's default 0.1 s dominates
     tiny runs). ``stream``: show the simulation's log while it runs. Raises ``RuntimeError`` with the
     log's tail if a run did not finish."""
+    from validation.grid import is_complete, result_path
+
     configs, out = list(configs), Path(out)
     if not (APP_DIR / "pyproject.toml").exists():
         raise RuntimeError(f"the Flower app bundle {APP_DIR} is missing; run from a checkout of the project")
     out.mkdir(parents=True, exist_ok=True)
-    n = num_supernodes or max(c.n_clients for c in configs)
-    fed = (f"num-supernodes={n} client-resources-num-cpus=1 client-resources-num-gpus=0 "
-           f"init-args-num-cpus={num_cpus} init-args-num-gpus=0")
+    rc = {"config": json.dumps([c.to_dict() for c in configs]), "grid-file": "", "out-dir": str(out.resolve()),
+          "round-timeout": float(round_timeout), "node-wait": 120.0, "resume": False, "keep-states": keep_states,
+          "faults": faults_run_config(faults or {}), "grid-pull-interval": float(pull_interval)}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sfed-flwr-") as tmp:
-        home = Path(tmp) / "flwr-home"
-        rc_file = _run_config_file(Path(tmp) / "run_config.toml", configs, out, faults=faults,
-                                   keep_states=keep_states, round_timeout=round_timeout, pull_interval=pull_interval)
-        with local_superlink(home) as conn:
-            cmd = ["flwr", "run", str(APP_DIR), conn, "--stream", "--run-config", str(rc_file),
-                   "--federation-config", fed]
-            proc = subprocess.run(cmd, env=_flower_env(home), timeout=timeout, text=True,
-                                  stdout=None if stream else subprocess.PIPE, stderr=subprocess.STDOUT)
-        text = proc.stdout or ""
+    code, text = run_app(APP_DIR, rc, num_supernodes=num_supernodes or max(c.n_clients for c in configs),
+                         num_cpus=num_cpus, timeout=timeout, stream=stream)
     wall = time.perf_counter() - t0
-    from validation.grid import is_complete, result_path
-
     lost = [c.run_id for c in configs if not is_complete(result_path(out, c))]
-    if proc.returncode != 0 or lost:
+    if code != 0 or lost:
         tail = "\n".join(text.splitlines()[-40:])
-        raise RuntimeError(f"the Flower simulation (flwr run, exit code {proc.returncode}) did not finish run(s) "
-                           f"{lost}; its log ends:\n{tail}")
+        raise RuntimeError(f"the Flower simulation (flwr run, exit code {code}) did not finish run(s) {lost}; "
+                           f"its log ends:\n{tail}")
     return SimulationResult([load_flower_run(out, c, keep_states=keep_states) for c in configs], wall, text)
 
 

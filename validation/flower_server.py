@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.serverapp import Grid, ServerApp
 
 from sfed_theory.flower import SFedStrategy
+from sfed_theory.peft import require_peft
 from validation.backends import Divergence
 from validation.config import GridConfig, RunConfig
 from validation.federated import sample_clients
@@ -195,6 +196,7 @@ def _run_all(cfgs: list[RunConfig], grid: Grid, s: dict, sink: list | None) -> N
     """Every run over the same nodes; a failing run is logged and skipped (re-raised if it is the only one)."""
     from validation.grid import is_complete, result_path
 
+    require_peft()  # the server's probes use peft: load it before the first run's clock starts
     mapping = discover_clients(grid, max(c.n_clients for c in cfgs), wait_s=float(s["node-wait"]))
     log.info("Flower nodes for clients: %s", mapping)
     out = s["out-dir"] or None
