@@ -293,3 +293,17 @@ def test_constructor_errors_say_what_is_allowed():
         SFedStrategy(alpha=1, rule="sfed-general", rho=2.0)
     with pytest.raises(ValueError, match="weights has 2 entries but n_clients=3"):
         SFedStrategy(alpha=1, rule="sfed-general", n_clients=3, client_weights=[1, 2])
+
+
+def test_without_flower_the_error_says_what_to_install():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.modules['flwr'] = None\n"
+            "import sfed_theory\n"
+            "try:\n    sfed_theory.SFedStrategy\nexcept ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert "ERR sfed_theory.flower needs Flower and torch: pip install 'flwr[simulation]>=1.42'" in out.stdout, \
+        out.stderr
