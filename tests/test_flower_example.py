@@ -85,6 +85,37 @@ def test_example_app_in_process(scheme, tmp_path, monkeypatch):
         assert kept == [None, None]
 
 
+def test_the_two_line_change_as_the_readme_shows_it(tmp_path, monkeypatch):
+    """A FlowerTune-style ClientApp with only ``load_round`` swapped in (the reply stays peft's state
+    dict) against the example's ServerApp (SFedStrategy in place of FedAvg)."""
+    monkeypatch.syspath_prepend(str(APP))
+    from flwr.app import ArrayRecord, MetricRecord
+    from flwr.clientapp import ClientApp
+    from peft import get_peft_model_state_dict
+
+    from sfed_peft_example.dataset import load_partition
+    from sfed_peft_example.models import get_model, train_locally
+    from sfed_peft_example.server_app import app as server_app
+    from sfed_theory.flower_client import load_round
+
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        rc, pid, n = context.run_config, int(context.node_config["partition-id"]), 2
+        model = get_model(rc, n_clients=n)
+        load_round(model, msg, context)  # was: set_peft_model_state_dict(model, msg.content["arrays"]...)
+        x, y = load_partition(pid, n, int(rc["data.examples"]), int(rc["data.dim"]), int(rc["data.classes"]))
+        loss = train_locally(model, x, y, steps=5, lr=0.01, batch_size=32)
+        content = RecordDict({"arrays": ArrayRecord(get_peft_model_state_dict(model)),
+                              "metrics": MetricRecord({"train-loss": loss, "num-examples": len(y)})})
+        return Message(content, reply_to=msg)
+
+    rc = app_config(**{"out-dir": str(tmp_path)})
+    server_app(StubGrid(app, 2, rc), Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc))
+    check_results(json.loads((tmp_path / "results.json").read_text()), rc, 2)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_example_app_under_flwr_run(tmp_path):

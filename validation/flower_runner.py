@@ -214,31 +214,46 @@ def _rows_rel_diff(flower: pd.DataFrame, harness: pd.DataFrame) -> float:
     return rel
 
 
-def _in_process(cfg: RunConfig, batched: bool) -> tuple[pd.DataFrame, dict[str, torch.Tensor], float]:
-    """One in-process harness run: rows, final server state (flat tensors), wall time."""
+def _in_process(cfg: RunConfig, batched: bool, threads: int | None) -> tuple[pd.DataFrame, dict, float]:
+    """One in-process harness run with ``threads`` torch threads (None: torch's default): rows,
+    final server state (flat tensors), wall time."""
     from validation import federated
 
-    t0 = time.perf_counter()
-    df, state, _ = federated.run(dataclasses.replace(cfg, batched=batched), return_state=True)
-    return df, state_tensors(state), time.perf_counter() - t0
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        t0 = time.perf_counter()
+        df, state, _ = federated.run(dataclasses.replace(cfg, batched=batched), return_state=True)
+        return df, state_tensors(state), time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
 
 
-def compare(configs: list[RunConfig], *, num_cpus: int = 1, out: str | Path | None = None) -> pd.DataFrame:
-    """``configs`` in process (loop and batched, after a discarded warm-up) and in one Flower simulation.
-
-    One row per config: the final adapters' and the rows' agreement, ``inproc_loop_s``,
-    ``inproc_batched_s`` and ``flower_run_s`` (the ServerApp's own clock for the run); every row also
-    carries ``flower_sim_total_s`` and ``flower_startup_s`` (the simulation's wall time outside the
-    runs). :func:`compare_summary` reduces it to the totals and the ratio."""
-    _in_process(configs[0], False), _in_process(configs[0], True)  # warm-up: imports, first-call costs
+def _in_process_rows(configs: list[RunConfig]) -> tuple[list[dict], dict]:
+    """Wall times of every config in process: peft loop and batched at one torch thread (what each
+    of Flower's virtual clients gets: Ray sets OMP_NUM_THREADS to its one CPU), and the loop at
+    torch's default thread count (as ``sfed-validate`` runs); after a discarded warm-up."""
+    for threads in (1, None):
+        _in_process(configs[0], False, threads), _in_process(configs[0], True, threads)
     rows, ref = [], {}
     for cfg in configs:
         row = {"run_id": cfg.run_id, "scheme": cfg.scheme, "n_clients": cfg.n_clients, "k": cfg.k, "rank": cfg.rank,
                "rule": cfg.rule, "rounds": cfg.rounds}
-        for tag, batched in (("loop", False), ("batched", True)):
-            df, state, wall = _in_process(cfg, batched)
+        for tag, batched, threads in (("loop", False, 1), ("batched", True, 1), ("loop_default_threads", False, None)):
+            df, state, wall = _in_process(cfg, batched, threads)
             row[f"inproc_{tag}_s"], ref[(cfg.run_id, tag)] = wall, (df, state)
         rows.append(row)
+    return rows, ref
+
+
+def compare(configs: list[RunConfig], *, num_cpus: int = 1, out: str | Path | None = None) -> pd.DataFrame:
+    """``configs`` in process (:func:`_in_process_rows`) and in one Flower simulation.
+
+    One row per config: the final adapters' and the rows' agreement with the in-process loop and
+    batched paths, the in-process wall times, ``flower_run_s`` (the ServerApp's own clock for the
+    run); every row also carries ``flower_sim_total_s`` and ``flower_startup_s`` (the simulation's
+    wall time outside the runs). :func:`compare_summary` reduces it to the totals and the ratio."""
+    rows, ref = _in_process_rows(configs)
     with contextlib.ExitStack() as stack:
         folder = Path(out) if out else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sfed-cmp-")))
         sim = simulate(configs, folder, num_cpus=num_cpus, keep_states=True)
@@ -256,13 +271,15 @@ def compare(configs: list[RunConfig], *, num_cpus: int = 1, out: str | Path | No
 
 
 def compare_summary(res: pd.DataFrame) -> dict[str, float]:
-    """Totals of a :func:`compare` table and the ratio Flower (runs only) / in process (loop)."""
-    s = {"runs": len(res), "inproc_loop_s": float(res["inproc_loop_s"].sum()),
-         "inproc_batched_s": float(res["inproc_batched_s"].sum()), "flower_runs_s": float(res["flower_run_s"].sum()),
+    """Totals of a :func:`compare` table and the ratios Flower (runs only) / in process."""
+    tot = lambda c: float(res[c].sum())  # noqa: E731
+    s = {"runs": len(res), "inproc_loop_s": tot("inproc_loop_s"), "inproc_batched_s": tot("inproc_batched_s"),
+         "inproc_loop_default_threads_s": tot("inproc_loop_default_threads_s"), "flower_runs_s": tot("flower_run_s"),
          "flower_startup_s": float(res["flower_startup_s"].iloc[0]),
-         "flower_total_s": float(res["flower_sim_total_s"].iloc[0])}
+         "flower_total_s": float(res["flower_sim_total_s"].iloc[0]),
+         "max_adapter_rel_diff_vs_loop": float(res["adapter_rel_diff_vs_loop"].max())}
     s["ratio_flower_runs_to_inproc_loop"] = s["flower_runs_s"] / s["inproc_loop_s"]
-    s["max_adapter_rel_diff_vs_loop"] = float(res["adapter_rel_diff_vs_loop"].max())
+    s["ratio_flower_runs_to_inproc_loop_default_threads"] = s["flower_runs_s"] / s["inproc_loop_default_threads_s"]
     return s
 
 
@@ -304,6 +321,18 @@ def _parser():
     return ap
 
 
+def _summary_text(s: dict) -> str:
+    return (f"\n{s['runs']} runs, wall time of the runs:\n"
+            f"  in process, peft loop, 1 torch thread (as each Flower client)  {s['inproc_loop_s']:7.2f} s\n"
+            f"  in process, batched, 1 torch thread                           {s['inproc_batched_s']:7.2f} s\n"
+            f"  in process, peft loop, torch's default threads                {s['inproc_loop_default_threads_s']:7.2f} s\n"
+            f"  Flower simulation, the runs                                    {s['flower_runs_s']:7.2f} s\n"
+            f"  Flower simulation, start-up (once per grid)                    {s['flower_startup_s']:7.2f} s\n"
+            f"Flower runs / in process (loop, 1 thread) = {s['ratio_flower_runs_to_inproc_loop']:.2f}; "
+            f"/ (loop, default threads) = {s['ratio_flower_runs_to_inproc_loop_default_threads']:.2f} (goal <= 2); "
+            f"max adapter difference {s['max_adapter_rel_diff_vs_loop']:.1e} (relative)")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``sfed-flower {simulate,compare} ...`` (see ``--help``)."""
     ns = _parser().parse_args(argv)
@@ -319,12 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     res = compare(cfgs, num_cpus=ns.num_cpus)
     with pd.option_context("display.width", 220, "display.max_columns", 50):
         print(res.to_string(index=False))
-    s = compare_summary(res)
-    print(f"\n{s['runs']} runs: in process {s['inproc_loop_s']:.2f} s (peft loop), {s['inproc_batched_s']:.2f} s "
-          f"(batched); Flower {s['flower_runs_s']:.2f} s in the runs + {s['flower_startup_s']:.1f} s start-up "
-          f"(one simulation, total {s['flower_total_s']:.1f} s). Flower runs / in process (loop) = "
-          f"{s['ratio_flower_runs_to_inproc_loop']:.2f} (goal <= 2); max adapter difference "
-          f"{s['max_adapter_rel_diff_vs_loop']:.1e} (relative)")
+    print(_summary_text(compare_summary(res)))
     if ns.out:
         res.to_csv(ns.out, index=False)
     return 0
