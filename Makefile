@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_theory.py
 	$(BIN)/python bench/bench_harness.py
 	$(BIN)/python bench/bench_adaptive.py
+	$(BIN)/sfed-flower compare --config flower/compare_grid.json
 
 figures: $(STAMP)
 	$(BIN)/sfed-figures

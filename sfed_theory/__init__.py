@@ -15,6 +15,10 @@ predicted_exponent(quantity, rule, *, wrt, ranks, n_clients, ...) -> float
     least-squares log-log slope of predicted_norm over a measurement's grid.
 derive(quantity, scheme, regime) -> Derivation;  solve_invariance(scheme, regime) -> Invariance
     the symbolic derivation (index expression, Wick pairings, closed form) and the solved gamma.
+lora_config(rank, n_clients, alpha, rule, **lora_kwargs) -> peft.LoraConfig   (needs peft)
+    a LoraConfig whose scaling is the rule's gamma; sfed_theory.peft also rescales a model's adapters.
+SFedStrategy(alpha=..., rule=..., scheme=...)                                  (needs flwr)
+    a Flower FedAvg strategy that sends each round's gamma and aggregates with the chosen scheme.
 """
 
 from importlib import import_module
@@ -33,6 +37,9 @@ _LAZY = {
     "solve_invariance": "sfed_theory.derivation",
     "Derivation": "sfed_theory.derivation",
     "Invariance": "sfed_theory.derivation",
+    # framework adapters: their framework is imported on first use (see sfed_theory.peft / .flower)
+    "lora_config": "sfed_theory.peft",
+    "SFedStrategy": "sfed_theory.flower",
 }
 
 
@@ -58,5 +65,7 @@ __all__ = [
     "solve_invariance",
     "Derivation",
     "Invariance",
+    "lora_config",
+    "SFedStrategy",
     "__version__",
 ]

@@ -187,12 +187,6 @@ def test_new_columns_present_and_nan_for_fixed_rules():
     assert set(fx.columns) == set(ad.columns)
 
 
-def test_flower_app_refuses_the_adaptive_rule():
-    fa = pytest.importorskip("validation.flower_app")
-    with pytest.raises(ValueError, match="sfed-adaptive"):
-        fa.run_on_grid(adaptive_cfg(), None, {})
-
-
 # ------------------------------------------------------------------------------------------- resume
 def test_grid_with_adaptive_rule_resumes(tmp_path):
     cfgs = [adaptive_cfg(rounds=2), adaptive_cfg(rounds=2, seed=1)]

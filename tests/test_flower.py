@@ -1,15 +1,17 @@
-"""Tests of the Flower app (validation.flower_app).
+"""Tests of the Flower app (validation.flower_app and its modules).
 
 Two engines:
 
 * ``LocalGrid``: a duck-typed Flower ``Grid`` that hands every message to the real ``ClientApp``
-  in this process (no Ray). Fast; used for the logic (agreement for every scheme, partial
-  participation, drop-outs, wrong shapes, no reply).
-* Flower's simulation engine (``flwr.simulation.run_simulation`` on Ray): ONE simulation for the
-  module (Ray start-up and the actors' imports dominate: ~40-50 s on a loaded 2-core box; Ray
-  gets 1 CPU, each virtual client 1 CPU, no dashboard), several runs inside it: clean
-  runs compared with the in-process harness, and runs with injected faults compared with a
-  reference built from the harness's own components.
+  in this process (no Ray), keeping each node's context (its state) across rounds as Flower does.
+  Fast; used for the logic (agreement for every scheme and the adaptive rule, partial
+  participation, drop-outs, wrong shapes, no reply, FedSA's B on the clients).
+* Flower's simulation runtime as Flower runs apps now: ``flwr run`` of ``flower/`` on a local
+  simulation SuperLink (``validation.flower_runner.simulate``). ONE simulation for the module
+  (SuperLink, Ray and the client processes' imports dominate: ~30 s on a loaded 2-core box; Ray gets
+  1 CPU, each virtual client 1 CPU), several runs inside it: clean runs compared with the
+  in-process harness, and runs with injected faults compared with a reference built from the
+  harness's own components.
 
 Agreement tolerance: both sides do the same float32 operations in the same order, except that
 a Ray worker may run torch with a different thread count, which can change the summation order
@@ -37,6 +39,7 @@ pytest.importorskip("flwr")
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict  # noqa: E402
 
 import validation.federated as fed  # noqa: E402
+from sfed_theory.flower import split_key  # noqa: E402
 from validation import flower_app as fa  # noqa: E402
 from validation.aggregation import SCHEME_TRAINS_A, aggregate, client_start, init_state  # noqa: E402
 from validation.backends import LoopBackend  # noqa: E402
@@ -56,15 +59,27 @@ RTOL = 1e-5
 class LocalGrid:
     """Minimal Flower Grid: delivers each message to ``fa.client_app`` in-process.
 
-    ``silent``: node ids that never answer (a client that vanished: no reply before the timeout)."""
+    Each node keeps one Context (``context.state`` persists across rounds, as on a SuperNode);
+    ``faults`` go into the run config the ClientApp's fault mod reads; ``silent``: node ids that
+    never answer a train message (a client that vanished: no reply before the timeout).
+    ``sent`` records every train message's array keys."""
 
-    def __init__(self, n: int, silent: set[int] = frozenset()):
+    def __init__(self, n: int, silent: set[int] = frozenset(), faults: dict | None = None):
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.supercore.task_identity import TaskIdentity
 
         TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
         self.nodes = {5000 + 7 * i: i for i in range(n)}  # node ids unrelated to partition ids
         self.silent = set(silent)
+        self.run_config = {"faults": fa.faults_run_config(faults or {})}
+        self.contexts: dict[int, Context] = {}
+        self.sent: list[tuple[int, list[str]]] = []
+
+    def context(self, node: int) -> Context:
+        if node not in self.contexts:
+            self.contexts[node] = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]},
+                                          state=RecordDict(), run_config=self.run_config)
+        return self.contexts[node]
 
     def get_node_ids(self):
         return list(self.nodes)
@@ -73,12 +88,12 @@ class LocalGrid:
         out = []
         for m in messages:
             node = m.metadata.dst_node_id
-            if node in self.silent and m.metadata.message_type == "train":
-                continue
-            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]},
-                          state=RecordDict(), run_config={})
+            if m.metadata.message_type == "train":
+                self.sent.append((node, list(m.content["arrays"].keys())))
+                if node in self.silent:
+                    continue
             try:
-                out.append(fa.client_app(m, ctx))
+                out.append(fa.client_app(m, self.context(node)))
             except Exception:  # what Flower's runtime does with a ClientApp exception
                 out.append(Message(Error(code=2, reason=traceback.format_exc()), reply_to=m))
         return out[::-1]  # replies need not come back in order
@@ -92,7 +107,7 @@ def harness_states(cfg: RunConfig, monkeypatch) -> tuple[pd.DataFrame, list]:
 
     def spy(*a, **k):
         s, d, t = orig(*a, **k)
-        captured.append(fa._copy_state(s))
+        captured.append(fa.copy_state(s))
         return s, d, t
 
     with monkeypatch.context() as m:
@@ -103,40 +118,44 @@ def harness_states(cfg: RunConfig, monkeypatch) -> tuple[pd.DataFrame, list]:
 
 def reference_states(cfg: RunConfig, answered: dict[int, list[int]]) -> list:
     """Expected server states when only ``answered[round]`` are averaged: built from the harness's
-    components (client_start, LoopBackend.train_clients, aggregate), independently of the app's
-    server loop. Clients train with gamma from the K sampled; the round is aggregated with gamma
-    from the K' that answered (the app's documented policy)."""
+    components (client_start, LoopBackend.train_clients, aggregate, apply_gamma_change),
+    independently of the app's server loop. Clients train with gamma from the K sampled; the round
+    is aggregated at that gamma and then moved, function-preserving, to the gamma of the K' that
+    answered (the strategy's documented policy); the next round moves back before sending."""
     task = build_task(cfg)
     parts = partition(task.train_labels.numpy(), cfg.n_clients, cfg.partition,
                       concentration=cfg.dirichlet_alpha, seed=cfg.seed)
     sizes = np.array([len(p) for p in parts], float)
     dtype, dev = torch.float32, torch.device("cpu")
-    bk0 = LoopBackend(task.model, task.targets, cfg.rank, 1.0, dev)
+    g_sent = fed.gamma_for(cfg, sizes)
+    bk = LoopBackend(task.model, task.targets, cfg.rank, g_sent, dev)
     w = torch.full((cfg.n_clients,), 1 / cfg.n_clients)
-    state = init_state(bk0.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, w, dtype, dev)
-    out = []
+    state = init_state(bk.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, w, dtype, dev)
+    out, g_state = [], g_sent
     for rnd in range(1, cfg.rounds + 1):
         ok = answered[rnd]
-        g_sent = fed.gamma_for(cfg, sizes)
         g_round = fed.gamma_for(dataclasses.replace(cfg, participating=len(ok)), sizes)
-        bk = LoopBackend(task.model, task.targets, cfg.rank, g_sent, dev)
+        state = fed.apply_gamma_change(state, bk, g_state, g_sent)
         bk.set_base_delta(state.merged)
         A0, B0 = client_start(state, ok)
         A1, B1, _, _ = bk.train_clients(A0, B0, fed._batches(cfg, task, parts, ok, rnd, dev),
                                         train_A=SCHEME_TRAINS_A[cfg.scheme], optimizer=cfg.optimizer,
                                         lr=cfg.lr, weight_decay=cfg.weight_decay)
         p = torch.full((len(ok),), 1 / len(ok))
-        state, _ = aggregate(cfg.scheme, state, ok, A1, B1, p, g_round)
-        out.append(fa._copy_state(state))
+        state, _ = aggregate(cfg.scheme, state, ok, A1, B1, p, g_sent)
+        state, g_state = fed.apply_gamma_change(state, bk, g_sent, g_round), g_round
+        out.append(fa.copy_state(state))
     return out
 
 
-_tensors = fa._state_tensors  # one definition of "every tensor of a server state"
+def _tensors(s) -> dict:
+    """Every tensor of a server state (ServerState, or the flat dict a simulation wrote)."""
+    return s if isinstance(s, dict) else fa.state_tensors(s)
 
 
 def state_diff(s1, s2) -> tuple[float, float]:
     """(max abs diff, max abs diff / max abs value) over every tensor of two server states."""
-    d = fa.compare_states(s1, s2)
+    d = fa.compare_states(_tensors(s1), _tensors(s2))
     return d["max_abs_diff"], d["max_rel_diff"]
 
 
@@ -180,29 +199,22 @@ def test_encode_decode_roundtrip():
     A = {"fc1": torch.randn(4, 16), "x.fc2": torch.randn(4, 8)}
     B = {"fc1": torch.randn(16, 4), "x.fc2": torch.randn(12, 4)}
     M = {"fc1": torch.randn(16, 16), "x.fc2": torch.randn(12, 8)}
-    a, b, m = fa.decode_adapter(fa.encode_adapter(A, B, M))
-    for want, got in ((A, a), (B, b), (M, m)):
-        assert want.keys() == got.keys()
+    rec = fa.encode_adapter(A, B, M)
+    assert list(rec.keys())[:3] == ["fc1.lora_A.weight", "fc1.lora_B.weight", "fc1.merged_delta"]
+    got = fa.decode_adapter(rec)
+    for want, kind in ((A, "A"), (B, "B"), (M, "merged")):
+        assert want.keys() == got[kind].keys()
         for n in want:
-            assert torch.equal(want[n], got[n])
-
-
-def test_check_reply_errors_say_what_is_wrong():
-    shapes = {"fc1": (16, 8), "fc2": (16, 16)}
-    A = {"fc1": torch.zeros(4, 8), "fc2": torch.zeros(4, 16)}
-    B = {"fc1": torch.zeros(16, 4), "fc2": torch.zeros(16, 4)}
-    a, b = fa.check_reply(fa.encode_adapter(A, B), shapes, 4)
-    assert a.keys() == b.keys() == shapes.keys()
-    with pytest.raises(ValueError, match=r"wrong shape: B\|fc2 is \(16, 3\), expected \(16, 4\)"):
-        fa.check_reply(fa.encode_adapter(A, {**B, "fc2": torch.zeros(16, 3)}), shapes, 4)
-    with pytest.raises(ValueError, match=r"wrong shape: A\|fc1 is \(4, 9\), expected \(4, 8\)"):
-        fa.check_reply(fa.encode_adapter({**A, "fc1": torch.zeros(4, 9)}, B), shapes, 4)
-    with pytest.raises(ValueError, match=r"wrong layers: missing \['fc2'\]"):
-        fa.check_reply(fa.encode_adapter({"fc1": A["fc1"]}, {"fc1": B["fc1"]}), shapes, 4)
-    with pytest.raises(ValueError, match="non-finite"):
-        fa.check_reply(fa.encode_adapter(A, {**B, "fc1": torch.full((16, 4), float("nan"))}), shapes, 4)
+            assert torch.equal(want[n], got[kind][n])
     with pytest.raises(ValueError, match="unexpected array 'W'"):
-        fa.check_reply(ArrayRecord({"W": torch.zeros(2)}), shapes, 4)
+        fa.decode_adapter(ArrayRecord({"W": torch.zeros(2)}))
+
+
+def test_faults_run_config_names_bad_faults():
+    assert fa.faults_run_config({(2, 1): "drop", ("abc", 1, 0): "bad-shape"}) == \
+        '[["", 2, 1, "drop"], ["abc", 1, 0, "bad-shape"]]'
+    with pytest.raises(ValueError, match="unknown fault 'crash'; allowed: drop, bad-shape"):
+        fa.faults_run_config({(1, 0): "crash"})
 
 
 def test_configs_from_run_config():
@@ -235,14 +247,13 @@ def test_local_grid_matches_harness_bitwise(scheme, participating, monkeypatch):
 
 def test_local_grid_drop_wrong_shape_and_silent_client():
     cfg = dataclasses.replace(BASE, scheme="fedit", rounds=3)
-    grid = LocalGrid(3, silent={5000 + 7 * 0})  # client 0's node never answers a train message
     faults = {(1, 2): "bad-shape", (2, 1): "drop"}
-    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), faults=faults, keep_states=True,
-                         round_timeout=1.0)
+    grid = LocalGrid(3, silent={5000 + 7 * 0}, faults=faults)  # client 0's node never answers a train message
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), keep_states=True, round_timeout=1.0)
     ev = res.events.set_index(["round", "client"])
     assert ev.loc[(1, 0), "status"] == "no-reply" and "no reply within 1 s" in ev.loc[(1, 0), "reason"]
     assert ev.loc[(1, 2), "status"] == "rejected"
-    assert "wrong shape: B|fc1 is (16, 3), expected (16, 4)" in ev.loc[(1, 2), "reason"]
+    assert "wrong shape: fc1.lora_B.weight is (16, 3), expected (16, 4)" in ev.loc[(1, 2), "reason"]
     assert ev.loc[(2, 1), "status"] == "error" and "dropped out in the middle of round 2" in ev.loc[(2, 1), "reason"]
     assert ev.loc[(1, 1), "status"] == ev.loc[(2, 2), "status"] == ev.loc[(3, 1), "status"] == "ok"
     allrows = res.rows[res.rows.layer == "__all__"].set_index("round")
@@ -276,9 +287,8 @@ def test_local_grid_client_divergence_stops_the_run_like_the_harness():
 
 def test_local_grid_no_client_answers_keeps_adapter():
     cfg = dataclasses.replace(BASE, scheme="ffa", rounds=1)
-    grid = LocalGrid(3)
-    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), keep_states=True,
-                         faults={(1, c): "drop" for c in range(3)})
+    grid = LocalGrid(3, faults={(1, c): "drop" for c in range(3)})
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, 3), keep_states=True)
     assert res.rows["n_participating"].tolist() == [0]
     assert (res.events["status"] == "error").all()
     assert all(float(t.abs().max()) == 0 for t in res.states[0].B.values())
@@ -325,8 +335,39 @@ def test_server_app_from_run_config_writes_and_resumes(tmp_path):
     assert (tmp_path / f"{cfg.run_id}.parquet").stat().st_mtime_ns == mtime
 
 
+def test_fedsa_b_stays_on_the_clients():
+    """FedSA: the server never sends B; each client's B lives in its own context and is the B the
+    harness's server state would hold for it."""
+    cfg = dataclasses.replace(BASE, scheme="fedsa", participating=2, rounds=3)
+    grid = LocalGrid(cfg.n_clients)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, cfg.n_clients), keep_states=True)
+    assert grid.sent and all(split_key(k)[1] != "B" for _, keys in grid.sent for k in keys)
+    final = res.states[-1]
+    for node, pid in grid.nodes.items():
+        st = grid.context(node).state
+        if pid in {int(c) for cl in res.rows["clients"].dropna() for c in str(cl).split(",") if c}:
+            kept = st["sfed-fedsa-local-b"].to_torch_state_dict()
+            for n in final.B_local:
+                assert torch.equal(kept[n], final.B_local[n][pid])
+
+
+@pytest.mark.parametrize("scheme,participating", [("fedit", None), ("ffa", 2), ("fedsa", None), ("exact", None)])
+def test_local_grid_adaptive_rule_matches_harness_bitwise(scheme, participating, monkeypatch):
+    """sfed-adaptive in Flower: the strategy estimates rho, moves gamma and rescales, as the harness."""
+    cfg = dataclasses.replace(BASE, scheme=scheme, participating=participating, rule="sfed-adaptive", rounds=3)
+    grid = LocalGrid(cfg.n_clients)
+    res = fa.run_on_grid(cfg, grid, fa.discover_clients(grid, cfg.n_clients), keep_states=True)
+    df, states = harness_states(cfg, monkeypatch)
+    assert_states_close(res.states, states, exact=True)
+    assert_rows_match(res.rows, df, rtol=0.0)
+    for c in ("gamma_next", "rho_est_raw", "rho_est_smoothed", "n_eff_est", "n_eff_smoothed"):
+        np.testing.assert_array_equal(res.rows[c].to_numpy(float), df.set_index(res.rows.index)[c].to_numpy(float),
+                                      err_msg=c)
+    assert res.rows["gamma"].nunique() > 1  # the rule moved gamma between rounds
+
+
 # ------------------------------------------------------------------------------------------------
-# a real Flower simulation (Ray), once for the module
+# Flower's simulation runtime (flwr run on a local simulation SuperLink), once for the module
 # ------------------------------------------------------------------------------------------------
 SIM_CLEAN = [dataclasses.replace(BASE, scheme="fedit"), dataclasses.replace(BASE, scheme="fedsa", participating=2)]
 SIM_FAULTY = [dataclasses.replace(BASE, scheme="exact", seed=4), dataclasses.replace(BASE, scheme="ffa", seed=4)]
@@ -334,11 +375,12 @@ SIM_FAULTS = {(c.run_id, 1, 2): "bad-shape" for c in SIM_FAULTY} | {(c.run_id, 2
 
 
 @pytest.fixture(scope="module")
-def simulation():
+def simulation(tmp_path_factory):
     pytest.importorskip("ray")
     t0 = time.perf_counter()
-    runs = fa.run_simulation_local(SIM_CLEAN + SIM_FAULTY, faults=SIM_FAULTS, keep_states=True, num_cpus=1)
-    return {r.config.run_id: r for r in runs}, time.perf_counter() - t0
+    sim = fa.simulate(SIM_CLEAN + SIM_FAULTY, tmp_path_factory.mktemp("flower"), faults=SIM_FAULTS,
+                      keep_states=True, num_cpus=1, timeout=280)
+    return {r.config.run_id: r for r in sim.runs}, time.perf_counter() - t0
 
 
 @pytest.mark.slow

@@ -252,6 +252,60 @@ def rho_standard_error(rho: float, n_clients: int, n_entries: int) -> float:
     return math.sqrt(2.0 / (n * (n - 1) * p)) * abs(1.0 - rho) * abs(1.0 + (n - 1) * rho)
 
 
+def _checked_gram(gram: np.ndarray, method: str, zero_tol: float) -> np.ndarray:
+    """``gram`` as a float64 (N, N) array, after checking it, ``method`` and ``zero_tol``."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    g = np.asarray(gram, dtype=np.float64)
+    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
+        raise ValueError(f"gram must be a square (N, N) matrix with N >= 1, got shape {g.shape}")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("gram contains non-finite entries (NaN or inf)")
+    if np.any(np.diag(g) < 0):
+        raise ValueError("gram has a negative diagonal entry; it is not a Gram matrix of real vectors")
+    if not (math.isfinite(zero_tol) and 0 <= zero_tol < 1):
+        raise ValueError(f"zero_tol must lie in [0, 1), got {zero_tol!r}")
+    return g
+
+
+def _client_weights(weights: Sequence[float] | np.ndarray | None, n: int) -> np.ndarray:
+    """One float64 weight per client (equal when ``None``), validated like the rule's weights."""
+    if weights is None:
+        return np.ones(n)
+    weights_sum_squares(weights, n)  # validates: finite, non-negative, not all zero, length N
+    return np.asarray(weights, dtype=np.float64).ravel()
+
+
+def _used_clients(diag: np.ndarray, w_all: np.ndarray, zero_tol: float) -> np.ndarray:
+    """Indices of the clients with a non-negligible increment and a positive weight."""
+    max_diag = float(diag.max())
+    nonzero = diag > (zero_tol**2) * max_diag if max_diag > 0 else np.zeros(diag.size, dtype=bool)
+    return np.flatnonzero(nonzero & (w_all > 0))
+
+
+def _jackknife_se(g: np.ndarray, block_grams: np.ndarray, idx: np.ndarray, w: np.ndarray, method: str) -> float:
+    """Block-jackknife standard error of the point estimate over coordinate blocks (NaN if < 2 usable)."""
+    bg = np.asarray(block_grams, dtype=np.float64)
+    n = g.shape[0]
+    if bg.ndim != 3 or bg.shape[1:] != g.shape:
+        raise ValueError(f"block_grams must have shape (K, {n}, {n}), got {bg.shape}")
+    k = bg.shape[0]
+    if k < 2:
+        return math.nan
+    sub = np.ix_(idx, idx)
+    loo = []
+    for b in range(k):
+        gb = (g - bg[b])[sub]
+        if np.any(np.diag(gb) <= 0):
+            continue  # a client is all-zero outside this block: skip this replicate
+        loo.append(_point_estimate(gb, w, method))
+    loo_arr = np.asarray([v for v in loo if math.isfinite(v)])
+    m = loo_arr.size
+    if m < 2:
+        return math.nan
+    return float(math.sqrt((m - 1) / m * np.sum((loo_arr - loo_arr.mean()) ** 2)))
+
+
 def estimate_rho_from_gram(
     gram: np.ndarray,
     weights: Sequence[float] | np.ndarray | None = None,
@@ -282,64 +336,24 @@ def estimate_rho_from_gram(
         A client whose increment norm is at most ``zero_tol`` times the largest client norm
         (in particular, exactly zero) is excluded.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    g = np.asarray(gram, dtype=np.float64)
-    if g.ndim != 2 or g.shape[0] != g.shape[1] or g.shape[0] == 0:
-        raise ValueError(f"gram must be a square (N, N) matrix with N >= 1, got shape {g.shape}")
-    if not np.all(np.isfinite(g)):
-        raise ValueError("gram contains non-finite entries (NaN or inf)")
+    g = _checked_gram(gram, method, zero_tol)
     n = g.shape[0]
-    diag = np.diag(g)
-    if np.any(diag < 0):
-        raise ValueError("gram has a negative diagonal entry; it is not a Gram matrix of real vectors")
-    if not (math.isfinite(zero_tol) and 0 <= zero_tol < 1):
-        raise ValueError(f"zero_tol must lie in [0, 1), got {zero_tol!r}")
-    if weights is None:
-        w_all = np.ones(n)
-    else:
-        weights_sum_squares(weights, n)  # validates: finite, non-negative, not all zero, length N
-        w_all = np.asarray(weights, dtype=np.float64).ravel()
-    total_w = float(w_all.sum())
-
-    max_diag = float(diag.max())
-    nonzero = diag > (zero_tol**2) * max_diag if max_diag > 0 else np.zeros(n, dtype=bool)
-    used = nonzero & (w_all > 0)
-    idx = np.flatnonzero(used)
-    excluded = tuple(int(i) for i in np.flatnonzero(~used))
+    w_all = _client_weights(weights, n)
+    idx = _used_clients(np.diag(g), w_all, zero_tol)
+    excluded = tuple(int(i) for i in np.setdiff1d(np.arange(n), idx))
     n_used = int(idx.size)
-    used_frac = float(w_all[idx].sum() / total_w)
+    used_frac = float(w_all[idx].sum() / float(w_all.sum()))
     p = int(n_entries)
-
     if n_used < 2:
         n_eff = 1.0 if n_used == 1 else math.nan
         return RhoEstimate(math.nan, math.nan, n_eff, n, n_used, excluded, method, math.nan, math.nan, used_frac, p)
-
     w = w_all[idx]
-    sub = np.ix_(idx, idx)
-    rho_raw = _point_estimate(g[sub], w, method)
+    rho_raw = _point_estimate(g[np.ix_(idx, idx)], w, method)
     rho = float(min(1.0, max(0.0, rho_raw)))
-    n_eff = effective_clients(n_used, rho=rho, weights=w)
-
-    se = math.nan
-    if block_grams is not None:
-        bg = np.asarray(block_grams, dtype=np.float64)
-        if bg.ndim != 3 or bg.shape[1:] != g.shape:
-            raise ValueError(f"block_grams must have shape (K, {n}, {n}), got {bg.shape}")
-        k = bg.shape[0]
-        if k >= 2:
-            loo = []
-            for b in range(k):
-                gb = (g - bg[b])[sub]
-                if np.any(np.diag(gb) <= 0):
-                    continue  # a client is all-zero outside this block: skip this replicate
-                loo.append(_point_estimate(gb, w, method))
-            loo_arr = np.asarray([v for v in loo if math.isfinite(v)])
-            m = loo_arr.size
-            if m >= 2:
-                se = float(math.sqrt((m - 1) / m * np.sum((loo_arr - loo_arr.mean()) ** 2)))
+    se = _jackknife_se(g, block_grams, idx, w, method) if block_grams is not None else math.nan
     se_an = rho_standard_error(rho, n_used, p) if p > 0 else math.nan
-    return RhoEstimate(rho_raw, rho, n_eff, n, n_used, excluded, method, se, se_an, used_frac, p)
+    return RhoEstimate(rho_raw, rho, effective_clients(n_used, rho=rho, weights=w), n, n_used, excluded, method,
+                       se, se_an, used_frac, p)
 
 
 def estimate_rho(

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ServerState", "init_state", "client_start", "aggregate", "aggregate_and_deltas", "total_delta",
-           "client_deltas", "eval_adapter", "SCHEME_TRAINS_A"]
+__all__ = ["ServerState", "init_state", "client_start", "aggregate", "aggregate_layer", "aggregate_and_deltas",
+           "total_delta", "client_deltas", "eval_adapter", "SCHEME_TRAINS_A", "SCHEMES"]
 
 SCHEME_TRAINS_A = {"fedit": True, "fedsa": True, "ffa": False, "exact": True}
+SCHEMES: tuple[str, ...] = tuple(SCHEME_TRAINS_A)
 
 
 @dataclass
@@ -90,6 +91,25 @@ def client_deltas(state: ServerState, clients: list[int], gamma: float) -> dict[
     return {n: gamma * torch.matmul(state.B_local[n][clients], state.A[n]) for n in state.A}
 
 
+def aggregate_layer(scheme: str, A: torch.Tensor, B: torch.Tensor | None, merged: torch.Tensor | None,
+                    A_new: torch.Tensor, B_new: torch.Tensor, p: torch.Tensor, gamma: float
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One layer's server-held ``(A, B, merged)`` after a round, from the averaged clients'
+    ``A_new: (K, r, k)``, ``B_new: (K, d, r)`` and weights ``p`` (see the module docstring).
+
+    FedSA leaves ``B`` as it is (each client keeps its own B; :func:`aggregate` stores them for
+    the harness, a Flower strategy leaves them on the clients). ``gamma`` enters only ``exact``."""
+    if scheme == "fedit":
+        return _wavg(A_new, p), _wavg(B_new, p), merged
+    if scheme == "ffa":
+        return A, _wavg(B_new, p), merged
+    if scheme == "fedsa":
+        return _wavg(A_new, p), B, merged
+    if scheme == "exact":
+        return A, torch.zeros_like(B), merged + gamma * _wavg(torch.bmm(B_new, A_new), p)
+    raise ValueError(f"unknown scheme {scheme!r}; allowed: {', '.join(SCHEMES)}")
+
+
 def aggregate(scheme: str, state: ServerState, clients: list[int], A_new: dict, B_new: dict, p: torch.Tensor,
               gamma: float) -> tuple[ServerState, dict[str, torch.Tensor]]:
     """Apply one aggregation; returns the new state and each layer's round delta (d, k)."""
@@ -97,18 +117,9 @@ def aggregate(scheme: str, state: ServerState, clients: list[int], A_new: dict, 
     A, B, merged = dict(state.A), dict(state.B), dict(state.merged)
     B_local = None if state.B_local is None else {n: t.clone() for n, t in state.B_local.items()}
     for n in state.A:
-        if scheme == "fedit":
-            A[n], B[n] = _wavg(A_new[n], p), _wavg(B_new[n], p)
-        elif scheme == "ffa":
-            B[n] = _wavg(B_new[n], p)
-        elif scheme == "fedsa":
-            A[n] = _wavg(A_new[n], p)
+        A[n], B[n], merged[n] = aggregate_layer(scheme, A[n], B[n], merged[n], A_new[n], B_new[n], p, gamma)
+        if scheme == "fedsa":
             B_local[n][clients] = B_new[n]
-        elif scheme == "exact":
-            merged[n] = merged[n] + gamma * _wavg(torch.bmm(B_new[n], A_new[n]), p)
-            B[n] = torch.zeros_like(B[n])
-        else:
-            raise ValueError(f"unknown scheme {scheme!r}")
     new = ServerState(A, B, merged, B_local, state.client_weights)
     now = total_delta(new, gamma)
     return new, {n: now[n] - old[n] for n in now}

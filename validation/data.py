@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from validation.synthetic_net import synthetic_weights
+
 __all__ = ["RawData", "load_bbc", "load_hf", "make_synthetic", "load_raw", "partition",
            "split_train_eval", "label_skew", "BBC_TOPICS"]
 
@@ -109,14 +111,12 @@ def make_synthetic(n_examples: int = 2048, dim: int = 64, n_classes: int = 4, te
     """A task with known ground truth for clean law checks.
 
     A frozen random MLP ``x -> fc2(tanh(fc1(x))) -> head`` (weights from
-    :func:`validation.models.synthetic_weights`, seeded) is the student. The teacher is the same
+    :func:`validation.synthetic_net.synthetic_weights`, seeded) is the student. The teacher is the same
     network with a rank-``teacher_rank`` perturbation added to fc1 and fc2; labels are the
     teacher's argmax on Gaussian inputs. LoRA on fc1/fc2 can therefore fit the task exactly.
     Client heterogeneity is tuned by the partition (IID or Dirichlet label skew).
     Returns the data and the teacher's perturbations (the ground truth).
     """
-    from validation.models import synthetic_weights
-
     g = torch.Generator().manual_seed(10_000 + seed)
     w = synthetic_weights(dim, n_classes, seed)
     deltas = {}

@@ -25,37 +25,11 @@ import torch
 from torch import nn
 
 from validation.config import RunConfig
-from validation.data import RawData, load_raw, split_train_eval
+from validation.data import RawData, load_raw, make_synthetic, split_train_eval
+from validation.synthetic_net import SyntheticNet, synthetic_weights
 
 __all__ = ["Task", "TextClassifier", "SyntheticNet", "synthetic_weights", "resolve_model_path",
            "load_text_backbone", "build_task", "find_targets", "default_targets"]
-
-
-def synthetic_weights(dim: int, n_classes: int, seed: int) -> dict[str, torch.Tensor]:
-    """Seeded float64 weights of the synthetic student MLP (fc1, fc2: dim x dim; head: C x dim)."""
-    g = torch.Generator().manual_seed(20_000 + seed)
-    return {
-        "fc1": torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) * 1.5,
-        "fc2": torch.randn(dim, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) * 1.5,
-        "head": torch.randn(n_classes, dim, generator=g, dtype=torch.float64) / math.sqrt(dim) * 3.0,
-    }
-
-
-class SyntheticNet(nn.Module):
-    """``logits = head(tanh(fc2(tanh(fc1(x)))))`` with all weights frozen; LoRA targets fc1, fc2."""
-
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        dim, n_classes = weights["fc1"].shape[1], weights["head"].shape[0]
-        self.fc1 = nn.Linear(dim, dim, bias=False)
-        self.fc2 = nn.Linear(dim, dim, bias=False)
-        self.head = nn.Linear(dim, n_classes, bias=False)
-        with torch.no_grad():
-            for name in ("fc1", "fc2", "head"):
-                getattr(self, name).weight.copy_(weights[name])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
 
 
 class TextClassifier(nn.Module):
@@ -188,8 +162,6 @@ def build_task(cfg: RunConfig) -> Task:
     dtype = getattr(torch, cfg.dtype)
     targets = cfg.target_modules or default_targets(cfg.model)
     if cfg.model == "synthetic":
-        from validation.data import make_synthetic
-
         raw, _ = make_synthetic(cfg.synth_examples, cfg.synth_dim, cfg.synth_classes, cfg.synth_teacher_rank,
                                 seed=cfg.seed)
         model: nn.Module = SyntheticNet(synthetic_weights(cfg.synth_dim, cfg.synth_classes, cfg.seed))

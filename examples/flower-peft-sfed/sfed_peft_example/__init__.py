@@ -1,0 +1,1 @@
+"""sfed-peft-example: federated LoRA with peft and Flower, scaled by SFed's rule."""
