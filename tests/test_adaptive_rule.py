@@ -95,13 +95,13 @@ def test_scaler_gamma_converges_to_target_on_known_correlation(rho):
 def test_harness_identical_clients_drive_gamma_to_rslora(monkeypatch):
     """All clients see the same batches -> identical increments -> rho_hat = 1 each round; the
     smoothed rho follows 1 - (1 - ema)^t exactly and gamma approaches rsLoRA's alpha/sqrt(r)."""
-    real = federated._batches
+    real = federated.client_batches
 
     def same(cfg, task, parts, clients, rnd, device):
         out = real(cfg, task, parts, clients, rnd, device)
         return [[step[0]] * len(step) for step in out]
 
-    monkeypatch.setattr(federated, "_batches", same)
+    monkeypatch.setattr(federated, "client_batches", same)
     cfg = adaptive_cfg(rounds=4, adaptive_ema=0.5, partition="iid")
     a = all_rows(run(cfg))
     np.testing.assert_allclose(a.rho_est_raw, 1.0, atol=1e-9)

@@ -138,7 +138,7 @@ def reference_states(cfg: RunConfig, answered: dict[int, list[int]]) -> list:
         state = fed.apply_gamma_change(state, bk, g_state, g_sent)
         bk.set_base_delta(state.merged)
         A0, B0 = client_start(state, ok)
-        A1, B1, _, _ = bk.train_clients(A0, B0, fed._batches(cfg, task, parts, ok, rnd, dev),
+        A1, B1, _, _ = bk.train_clients(A0, B0, fed.client_batches(cfg, task, parts, ok, rnd, dev),
                                         train_A=SCHEME_TRAINS_A[cfg.scheme], optimizer=cfg.optimizer,
                                         lr=cfg.lr, weight_decay=cfg.weight_decay)
         p = torch.full((len(ok),), 1 / len(ok))

@@ -45,7 +45,7 @@ from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
-           "sample_clients", "measure_round", "probe_point", "ProbePoint", "MEASURED_COLUMNS",
+           "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "MEASURED_COLUMNS",
            "ADAPTIVE_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
@@ -196,7 +196,7 @@ def config_columns(cfg: RunConfig) -> dict:
     return d
 
 
-def _batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[int], rnd: int,
+def client_batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[int], rnd: int,
              device: torch.device) -> list[list[tuple[dict, torch.Tensor]]]:
     """``out[t][i]``: step t's batch of client clients[i], seeded by (seed, round, client)."""
     idx = []
@@ -234,78 +234,107 @@ def fixed_batches(cfg: RunConfig, task: Task, device: torch.device) -> tuple[dic
     return probe_in, probe_y, eval_in, eval_y
 
 
-def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False):
-    """Run one federated LoRA configuration and return its tidy rows (with ``return_state=True``:
-    ``(rows, final ServerState, final gamma)``)."""
-    t_start = time.perf_counter()
+@dataclass
+class _Run:
+    """What every round of one run uses (built once by :func:`_setup`)."""
+
+    cfg: RunConfig
+    task: Task
+    device: torch.device
+    dtype: torch.dtype
+    parts: list[np.ndarray]
+    sizes: np.ndarray
+    backend: object
+    probe: tuple[dict, torch.Tensor]
+    evalset: tuple[dict, torch.Tensor]
+    base: dict
+    scaler: AdaptiveScaler | None
+
+
+def _setup(cfg: RunConfig, task: Task | None) -> tuple[_Run, ServerState, float]:
     task = task or build_task(cfg)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     parts = client_parts(cfg, task)
     sizes = np.array([len(p) for p in parts], dtype=float)
     gamma = gamma_for(cfg, sizes)
-    K = cfg.k
-    backend = make_backend(cfg.batched, task.model, task.targets, cfg.rank, gamma, device, K)
+    backend = make_backend(cfg.batched, task.model, task.targets, cfg.rank, gamma, device, cfg.k)
     all_w = torch.as_tensor(sizes / sizes.sum() if cfg.weighted else np.full(cfg.n_clients, 1 / cfg.n_clients))
     state = init_state(backend.shapes, cfg.rank, cfg.n_clients, cfg.scheme, cfg.seed, all_w, dtype, device)
-    train_A = SCHEME_TRAINS_A[cfg.scheme]
-    adaptive = cfg.rule == ADAPTIVE_RULE
-    gamma_w = sizes if cfg.weighted else None  # as in gamma_for: data-size weights, K of N
-    scaler = AdaptiveScaler(cfg.alpha, cfg.rank, prior_rho=cfg.rho, ema=cfg.adaptive_ema) if adaptive else None
-
+    scaler = (AdaptiveScaler(cfg.alpha, cfg.rank, prior_rho=cfg.rho, ema=cfg.adaptive_ema)
+              if cfg.rule == ADAPTIVE_RULE else None)
     probe_in, probe_y, eval_in, eval_y = fixed_batches(cfg, task, device)
-
     base = {"run_id": cfg.run_id, "version": sfed_theory.__version__, **config_columns(cfg),
             "backend": "batched" if cfg.batched else "loop", "gamma": gamma, "device_used": str(device)}
+    ctx = _Run(cfg, task, device, dtype, parts, sizes, backend, (probe_in, probe_y), (eval_in, eval_y), base, scaler)
+    return ctx, state, gamma
+
+
+def _round(ctx: _Run, state: ServerState, gamma: float, rnd: int) -> tuple[list[dict], ServerState, float]:
+    """One round: train the sampled clients, aggregate, measure; raises Divergence on a non-finite value."""
+    cfg, backend, K = ctx.cfg, ctx.backend, ctx.cfg.k
+    train_A = SCHEME_TRAINS_A[cfg.scheme]
+    clients = sample_clients(cfg, rnd)
+    p = torch.as_tensor(ctx.sizes[clients] / ctx.sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
+                        dtype=ctx.dtype, device=ctx.device)
+    backend.set_base_delta(state.merged)
+    start = probe_point(backend, state, clients, *ctx.probe, capture=True)
+    A0, B0 = client_start(state, clients)
+    batches = client_batches(cfg, ctx.task, ctx.parts, clients, rnd, ctx.device)
+    t0 = time.perf_counter()
+    A1, B1, losses, accs = backend.train_clients(A0, B0, batches, train_A=train_A, optimizer=cfg.optimizer,
+                                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - t0
+    state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma)
+    backend.set_base_delta(state.merged)
+    end = probe_point(backend, state, clients, *ctx.probe, capture=True)
+    ev_loss, ev_acc = backend.evaluate(*eval_adapter(state), *ctx.evalset)
+    measured = measure_round(ctx.task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
+                             train_A, p, gamma)
+    common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
+              "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
+              "probe_loss_start": start.loss, "probe_loss_end": end.loss,
+              "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
+    rows = [{**ctx.base, **common, **m} for m in measured]
+    if not all(math.isfinite(r[c]) for r in rows for c in ("update_fro", "adapter_rms", "eval_loss")):
+        raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
+    if ctx.scaler is not None:
+        state, gamma = _adaptive_step(ctx, state, gamma, B1, B0, p, rows)
+    return rows, state, gamma
+
+
+def _adaptive_step(ctx: _Run, state: ServerState, gamma: float, B1: dict, B0: dict, p: torch.Tensor,
+                   rows: list[dict]) -> tuple[ServerState, float]:
+    """sfed-adaptive: fold this round's rho estimate in, record it in ``rows``, switch to the next gamma."""
+    cfg, K = ctx.cfg, ctx.cfg.k
+    inc_B = torch.cat([(B1[n] - B0[n]).reshape(K, -1) for n in ctx.task.targets], dim=1)
+    est = estimate_rho(inc_B.detach().double().cpu().numpy(), p.detach().double().cpu().numpy())
+    ctx.scaler.observe(est)
+    g_next = ctx.scaler.gamma(cfg.n_clients, weights=ctx.sizes if cfg.weighted else None, participating=K)
+    rec = {"gamma": gamma, "gamma_next": g_next, "rho_est_raw": est.rho_raw, "rho_est_se": est.se,
+           "rho_est_smoothed": ctx.scaler.rho_smoothed, "n_eff_est": est.n_eff,
+           "n_eff_smoothed": cfg.rank * (g_next / cfg.alpha) ** 2}
+    for r in rows:
+        r.update(rec)
+    return apply_gamma_change(state, ctx.backend, gamma, g_next), g_next
+
+
+def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False):
+    """Run one federated LoRA configuration and return its tidy rows (with ``return_state=True``:
+    ``(rows, final ServerState, final gamma)``)."""
+    t_start = time.perf_counter()
+    ctx, state, gamma = _setup(cfg, task)
     rows: list[dict] = []
-    diverged_round = None
-    error = ""
+    diverged_round, error = None, ""
     for rnd in range(1, cfg.rounds + 1):
         try:
-            clients = sample_clients(cfg, rnd)
-            p = torch.as_tensor(sizes[clients] / sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
-                                dtype=dtype, device=device)
-            backend.set_base_delta(state.merged)
-            start = probe_point(backend, state, clients, probe_in, probe_y, capture=True)
-
-            A0, B0 = client_start(state, clients)
-            batches = _batches(cfg, task, parts, clients, rnd, device)
-            t0 = time.perf_counter()
-            A1, B1, losses, accs = backend.train_clients(A0, B0, batches, train_A=train_A, optimizer=cfg.optimizer,
-                                                         lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_s = time.perf_counter() - t0
-            state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma)
-
-            backend.set_base_delta(state.merged)
-            end = probe_point(backend, state, clients, probe_in, probe_y, capture=True)
-            ev_loss, ev_acc = backend.evaluate(*eval_adapter(state), eval_in, eval_y)
-            measured = measure_round(task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
-                                     train_A, p, gamma)
-            common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
-                      "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
-                      "probe_loss_start": start.loss, "probe_loss_end": end.loss,
-                      "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
-            new_rows = [{**base, **common, **m} for m in measured]
-            if not all(math.isfinite(r[c]) for r in new_rows for c in ("update_fro", "adapter_rms", "eval_loss")):
-                raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
-            if adaptive:
-                inc_B = torch.cat([(B1[n] - B0[n]).reshape(K, -1) for n in task.targets], dim=1)
-                est = estimate_rho(inc_B.detach().double().cpu().numpy(), p.detach().double().cpu().numpy())
-                scaler.observe(est)
-                g_next = scaler.gamma(cfg.n_clients, weights=gamma_w, participating=K)
-                rec = {"gamma": gamma, "gamma_next": g_next, "rho_est_raw": est.rho_raw, "rho_est_se": est.se,
-                       "rho_est_smoothed": scaler.rho_smoothed, "n_eff_est": est.n_eff,
-                       "n_eff_smoothed": cfg.rank * (g_next / cfg.alpha) ** 2}
-                for r in new_rows:
-                    r.update(rec)
-                state = apply_gamma_change(state, backend, gamma, g_next)
-                gamma = g_next
+            new_rows, state, gamma = _round(ctx, state, gamma, rnd)
             rows.extend(new_rows)
         except Divergence as e:
             diverged_round, error = rnd, str(e)
-            rows.append({**base, "round": rnd, "layer": ALL, "n_participating": K, "gamma": gamma})
+            rows.append({**ctx.base, "round": rnd, "layer": ALL, "n_participating": cfg.k, "gamma": gamma})
             break
     df = pd.DataFrame(rows)
     for c in MEASURED_COLUMNS + ADAPTIVE_COLUMNS:

@@ -38,7 +38,7 @@ from sfed_theory.peft import require_peft
 from validation.aggregation import SCHEME_TRAINS_A
 from validation.backends import Divergence, LoopBackend
 from validation.config import RunConfig
-from validation.federated import _batches as harness_batches  # the harness's seeded batches (seed, round, client)
+from validation.federated import client_batches as harness_batches  # the harness's seeded batches (seed, round, client)
 from validation.federated import client_parts, resolve_device
 from validation.models import Task, build_task
 
