@@ -191,3 +191,53 @@ for q in ("adapter_output", "loss_change"):
 # Reading: under SGD, keeping the adapter *output* at its target needs only $N^{1/4}$, while
 # keeping the *first-order loss change* needs $\sqrt{N/r}$. Which one a training run follows is an
 # empirical question; notebook 03 compares the measured exponents with both.
+
+# %% [markdown]
+# ## 8. Where the canonical model stops: the refined model, derived the same way
+#
+# Measured on real training (the `gradient_check` results), the canonical model gets the update norm
+# right but not the gradients or the adapter output's growth in r. The regime `adam-refined` adds the
+# three mechanisms of `docs/THEORY.md`, each as an explicit Gaussian field or operation, and the same
+# engine derives every moment from it:
+#
+# * a share `f_in` of a client's B increment lies along its input direction, `u_i (A x)^T` (B is built
+#   from A x, as Adam's step on dL/dB = gamma G A^T is);
+# * the output direction `u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i` is shared along the loss gradient
+#   (every client descends the same loss) plus client noise;
+# * after the step the output gradient moved by the curvature: `G_end = (g + lambda dW x) x^T`.
+#
+# The adapter output moment, with its rank-coherent term (`r + 2` from the Wishart moment of `A^T A`):
+
+# %%
+from sfed_theory.derivation import closed_form, derive  # noqa: E402
+
+refined_out = derive("adapter_output", "ffa", "adam-refined")
+print(refined_out.text(steps=False))
+
+# %% [markdown]
+# At `f_in = 0` it is the canonical moment; the `f_in (r + 2)` part grows like `r^2`, which is the
+# measured extra growth of the output in r. The gradient w.r.t. A sees the shared direction
+# coherently over the `d` output coordinates (the `d phi f_in` term), so it shrinks with N much less
+# than the Frobenius norm:
+
+# %%
+grad_a = closed_form("grad_A", "ffa", "adam-refined").subs(SYM.lam, 0)
+print("E||dL/dA||^2 (lambda = 0) =", sp.factor(grad_a))
+print("first-order loss change E<G, dW> =", closed_form("loss_change", "ffa", "adam-refined"))
+
+# %% [markdown]
+# ## 9. One broadcast A init, or one per client
+#
+# peft, Flower and the harness broadcast one A init to every client. If every client drew its own A
+# init and the server averaged them (scheme suffix `-indep`), the init part of Abar would shrink too:
+
+# %%
+for scheme in ("fedit", "fedit-indep"):
+    form = closed_form("adapter_output", scheme, "adam").subs({SYM.rho: 0, SYM.s_dA: 0})
+    print(f"{scheme:12s} E||y||^2 at rho = 0, no A increment: {sp.factor(form)}")
+
+# %% [markdown]
+# With one broadcast A the moment falls like `S2` (1/N); with independent inits like `S2^2` (1/N^2),
+# so the norm collapses like 1/N instead of 1/sqrt(N), and the rule that undoes it would be
+# `gamma ~ N / sqrt(r)`, not `sqrt(N / r)`. Every one of these closed forms is checked against a
+# Monte Carlo simulation of the same model (notebook 02, `tests/test_theory_montecarlo.py`).

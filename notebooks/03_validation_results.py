@@ -32,7 +32,7 @@
 RESULTS_DIR = None  # None: the committed results/ folder
 ROUND = 1  # the round the one-round theory describes
 N_BOOT = 200  # bootstrap replicates for the exponent CIs
-TOLERANCE = 0.05  # |measured - predicted| allowed beyond the CI before a fit counts as a disagreement
+TOLERANCE = 0.05  # "within tolerance": |measured - predicted| <= TOLERANCE (a separate claim from "inside the CI")
 
 # %%
 import json
@@ -59,6 +59,9 @@ pd.set_option("display.max_rows", 120)
 
 # %%
 for name, m in manifest.items():
+    if "grid" not in m:  # an entry moved from an older manifest format
+        print(f"[{name}] {m.get('runs_found', '?')} runs; {m.get('note', '')}")
+        continue
     grid = {k: v for k, v in m["grid"].items() if k != "base"}
     pin = m.get("harness")
     harness = (f"harness (validation/, sfed_theory/) = commit {pin['commit'][:10]}, "
@@ -118,14 +121,23 @@ for rule, ratio in flat.items():
 fits = fit_exponents(scaling, round=ROUND, n_boot=N_BOOT)
 pred = fits["predicted_rho_hat"].fillna(fits["predicted_rho0"])  # N = 1: no rho to measure
 fits["predicted"] = pred
-fits["agrees"] = (fits.ci_low - TOLERANCE <= pred) & (pred <= fits.ci_high + TOLERANCE)
+fits["in_ci"] = (fits.ci_low <= pred) & (pred <= fits.ci_high)  # strictly inside the 95% CI
+fits["agrees"] = (pred - fits.measured).abs() <= TOLERANCE  # within the stated tolerance
 table = fits.assign(ci=fits.apply(lambda r: f"[{r.ci_low:+.2f}, {r.ci_high:+.2f}]", axis=1))
-table = table[["quantity", "rule", "wrt", "fixed", "measured", "ci", "predicted_rho0", "predicted", "agrees"]]
+table = table[["quantity", "rule", "wrt", "fixed", "measured", "ci", "predicted_rho0", "predicted", "in_ci", "agrees"]]
 table.round(3).sort_values(["quantity", "wrt", "rule", "fixed"]).reset_index(drop=True)
 
+# %% [markdown]
+# Agreement as two numbers: strictly inside the 95% CI, and within the tolerance. The prediction
+# here uses each point's measured $\hat
+ho$, so it follows the data by construction (section 6 has
+# the out-of-sample test).
+
 # %%
-summary = fits.groupby(["quantity", "wrt"])["agrees"].agg(["sum", "count"])
-summary["share"] = summary["sum"] / summary["count"]
+summary = fits.groupby(["quantity", "wrt"]).agg(fits=("agrees", "size"), inside_ci=("in_ci", "sum"),
+                                                within_tol=("agrees", "sum"))
+display(Markdown(f"Over all {len(fits)} fits: **{int(fits.in_ci.sum())} strictly inside the 95% CI**, "
+                 f"**{int(fits.agrees.sum())} within {TOLERANCE}** of the measured slope."))
 summary
 
 # %% [markdown]
@@ -156,7 +168,7 @@ display(Markdown("**Mean exponents in the committed results** (measured, theory 
 
 # %% [markdown]
 # ## 4. Where the measurement disagrees with the theory
-# Fits whose prediction lies outside the CI widened by the tolerance:
+# Fits whose prediction is more than the tolerance away from the measured slope:
 
 # %%
 bad = table[~table.agrees].sort_values(["quantity", "wrt", "rule"]).reset_index(drop=True)
@@ -170,7 +182,7 @@ bad.round(3)
 
 # %%
 def verdict(q: str, wrt: str, rule: str, fixed: int | None = None) -> tuple[str, float, float]:
-    """'above' / 'below' / 'within' the prediction (CI widened by TOLERANCE), over the fits of
+    """'above' / 'below' the prediction (beyond the CI widened by TOLERANCE) or 'within' (within TOLERANCE), over the fits of
     (q, wrt, rule) [at one fixed value]: mean measured and mean predicted exponents."""
     f = fits[(fits.quantity == q) & (fits.wrt == wrt) & (fits.rule == rule)]
     if fixed is not None:
@@ -267,3 +279,39 @@ display(Markdown(" ".join(txt)))
 # This is a small CPU run (the seeds and rounds printed in section 1, short sequences, a 64-article
 # eval set): it shows the direction of the effect, not converged accuracies; the GPU grid files
 # in `paper_figures/grids/` describe the larger experiment.
+
+# %% [markdown]
+# ## 6. The gradient check: four norms, three predictions, two kinds of agreement
+# `results/gradient_check.parquet`: one round on MiniLM + BBC under AdamW for FFA, FedIT and FedSA,
+# IID and Dirichlet(0.5) splits, N in {1, 4, 16}, r in {4, 16, 64}, 3 seeds, with every quantity
+# measured where the theory takes it. Three predictions per slope: the canonical model at $\rho=0$,
+# the canonical model at each point's measured $\hat\rho$ (follows the data by construction), and
+# the refined model (`sfed_theory` regime `adam-refined`) with its parameters estimated from the
+# runs with N <= 4 only; its slopes that reach N = 16 are out of sample.
+
+# %%
+from validation.analysis import agreement_summary, refined_fits  # noqa: E402
+
+grad = experiments.load("gradient_check", results_dir)
+params = refined_fits(grad, round=ROUND)
+gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
+agree = agreement_summary(gfits)
+agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)
+agree["within_tol_share"] = (agree.within_tol / agree.slopes).round(3)
+agree
+
+# %%
+by_q = gfits.groupby("quantity")[["in_ci_rho0", "in_ci_rho_hat", "in_ci_refined", "agrees_rho0", "agrees_rho_hat",
+                                  "agrees_refined"]].mean().round(2)
+by_q["median CI width"] = gfits.assign(w=gfits.ci_high - gfits.ci_low).groupby("quantity").w.median().round(2)
+by_q
+
+# %%
+out = agree.set_index("prediction").loc["refined, out-of-sample"]
+display(Markdown(
+    f"Refined model, out of sample (slopes reaching N = 16): **{int(out.in_ci)}/{int(out.slopes)} strictly inside "
+    f"the 95% CI**, **{int(out.within_tol)}/{int(out.slopes)} within {TOLERANCE}**. The quantity whose slopes the "
+    f"measurement pins worst is dL/dA (median CI width {by_q.loc['grad_A', 'median CI width']:.2f}, several times the "
+    f"tolerance): there a tolerance of {TOLERANCE} cannot be met by any prediction, and inside-the-CI is the "
+    "informative number."))
+print("\n".join(p.describe() for p in list(params.values())[:4]))
