@@ -12,8 +12,9 @@ infinitely bad) is compared across learning rates:
   pilot's measured client correlation), anchored at the reference cell's measured ``lr_star_fit``.
 * drift: ``log2`` range of ``lr_star_fit`` across N (per r) and across r (per N), in grid steps (the
   grid is spaced by 2x, so one step = a factor 2).
-* ``best_acc``: final eval accuracy at the cell's own best learning rate; ``transfer_acc``: at the
-  learning rate tuned at the reference cell; ``regret = best_acc - transfer_acc``.
+* transfer regret (in accuracy, so tuned by accuracy): ``best_acc``, the final eval accuracy at the cell's
+  own most accurate learning rate; ``transfer_acc``, at the learning rate that was most accurate at the
+  reference cell; ``regret = best_acc - transfer_acc >= 0``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ REFERENCE = (1, 16)  # (N, r) where the learning rate is tuned once
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its config, final-round eval loss/accuracy (inf / 0 when it diverged)."""
     a = expand_n1(df[df["layer"] == "__all__"])
-    last = a.sort_values("round").groupby("run_id").tail(1)
+    last = a.sort_values("round").groupby(["run_id", "rule"]).tail(1)  # N = 1 copies share a run id
     out = last[["run_id", "rule", "n_clients", "rank", "lr", "seed", "gamma", "round", "diverged", "from_rslora",
                 "eval_loss", "eval_acc", "train_loss"]].copy()
     bad = out["diverged"].astype(bool) | ~np.isfinite(out["eval_loss"].astype(float))
@@ -118,8 +119,13 @@ def drift_table(opt: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _most_accurate(g: pd.DataFrame) -> pd.Series:
+    """The row with the best final accuracy (ties: the lower eval loss)."""
+    return g.sort_values(["eval_acc", "eval_loss"], ascending=[False, True]).iloc[0]
+
+
 def transfer_table(df: pd.DataFrame, reference: tuple[int, int] = REFERENCE) -> pd.DataFrame:
-    """Per (rule, N, r): accuracy at the cell's own best lr and at the lr tuned at the reference cell."""
+    """Per (rule, N, r): accuracy at the cell's own most accurate lr and at the lr tuned at the reference."""
     c = lr_curves(df)
     n0, r0 = reference
     rows = []
@@ -127,8 +133,8 @@ def transfer_table(df: pd.DataFrame, reference: tuple[int, int] = REFERENCE) -> 
         ref = c[(c.rule == rule) & (c.n_clients == n0) & (c["rank"] == r0)]
         if ref.empty:
             continue
-        lr_ref = float(ref.loc[ref["eval_loss"].idxmin(), "lr"])
-        best = g.loc[g["eval_loss"].idxmin()]
+        lr_ref = float(_most_accurate(ref)["lr"])
+        best = _most_accurate(g)
         at_ref = g[np.isclose(g["lr"], lr_ref)]
         acc_ref = float(at_ref["eval_acc"].iloc[0]) if len(at_ref) else math.nan
         rows.append({"rule": rule, "n_clients": n, "rank": r, "lr_ref": lr_ref, "lr_best": float(best["lr"]),

@@ -93,7 +93,9 @@ def test_every_figure_names_an_experiment_with_committed_results():
         assert fig.experiment is None or fig.experiment in experiments.EXPERIMENTS, fig
         if fig.experiment:
             assert experiments.results_path(fig.experiment, RESULTS).is_file(), fig
-    assert {f.experiment for f in make_figures.FIGURES} - {None} == set(experiments.EXPERIMENTS)
+    # every experiment feeds a figure, except scaling (the default grid's results, read by notebook 03)
+    assert {f.experiment for f in make_figures.FIGURES} - {None} == set(experiments.EXPERIMENTS) - {"scaling"}
+    assert 'load("scaling"' in (ROOT / "notebooks" / "03_validation_results.py").read_text()
 
 
 def test_empty_results_file_is_an_error(tmp_path):
@@ -190,6 +192,21 @@ def test_committed_results_with_extra_axes_are_complete_and_pinned(experiment):
     assert ids == set(df["run_id"])
     with pytest.raises(ValueError, match="extra axes"):
         experiments.load_grid(experiment, "cpu")
+
+
+@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "lr_transfer"])
+def test_committed_results_of_the_spec_runner_are_complete_and_pinned(experiment):
+    """Results stored by the one runner: every cell of the grid file, the harness commit they were made
+    with (clean), the wall time, and nothing else."""
+    df = experiments.load(experiment, RESULTS)
+    man = experiments.load_manifest(RESULTS)[experiment]
+    s = experiments.spec(experiment, "cpu")
+    assert set(df["run_id"]) == {c.run_id for c in s.runs()}
+    assert man["runs_stored"] == man["runs_in_grid"] == df["run_id"].nunique()
+    assert len(man["harness"]["commit"]) == 40 and man["harness"]["clean"] is True
+    assert man["wall_s_this_call"] and man["wall_s_this_call"] > 0
+    assert not df.duplicated(["run_id", "round", "layer"]).any()
+    assert (df.groupby("run_id")["round"].nunique() == s.grid.base.rounds).all()
 
 
 def _oracle_folder(oracle: dict) -> Path:

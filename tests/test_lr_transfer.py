@@ -1,0 +1,68 @@
+"""The learning-rate sweep: the quick synthetic grid through the experiment runner, and its tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from paper_figures import experiments, lr_transfer
+from sfed_theory.derivation import lr_transfer_factor, solve_step_size
+from sfed_theory.rules import scaling_factor
+
+
+def test_predicted_transfer_follows_the_derived_step_size():
+    # FFA/Adam: lr* ~ 1 / (gamma sqrt(r c_N)); SFed flat at rho = 0, rsLoRA ~ sqrt(N), LoRA ~ sqrt(N r)
+    ref = (16, 1)
+    assert lr_transfer_factor("sfed", 16.0, ref, (256, 16)) == pytest.approx(1.0)
+    assert lr_transfer_factor("rslora", 16.0, ref, (256, 16)) == pytest.approx(4.0)
+    assert lr_transfer_factor("lora", 16.0, ref, (256, 16)) == pytest.approx(16.0)
+    # correlated clients: SFed's optimum moves down by 1/sqrt(1 + (N - 1) rho)
+    assert lr_transfer_factor("sfed", 16.0, ref, (16, 16), rho=0.1) == pytest.approx(1 / math.sqrt(2.5))
+    # FedIT's first-order step size is FFA's (its A increment enters at second order in lr)
+    assert solve_step_size("fedit") == solve_step_size("ffa")
+    assert scaling_factor("sfed", 16.0, 256, 16) == 4.0
+
+
+@pytest.fixture(scope="module")
+def quick_sweep(tmp_path_factory) -> pd.DataFrame:
+    """A slice of the quick grid (synthetic task): N in {1, 4}, r = 4, one seed, every learning rate."""
+    from validation.grid import load_results, run_grid
+
+    s = experiments.spec("lr_transfer", "quick")
+    s = dataclasses.replace(s, grid=dataclasses.replace(s.grid, ranks=(4,), seeds=(0,)))
+    work = tmp_path_factory.mktemp("lr")
+    cells = s.runs(work)
+    assert {c.lr for c in cells} == set(s.lrs) and {c.n_clients for c in cells} == {1, 4}
+    assert not [c for c in cells if c.n_clients == 1 and c.rule == "sfed"]  # deduped: rsLoRA's run
+    res = run_grid(cells, work, progress=False)
+    assert not res.failed
+    return load_results(work)
+
+
+def test_tables_from_the_sweep(quick_sweep):
+    curves = lr_transfer.lr_curves(quick_sweep)
+    assert set(curves.rule) == {"lora", "rslora", "sfed"}  # sfed at N = 1 copied from rsLoRA
+    opt = lr_transfer.optimum_table(quick_sweep, reference=(1, 4))
+    assert len(opt) == 6
+    lrs = sorted(quick_sweep.lr.unique())
+    assert opt.lr_star.isin(lrs).all()
+    # the fitted optimum stays within the grid step around the grid optimum
+    assert (np.abs(np.log2(opt.lr_star_fit / opt.lr_star)) <= 1.0 + 1e-9).all()
+    ref = opt[(opt.n_clients == 1) & (opt["rank"] == 4)].set_index("rule")
+    assert (ref.steps_off.abs() < 1e-9).all()  # the prediction is anchored at the reference cell
+    tr = lr_transfer.transfer_table(quick_sweep, reference=(1, 4))
+    assert (tr.regret >= -1e-12).all()  # the own best lr is never worse than the transferred one
+    assert (tr.loc[tr.n_clients == 1, "regret"].abs() < 1e-12).all()
+    drift = lr_transfer.drift_table(opt)
+    assert set(drift.rule) == {"lora", "rslora", "sfed"} and (drift.drift_all >= 0).all()
+    text = lr_transfer.report(quick_sweep, reference=(1, 4))
+    assert "transfer regret" in text and "drift" in text
+
+
+def test_figure_from_the_sweep(quick_sweep, tmp_path):
+    paths = lr_transfer.fig_lr_transfer(quick_sweep, tmp_path, formats=("png",), reference=(1, 4))
+    assert paths and paths[0].stat().st_size > 10_000
