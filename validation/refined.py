@@ -63,7 +63,9 @@ class RefinedParams:
     k: int
     pilot_max_n: int
     n_pilot_points: int
-    rms_log_residual: float  # of the pilot fit, all quantities
+    rms_log_residual: float  # of the pilot fit, over the fitted quantities
+    quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS)  # whose pilot shapes were fitted
+    rho_column: str = "rho_ratio"  # the measured correlation it reproduces
 
     @property
     def rho(self) -> float:
@@ -72,9 +74,10 @@ class RefinedParams:
 
     def describe(self) -> str:
         """One line: the estimates and where each comes from."""
-        return (f"{self.scheme}/{self.partition}: f_in={self.f_in:.4f} phi={self.phi:.3f} lambda={self.lam:.4g} "
-                f"(fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, rms log residual "
-                f"{self.rms_log_residual:.3f}); rho_F={self.rho_f:+.4f} (pilot rho_ratio) -> model rho={self.rho:+.4f}; "
+        return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
+                f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
+                f"rms log residual {self.rms_log_residual:.3f}); rho={self.rho_f:+.4f} (pilot {self.rho_column}) -> "
+                f"model rho={self.rho:+.4f}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
                 f"s_dA={_fmt(self.s_dA)} (pilot increments)")
 
@@ -82,6 +85,7 @@ class RefinedParams:
         """Flat dict for a CSV."""
         d = asdict(self)
         d["rho"] = self.rho
+        d["quantities"] = ",".join(self.quantities)
         for key in ("tau2x2", "s_B", "s_dA"):
             d[key] = _fmt(getattr(self, key))
         return d
@@ -156,7 +160,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     groups = list(t.groupby("rule"))
 
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
-        return RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid)
+        return RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
+                             tuple(meas), rho_column)
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
