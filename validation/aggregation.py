@@ -41,10 +41,11 @@ from collections.abc import Sequence
 
 import torch
 
-from validation.hetero_ranks import download_zero_pad, exact_sum, pad_a, pad_b, svd_redistribute, zero_pad_a, zero_pad_b
+from validation.hetero_ranks import download_zero_pad, exact_sum, pad_a, pad_b, svd_download, zero_pad_a, zero_pad_b
 
 __all__ = ["ServerState", "init_state", "client_start", "aggregate", "aggregate_layer", "aggregate_and_deltas",
            "total_delta", "client_deltas", "eval_adapter", "client_start_hetero", "aggregate_hetero",
+           "download_hetero_layer", "aggregate_hetero_layer",
            "SCHEME_TRAINS_A", "SCHEMES", "HETERO_SCHEME"]
 
 SCHEME_TRAINS_A = {"fedit": True, "fedsa": True, "ffa": False, "exact": True, "svd": True}
@@ -167,14 +168,38 @@ def aggregate_and_deltas(scheme: str, state: ServerState, clients: list[int], A_
 
 
 # --- clients of different ranks ------------------------------------------------------------------------------
-def _svd_start(delta: torch.Tensor, a_init: torch.Tensor, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlexLoRA's download: the rank-``rank`` truncation of ``delta`` as factors at ``gamma``; rows of A
-    with no singular value left (all zero) take the A init's rows, their B columns staying zero."""
-    b, a = svd_redistribute(delta, rank, gamma)
-    empty = (a == 0).all(dim=1)
-    if empty.any():
-        a = torch.where(empty[:, None], a_init[:rank], a)
-    return b, a
+def _check_hetero(scheme: str) -> None:
+    if scheme not in HETERO_SCHEME:
+        raise ValueError(f"scheme {scheme!r} has no heterogeneous-rank form; allowed: {', '.join(HETERO_SCHEME)}")
+
+
+def download_hetero_layer(scheme: str, A: torch.Tensor, B: torch.Tensor, merged: torch.Tensor | None, rank: int,
+                          gamma: float, server_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's starting factors ``(r, k)``, ``(d, r)`` of a rank-``rank`` client at ``gamma`` from the
+    server's ``A: (R, k)``, ``B: (d, R)`` at ``server_gamma`` and ``merged`` (see the module docstring)."""
+    _check_hetero(scheme)
+    if HETERO_SCHEME[scheme] == "zero-pad":
+        b, a = download_zero_pad(B, A, rank, server_gamma, gamma)
+        return a, b
+    if scheme == "exact":
+        return A[:rank], B.new_zeros(B.shape[0], rank)
+    b, a = svd_download(merged, A, rank, gamma)
+    return a, b
+
+
+def aggregate_hetero_layer(scheme: str, A: torch.Tensor, B: torch.Tensor, merged: torch.Tensor | None,
+                           as_: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], p: torch.Tensor,
+                           gammas: Sequence[float], server_gamma: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer's server-held ``(A, B, merged)`` (width R, at ``server_gamma``) after a round, from the
+    averaged clients' own factors ``as_[i]: (r_i, k)``, ``bs[i]: (d, r_i)`` trained at ``gammas``."""
+    _check_hetero(scheme)
+    w, width = p.detach().double().cpu(), A.shape[0]
+    if HETERO_SCHEME[scheme] == "zero-pad":
+        a_new = pad_a(zero_pad_a(as_, w), width) if scheme == "fedit" else A
+        return a_new, pad_b(zero_pad_b(bs, w, gammas, server_gamma), width), merged
+    total = exact_sum(bs, as_, w, gammas)
+    return A, torch.zeros_like(B), merged + total if scheme == "exact" else total
 
 
 def client_start_hetero(scheme: str, state: ServerState, ranks: Sequence[int], gammas: Sequence[float],
@@ -182,22 +207,14 @@ def client_start_hetero(scheme: str, state: ServerState, ranks: Sequence[int], g
     """Starting adapters of the averaged clients of ranks ``ranks`` at their ``gammas``, padded to the
     server's width R: ``(K, R, k)``, ``(K, d, R)``; and the learned change their frozen weights carry
     (``merged``; zero under ``svd``, whose clients hold the global change in their adapters)."""
-    if scheme not in HETERO_SCHEME:
-        raise ValueError(f"scheme {scheme!r} has no heterogeneous-rank form; allowed: {', '.join(HETERO_SCHEME)}")
+    _check_hetero(scheme)
     A, B, base = {}, {}, {}
     for n, a_srv in state.A.items():
-        b_srv, width = state.B[n], a_srv.shape[0]
-        cols, rows = [], []
-        for r, g in zip(ranks, gammas):
-            if HETERO_SCHEME[scheme] == "zero-pad":
-                b, a = download_zero_pad(b_srv, a_srv, r, server_gamma, g)
-            elif scheme == "exact":
-                b, a = b_srv.new_zeros(b_srv.shape[0], r), a_srv[:r]
-            else:
-                b, a = _svd_start(state.merged[n], a_srv, r, g)
-            cols.append(pad_b(b, width))
-            rows.append(pad_a(a, width))
-        A[n], B[n] = torch.stack(rows), torch.stack(cols)
+        width = a_srv.shape[0]
+        pairs = [download_hetero_layer(scheme, a_srv, state.B[n], state.merged[n], r, g, server_gamma)
+                 for r, g in zip(ranks, gammas)]
+        A[n] = torch.stack([pad_a(a, width) for a, _ in pairs])
+        B[n] = torch.stack([pad_b(b, width) for _, b in pairs])
         base[n] = torch.zeros_like(state.merged[n]) if scheme == "svd" else state.merged[n]
     return A, B, base
 
@@ -207,23 +224,13 @@ def aggregate_hetero(scheme: str, state: ServerState, ranks: Sequence[int], A_ne
                      ) -> tuple[ServerState, dict[str, torch.Tensor]]:
     """The server's state after a round of clients of ranks ``ranks`` (adapters ``(K, R, k)``,
     ``(K, d, R)`` trained at ``gammas``; see the module docstring), and each layer's round delta."""
-    if scheme not in HETERO_SCHEME:
-        raise ValueError(f"scheme {scheme!r} has no heterogeneous-rank form; allowed: {', '.join(HETERO_SCHEME)}")
+    _check_hetero(scheme)
     old = total_delta(state, server_gamma)
     A, B, merged = dict(state.A), dict(state.B), dict(state.merged)
-    w = p.detach().double().cpu()
     for n in state.A:
-        width = A[n].shape[0]
-        bs = [B_new[n][i][:, :r] for i, r in enumerate(ranks)]
         as_ = [A_new[n][i][:r] for i, r in enumerate(ranks)]
-        if HETERO_SCHEME[scheme] == "zero-pad":
-            B[n] = pad_b(zero_pad_b(bs, w, gammas, server_gamma), width)
-            if scheme == "fedit":
-                A[n] = pad_a(zero_pad_a(as_, w), width)
-        else:
-            total = exact_sum(bs, as_, w, gammas)
-            merged[n] = merged[n] + total if scheme == "exact" else total
-            B[n] = torch.zeros_like(B[n])
+        bs = [B_new[n][i][:, :r] for i, r in enumerate(ranks)]
+        A[n], B[n], merged[n] = aggregate_hetero_layer(scheme, A[n], B[n], merged[n], as_, bs, p, gammas, server_gamma)
     new = ServerState(A, B, merged, None, state.client_weights)
     now = total_delta(new, server_gamma)
     return new, {n: now[n] - old[n] for n in now}
