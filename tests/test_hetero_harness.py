@@ -252,3 +252,28 @@ def test_batched_equals_loop_with_client_ranks_and_partial_participation():
     for c in ("gamma", "update_fro", "adapter_rms", "grad_B_end", "eval_loss"):
         np.testing.assert_allclose(a[c].to_numpy(), b[c].to_numpy(), rtol=1e-7, atol=1e-12, err_msg=c)
     pd.testing.assert_series_equal(a["gamma_clients"], b["gamma_clients"])
+
+
+# -------------------------------------------------------------------------------------------- exponents
+def test_exponent_table_in_n_for_a_rank_mix(tmp_path, capsys):
+    from sfed_theory.hetero_rules import size_exponent
+    from validation.analysis import fit_exponents
+    from validation.cli import main
+    from validation.grid import load_results, run_grid
+    from validation.hetero_analysis import fit_hetero_exponents
+
+    grid = GridConfig(base=synth(rounds=1), n_clients=(2, 4, 6), rank_mixes=((2, 8),), rules=("lora", "sfed-hetero"),
+                      seeds=(0, 1))
+    assert not run_grid(grid, tmp_path, progress=False).failed
+    df = load_results(tmp_path)
+    fits = fit_hetero_exponents(df, n_boot=50)
+    assert set(fits["quantity"]) == {"update_fro", "adapter_output"} and set(fits["mix"]) == {"2,8"}
+    for rule, pred in fits.groupby("rule")["predicted_rho0"].first().items():
+        assert pred == pytest.approx(size_exponent(rule, 16.0, (2, 8), (2, 4, 6), scheme="zero-pad"), abs=1e-12)
+    assert fits.loc[fits.rule == "sfed-hetero", "predicted_rho0"].abs().max() < 1e-12  # derived: no collapse
+    assert np.isfinite(fits["measured"]).all() and (fits["ci_low"] <= fits["ci_high"]).all()
+    # the homogeneous table leaves these runs out; the CLI prints the table for them
+    assert fit_exponents(df, n_boot=20, refined=False).empty  # one rank (8) at three N: it would fit a slope
+    assert main(["analyze", str(tmp_path), "--n-boot", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "rank mix {2,8}" in out and (tmp_path / "hetero_exponents.csv").is_file()
