@@ -277,3 +277,19 @@ def test_exponent_table_in_n_for_a_rank_mix(tmp_path, capsys):
     assert main(["analyze", str(tmp_path), "--n-boot", "20"]) == 0
     out = capsys.readouterr().out
     assert "rank mix {2,8}" in out and (tmp_path / "hetero_exponents.csv").is_file()
+
+
+def test_committed_hetero_results_match_their_grid_and_draw(tmp_path):
+    from paper_figures import experiments
+    from paper_figures.hetero_figs import aggregate_sizes, fig_hetero_ranks
+
+    df = experiments.load("hetero_ranks")
+    assert set(df["run_id"]) == {c.run_id for c in experiments.spec("hetero_ranks").runs()}
+    assert experiments.load_manifest()["hetero_ranks"]["harness"]["clean"] is True
+    sizes = aggregate_sizes(df)
+    derived = sizes[sizes.rule.str.startswith("sfed")]
+    np.testing.assert_allclose(derived["size_pred"], 1.0)  # the SFed rules keep the aggregate's size at every N
+    lora = sizes[sizes.rule == "lora"].sort_values("n_clients")
+    assert lora["update_fro"].iloc[-1] < 0.7 * lora["update_fro"].iloc[0]  # LoRA's aggregate collapses with N
+    (png,) = fig_hetero_ranks(df, tmp_path, formats=("png",), n_boot=50)
+    assert png.read_bytes().startswith(b"\x89PNG")
