@@ -12,6 +12,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
 * ``gradient_check`` / ``gradient_check_sgd``: the four norms (update, adapter output, dL/dA, dL/dB)
   for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 3 seeds: (i).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
+* ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 
 Commands (resumable; per-run files in a work folder keyed by a digest of the harness code)::
 
@@ -41,7 +42,7 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
            "results_path", "load", "load_manifest", "harness_pin", "main"]
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
-                                "gradient_check_sgd", "lr_transfer")
+                                "gradient_check_sgd", "lr_transfer", "hetero_ranks")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"

@@ -47,6 +47,7 @@ class Figure:
         from paper_figures import convergence_figs as C
         from paper_figures import empirical_figs as E
         from paper_figures import gradient_figs as G
+        from paper_figures import hetero_figs as H
         from paper_figures import lr_transfer as L
         from paper_figures import theory_figs as T
 
@@ -70,6 +71,7 @@ class Figure:
                                               title="SGD, FFA / FedIT x IID / Dirichlet: slopes in N and r of four "
                                                     "norms (canonical model)"),
             "j": lambda: L.fig_lr_transfer(results["lr_transfer"], out, formats),
+            "l": lambda: H.fig_hetero_ranks(results["hetero_ranks"], out, formats),
         }
         return fns[self.key]()
 
@@ -90,6 +92,8 @@ FIGURES: tuple[Figure, ...] = (
            "AdamW: measured vs predicted slopes of the four norms (canonical, refined out of sample)"),
     Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
     Figure("j", "fig_lr_transfer", "lr_transfer", "final eval loss vs learning rate per rule, N and r; optima"),
+    Figure("l", "fig_hetero_ranks", "hetero_ranks",
+           "clients of ranks (4, 16, 64): the aggregate's size vs N per rule, measured and derived"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

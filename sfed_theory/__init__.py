@@ -19,6 +19,8 @@ lora_config(rank, n_clients, alpha, rule, **lora_kwargs) -> peft.LoraConfig   (n
     a LoraConfig whose scaling is the rule's gamma; sfed_theory.peft also rescales a model's adapters.
 SFedStrategy(alpha=..., rule=..., scheme=...)                                  (needs flwr)
     a Flower FedAvg strategy that sends each round's gamma and aggregates with the chosen scheme.
+SFedHeteroStrategy(alpha=..., rule="sfed-hetero", scheme=...)                    (needs flwr)
+    the same for clients of different ranks: each node its own gamma and share of the adapter.
 """
 
 from importlib import import_module
@@ -40,6 +42,7 @@ _LAZY = {
     # framework adapters: their framework is imported on first use (see sfed_theory.peft / .flower)
     "lora_config": "sfed_theory.peft",
     "SFedStrategy": "sfed_theory.flower",
+    "SFedHeteroStrategy": "sfed_theory.flower_hetero",
 }
 
 
@@ -67,5 +70,6 @@ __all__ = [
     "Invariance",
     "lora_config",
     "SFedStrategy",
+    "SFedHeteroStrategy",
     "__version__",
 ]

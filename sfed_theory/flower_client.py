@@ -25,6 +25,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 
 from sfed_theory.flower import adapter_key, split_key
+from sfed_theory.flower_hetero import adapter_rank, cut_to_rank
 from sfed_theory.peft import require_peft, set_scaling
 from validation.adaptive import rescale_for_new_gamma
 
@@ -92,10 +93,15 @@ def _add_merged(model: Any, merged: dict[str, torch.Tensor]) -> None:
 def load_adapter(model: Any, arrays: ArrayRecord, gamma: float, *, adapter_name: str = "default") -> None:
     """Put a global adapter (SFedStrategy's arrays, at ``gamma``) into a peft model: its LoRA
     weights, ``gamma`` as every layer's scaling and (exact) the merged weight change. Also what a
-    ServerApp's ``evaluate_fn`` needs, with ``strategy.gamma``."""
+    ServerApp's ``evaluate_fn`` needs, with ``strategy.gamma``. Arrays of a larger rank than the
+    model's (:class:`sfed_theory.flower_hetero.SFedHeteroStrategy` before it knows this client's rank)
+    are cut to the model's rank (:func:`sfed_theory.flower_hetero.cut_to_rank`)."""
     from peft import set_peft_model_state_dict
 
     tensors = arrays.to_torch_state_dict()
+    own = next(m.lora_A[adapter_name].weight.shape[0] for m in _lora_layers(model).values() if adapter_name in m.lora_A)
+    if adapter_rank(tensors) > own:  # SFedHeteroStrategy did not know this client's rank yet
+        tensors = cut_to_rank(tensors, own)
     merged = {split_key(k)[0]: t for k, t in tensors.items() if split_key(k)[1] == "merged"}
     set_peft_model_state_dict(model, {k: t for k, t in tensors.items() if split_key(k)[1] != "merged"},
                               adapter_name=adapter_name)

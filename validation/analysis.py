@@ -17,6 +17,8 @@ rows; the point estimate at a grid point is the seed-mean of ``sqrt(sum over lay
 (the ``__all__`` value). The CI is a percentile bootstrap that resamples seeds and layers with
 replacement, the same draw for every grid point of a fit (paired). Diverged runs are excluded.
 Predictions use the layer sizes and, under Adam, the measured increment scales (see ``_scales``).
+Runs whose clients train different ranks (``client_ranks``) are left out here; their exponents in N
+are in :mod:`validation.hetero_analysis`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import pandas as pd
 from validation.metrics import ALL
 
 __all__ = ["QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
-           "agreement_summary", "format_report", "loglog_slope"]
+           "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
     "adapter_output": "adapter_rms",
@@ -39,6 +41,13 @@ QUANTITY_COLUMNS: dict[str, str] = {
     "grad_B": "grad_B_end",
 }
 OPTIMIZER_REGIME = {"adamw": "adam", "sgd": "sgd"}
+
+
+def is_hetero(df: pd.DataFrame) -> pd.Series:
+    """Rows of runs whose clients train different ranks (a ``client_ranks`` column that is set)."""
+    if "client_ranks" not in df:
+        return pd.Series(False, index=df.index)
+    return df["client_ranks"].fillna("").astype(str) != ""
 
 
 def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
@@ -139,7 +148,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
         warnings.warn(f"no refined predictions: the results lack {sorted(need - set(df.columns))} (measured by "
                       "the harness since the refined model)", stacklevel=2)
         return {}
-    ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
+    ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round) & ~is_hetero(df)]
     if "partition" not in ok:
         ok = ok.assign(partition="?")
     out = {}
@@ -178,7 +187,7 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
     if df.empty or not need <= set(df.columns):
         raise ValueError(f"results lack columns {sorted(need - set(df.columns))}" if not df.empty
                          else "no results to analyse")
-    ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round)]
+    ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round) & ~is_hetero(df)]
     if "partition" not in ok:
         ok = ok.assign(partition="?")
     rng = np.random.default_rng(seed)

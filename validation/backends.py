@@ -8,6 +8,12 @@
 
 Both take adapters as tensors (``A[name]: (K, r, k)``, ``B[name]: (K, d, r)``) and return them.
 The optimizer is created fresh for every round (clients keep no optimizer state across rounds).
+
+Clients of different ranks (:mod:`validation.hetero_ranks`): every client holds adapters of the
+server's width R, its columns of B and rows of A beyond its own rank zero. Such a block gets exactly
+zero gradient (``dL/dB[:, l] = gamma G A[l]^T``, ``dL/dA[l] = gamma B[:, l]^T G``) and so stays zero
+under SGD and AdamW (tested): the padded adapter is the rank-``r_i`` one. Each client's own gamma is
+set with :meth:`set_client_gammas` before :meth:`train_clients`; the global adapter keeps ``gamma``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class _Base:
         self.names = names
         self.rank = rank
         self.gamma = gamma
+        self.client_gammas: tuple[float, ...] | None = None  # per trained client (heterogeneous ranks)
         self.device = device
         self.w0 = {n: model.get_submodule(n).weight.detach().clone().to(device) for n in names}
         self.shapes = {n: tuple(w.shape) for n, w in self.w0.items()}  # (d, k)
@@ -96,6 +103,16 @@ class _Base:
 
     def _apply_gamma(self) -> None:
         raise NotImplementedError
+
+    def set_client_gammas(self, gammas: list[float] | tuple[float, ...] | None) -> None:
+        """Each trained client's own gamma for the next :meth:`train_clients` (in the order of its
+        adapters); ``None``: every client trains at ``gamma``. Probes and evaluation use ``gamma``."""
+        self.client_gammas = None if gammas is None else tuple(float(g) for g in gammas)
+
+    def _check_client_gammas(self, k: int) -> None:
+        if self.client_gammas is not None and len(self.client_gammas) != k:
+            raise ValueError(f"{len(self.client_gammas)} client gammas set for {k} clients; call set_client_gammas "
+                             "with one gamma per trained client")
 
     def _requires_grad(self, a: bool, b: bool) -> None:
         for n in self.names:
@@ -196,6 +213,10 @@ class LoopBackend(_Base):
         self._load(A, B, None)
 
     def _load(self, A, B, i: int | None) -> None:
+        if self.client_gammas is not None:  # client i's own gamma while it trains, the global one otherwise
+            g = self.gamma if i is None else self.client_gammas[i]
+            for layer in self.layers.values():
+                layer.scaling["default"] = g
         with torch.no_grad():
             for n in self.names:
                 pa, pb = self._params(n)
@@ -216,6 +237,7 @@ class LoopBackend(_Base):
         losses = torch.zeros(K, steps, dtype=torch.float64)
         accs = torch.zeros(K, steps, dtype=torch.float64)
         self._requires_grad(train_A, True)
+        self._check_client_gammas(K)
         for i in range(K):
             self._load(A, B, i)
             params = [p for n in self.names for p, on in zip(self._params(n), (train_A, True)) if on]
@@ -259,9 +281,11 @@ class BatchedBackend(_Base):
         layer = self.layers[name]
         return layer.A, layer.B
 
-    def _groups(self, g: int) -> None:
+    def _groups(self, g: int, gammas: tuple[float, ...] | None = None) -> None:
         for layer in self.layers.values():
             layer.groups = g
+            layer.slot_gammas = None if gammas is None else torch.tensor(gammas, dtype=layer.A.dtype,
+                                                                          device=layer.A.device)
 
     def _set_global(self, A, B) -> None:
         self._groups(1)
@@ -278,7 +302,8 @@ class BatchedBackend(_Base):
         """Same contract as :meth:`LoopBackend.train_clients`."""
         K = next(iter(A.values())).shape[0]
         steps = len(batches)
-        self._groups(K)
+        self._check_client_gammas(K)
+        self._groups(K, self.client_gammas)
         with torch.no_grad():
             for n in self.names:
                 self.layers[n].A[:K].copy_(A[n])

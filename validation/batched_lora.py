@@ -5,6 +5,8 @@
 ``i*b .. (i+1)*b-1``); client ``i``'s rows get ``W0 x + gamma * B_i A_i x``, computed with two
 batched matmuls. Summing the per-client losses then gives each client exactly its own gradient,
 so all clients' local steps share one forward/backward of the frozen model.
+Clients of different gammas (heterogeneous ranks): ``slot_gammas`` ``(G,)`` replaces the one
+``gamma`` (``None``, the default, uses ``gamma`` for every slot).
 It is numerically the same computation as peft's ``lora.Linear`` (tested).
 """
 
@@ -27,6 +29,7 @@ class BatchedLoRALinear(nn.Module):
         self.A = nn.Parameter(torch.zeros(n_slots, rank, k, **kw))
         self.B = nn.Parameter(torch.zeros(n_slots, d, rank, **kw))
         self.gamma = float(gamma)
+        self.slot_gammas: torch.Tensor | None = None  # per-slot gammas (n_slots,), or None: gamma for all
         self.groups = n_slots  # how many slots the next forward uses (set by the caller)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,6 +39,8 @@ class BatchedLoRALinear(nn.Module):
             raise ValueError(f"batch of {x.shape[0]} rows is not a multiple of {g} client groups")
         xs = x.reshape(g, -1, x.shape[-1])  # (G, b*L, k): client-major rows stay together
         z = torch.bmm(torch.bmm(xs, self.A[:g].transpose(1, 2)), self.B[:g].transpose(1, 2))
+        if self.slot_gammas is not None:
+            return y + (self.slot_gammas[:g, None, None] * z).reshape(y.shape)
         return y + self.gamma * z.reshape(y.shape)
 
 

@@ -86,7 +86,7 @@ def _grid_from_args(ns: argparse.Namespace) -> GridConfig:
 
 
 def _analyze(out: Path, ns: argparse.Namespace) -> int:
-    from validation.analysis import fit_exponents, format_report, refined_fits
+    from validation.analysis import fit_exponents, format_report, is_hetero, refined_fits
     from validation.grid import load_results
     from validation.plots import coordinate_check
 
@@ -96,10 +96,16 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
         return 1
     n_div = df.loc[df["diverged"].astype(bool), "run_id"].nunique()
     print(f"\n{df['run_id'].nunique()} runs, {len(df)} rows in {out} ({n_div} diverged, excluded from fits)")
+    fig_dir = Path(ns.figures) if ns.figures else out
+    hetero = is_hetero(df)
+    if hetero.any():
+        _analyze_hetero(df[hetero], ns, fig_dir)
+        df = df[~hetero]
+        if df.empty:
+            return 0
     params = refined_fits(df, round=ns.round)
     fits = fit_exponents(df, round=ns.round, n_boot=ns.n_boot, refined=params)
     print(format_report(fits, list(params.values())))
-    fig_dir = Path(ns.figures) if ns.figures else out
     fig_dir.mkdir(parents=True, exist_ok=True)
     fits.to_csv(fig_dir / "exponents.csv", index=False)
     print(f"table: {fig_dir / 'exponents.csv'}")
@@ -109,6 +115,18 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
     for p in coordinate_check(df, fig_dir, round=ns.round):
         print(f"figure: {p}")
     return 0
+
+
+def _analyze_hetero(df: pd.DataFrame, ns: argparse.Namespace, fig_dir: Path) -> None:
+    """The exponents in N of runs whose clients train different ranks (:mod:`validation.hetero_analysis`)."""
+    from validation.hetero_analysis import fit_hetero_exponents, format_hetero_report
+
+    fits = fit_hetero_exponents(df, round=ns.round, n_boot=ns.n_boot)
+    print(format_hetero_report(fits))
+    if not fits.empty:
+        fig_dir.mkdir(parents=True, exist_ok=True)
+        fits.to_csv(fig_dir / "hetero_exponents.csv", index=False)
+        print(f"table: {fig_dir / 'hetero_exponents.csv'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,19 +15,23 @@ from pathlib import Path
 from typing import Any
 
 from sfed_theory import RULES
+from sfed_theory.hetero_rules import mix_ranks
 
 __all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
-           "HARNESS_RULES", "ADAPTIVE_RULE", "parse_overrides"]
+           "HARNESS_RULES", "HETERO_ONLY_RULES", "ADAPTIVE_RULE", "parse_overrides"]
 
 ADAPTIVE_RULE = "sfed-adaptive"
 # the theory's fixed rules plus the harness-only adaptive rule (its gamma depends on the run's
 # measured increments, so it is not a function of the config and lives here, not in sfed_theory)
-HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,)
+# the derived rules for clients of different ranks (sfed_theory.hetero_rules): only with client_ranks
+HETERO_ONLY_RULES: tuple[str, ...] = ("sfed-hetero", "sfed-hetero-shared")
+HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,) + HETERO_ONLY_RULES
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
-_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5}
+_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None}
 
-SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact")
+# "svd" (FlexLoRA's SVD redistribution) only with client_ranks; "fedsa" only without
+SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact", "svd")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -50,6 +54,12 @@ class RunConfig:
     ``rule="sfed-adaptive"`` the prior of the smoothed estimate (0: the first round uses SFed's
     ``alpha*sqrt(K/r)``). ``adaptive_ema``: the adaptive rule's smoothing factor across rounds
     (:class:`validation.adaptive.AdaptiveScaler`); ignored by the other rules.
+    ``client_ranks``: one LoRA rank per client (``None``: every client trains ``rank``); ``rank`` must
+    then be their maximum, the server's width. Schemes: ``ffa`` and ``fedit`` zero-pad (HetLoRA; A
+    frozen / averaged), ``exact`` stacks (FLoRA: the exact sum is merged), ``svd`` redistributes the
+    exact sum by truncated SVD (FlexLoRA); ``fedsa`` is refused. Every rule gives each client its own
+    gamma (:func:`sfed_theory.client_scaling_factors`); ``sfed-hetero`` and ``sfed-hetero-shared`` are
+    the derived rules and need ``client_ranks``.
     """
 
     model: str = DEFAULT_MODEL
@@ -87,10 +97,13 @@ class RunConfig:
     synth_classes: int = 4
     synth_teacher_rank: int = 4
     adaptive_ema: float = 0.5
+    client_ranks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.client_ranks is not None and not isinstance(self.client_ranks, tuple):
+            object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
         if self.rule not in HARNESS_RULES:
             raise ValueError(f"unknown rule {self.rule!r}; allowed: {', '.join(HARNESS_RULES)} "
                              f"({ADAPTIVE_RULE!r} is the harness's adaptive rule; the others are sfed_theory.RULES)")
@@ -116,9 +129,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"rho must lie in [0, 1], got {self.rho}")
-        if self.rho != 0.0 and self.rule not in ("sfed-general", ADAPTIVE_RULE):
-            raise ValueError("rho is only used by rule='sfed-general' (and as the prior of 'sfed-adaptive'); "
-                             "leave it at 0 for other rules")
+        if self.rho != 0.0 and self.rule not in ("sfed-general", ADAPTIVE_RULE) + HETERO_ONLY_RULES:
+            raise ValueError("rho is only used by rule='sfed-general', the derived rules for client ranks "
+                             "(and as the prior of 'sfed-adaptive'); leave it at 0 for other rules")
         if not (isinstance(self.adaptive_ema, (int, float)) and 0.0 < self.adaptive_ema <= 1.0):
             raise ValueError(f"adaptive_ema must lie in (0, 1], got {self.adaptive_ema!r}")
         if self.weight_decay < 0:
@@ -127,6 +140,29 @@ class RunConfig:
             raise ValueError("model must be a non-empty string (\"minilm\", \"synthetic\", an HF id or a path)")
         if (self.model == "synthetic") != (self.dataset == "synthetic"):
             raise ValueError("model='synthetic' and dataset='synthetic' go together (the synthetic task has its own model)")
+        self._check_client_ranks()
+
+    def _check_client_ranks(self) -> None:
+        ranks = self.client_ranks
+        if ranks is None:
+            if self.rule in HETERO_ONLY_RULES or self.scheme == "svd":
+                raise ValueError(f"rule {self.rule!r} / scheme {self.scheme!r}: 'sfed-hetero', 'sfed-hetero-shared' and "
+                                 "'svd' are for clients of different ranks; set client_ranks (one rank per client)")
+            return
+        if len(ranks) != self.n_clients:
+            raise ValueError(f"client_ranks has {len(ranks)} entries but n_clients={self.n_clients}; give one rank "
+                             "per client")
+        for r in ranks:
+            _check_int("every entry of client_ranks", r, 1)
+        if self.rank != max(ranks):
+            raise ValueError(f"rank={self.rank} but max(client_ranks)={max(ranks)}: with client ranks, rank is the "
+                             "server's width, their maximum")
+        if self.scheme == "fedsa":
+            raise ValueError("scheme 'fedsa' keeps every client's B and has no heterogeneous-rank form here; use "
+                             "ffa or fedit (zero-padding), exact (stacking) or svd (SVD redistribution)")
+        if self.rule == ADAPTIVE_RULE:
+            raise ValueError(f"rule {ADAPTIVE_RULE!r} is not defined for client ranks; use lora, rslora, sfed, "
+                             "sfed-general, sfed-hetero or sfed-hetero-shared")
 
     @property
     def k(self) -> int:
@@ -137,6 +173,7 @@ class RunConfig:
         """Plain dict of all fields (JSON-serialisable)."""
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
+        d["client_ranks"] = list(self.client_ranks) if self.client_ranks is not None else None
         return d
 
     @property
@@ -158,7 +195,11 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class GridConfig:
-    """A grid: the Cartesian product of the listed values over a base :class:`RunConfig`."""
+    """A grid: the Cartesian product of the listed values over a base :class:`RunConfig`.
+
+    ``rank_mixes`` (heterogeneous ranks): when given it replaces the ``ranks`` axis; a mix such as
+    ``(4, 16, 64)`` is cycled to each N (:func:`sfed_theory.hetero_rules.mix_ranks`) as the run's
+    ``client_ranks``, and ``rank`` is their maximum."""
 
     base: RunConfig = field(default_factory=RunConfig)
     n_clients: tuple[int, ...] = (1, 4, 16)
@@ -167,6 +208,7 @@ class GridConfig:
     schemes: tuple[str, ...] = ("ffa",)
     optimizers: tuple[str, ...] = ("adamw",)
     seeds: tuple[int, ...] = (0,)
+    rank_mixes: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("n_clients", "ranks", "rules", "schemes", "optimizers", "seeds"):
@@ -174,18 +216,24 @@ class GridConfig:
             if not v:
                 raise ValueError(f"grid axis {name} is empty")
             object.__setattr__(self, name, v)
+        object.__setattr__(self, "rank_mixes", tuple(tuple(m) for m in self.rank_mixes))
+
+    def _rank_cells(self, n: int) -> list[tuple[int, tuple[int, ...] | None]]:
+        """``(rank, client_ranks)`` of each cell of the rank axis at N = ``n``."""
+        if not self.rank_mixes:
+            return [(r, None) for r in self.ranks]
+        return [(max(cr), cr) for cr in (mix_ranks(m, n) for m in self.rank_mixes)]
 
     def runs(self) -> list[RunConfig]:
         """All run configs of the grid (validated), cheapest (small N) first."""
         out = []
-        for seed, opt, scheme, n, r, rule in itertools.product(
-            self.seeds, self.optimizers, self.schemes, sorted(self.n_clients), self.ranks, self.rules
-        ):
-            part = self.base.participating
-            if part is not None and part > n:
-                part = n
-            out.append(dataclasses.replace(self.base, seed=seed, optimizer=opt, scheme=scheme,
-                                           n_clients=n, participating=part, rank=r, rule=rule))
+        for seed, opt, scheme, n in itertools.product(self.seeds, self.optimizers, self.schemes, sorted(self.n_clients)):
+            for (r, client_ranks), rule in itertools.product(self._rank_cells(n), self.rules):
+                part = self.base.participating
+                if part is not None and part > n:
+                    part = n
+                out.append(dataclasses.replace(self.base, seed=seed, optimizer=opt, scheme=scheme, n_clients=n,
+                                               participating=part, rank=r, rule=rule, client_ranks=client_ranks))
         return out
 
     @classmethod

@@ -22,6 +22,16 @@ rescaled by ``gamma/gamma_next`` (:func:`apply_gamma_change`) so ``gamma*B@A`` a
 model function do not jump. Rows record ``gamma`` (used in the round), ``gamma_next``, ``rho_est_raw``,
 ``rho_est_se``, ``rho_est_smoothed``, ``n_eff_est`` (this round's plug-in) and ``n_eff_smoothed`` (the
 N_eff behind ``gamma_next``); all NaN for the fixed rules.
+
+Clients of different ranks (``cfg.client_ranks``). Each round the gammas come from
+:func:`sfed_theory.client_scaling_factors` over the averaged clients' ranks (N = K, the aggregation
+weights, ``cfg.rho``): the server's adapter moves to the new server gamma without changing its function
+(:func:`apply_gamma_change`), every client trains at its own gamma (``backend.set_client_gammas``) from
+its rank's share of the server's adapter, and the server aggregates with
+:func:`validation.aggregation.aggregate_hetero`. Rows add ``client_ranks``, ``gamma_clients`` (the
+averaged clients' gammas, in their order), ``size_pred`` (the predicted size of the aggregate relative to
+one rank-1 client at ``gamma = alpha``, :class:`sfed_theory.ClientScaling`) and ``gamma`` is the
+server's gamma of the round.
 """
 
 from __future__ import annotations
@@ -35,8 +45,8 @@ import pandas as pd
 import torch
 
 import sfed_theory
-from validation.aggregation import (SCHEME_TRAINS_A, ServerState, aggregate_and_deltas, client_start, eval_adapter,
-                                   init_state)
+from validation.aggregation import (HETERO_SCHEME, SCHEME_TRAINS_A, ServerState, aggregate_and_deltas, client_start,
+                                   client_start_hetero, eval_adapter, init_state)
 from validation.backends import Divergence, make_backend
 from validation.adaptive import AdaptiveScaler, estimate_rho, rescale_for_new_gamma
 from validation.config import ADAPTIVE_RULE, RunConfig
@@ -45,8 +55,8 @@ from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
-           "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "MEASURED_COLUMNS",
-           "ADAPTIVE_COLUMNS"]
+           "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "client_scaling",
+           "MEASURED_COLUMNS", "ADAPTIVE_COLUMNS", "HETERO_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
 MEASURED_COLUMNS: tuple[str, ...] = (
@@ -56,6 +66,8 @@ MEASURED_COLUMNS: tuple[str, ...] = (
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
                                       "n_eff_smoothed")
+# the rows of a run with client ranks add (see module docstring)
+HETERO_COLUMNS: tuple[str, ...] = ("gamma_clients", "size_pred")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -72,13 +84,27 @@ def gamma_for(cfg: RunConfig, client_sizes: np.ndarray | None = None, k: int | N
 
     ``k``: clients averaged in the round (default ``cfg.k``; the Flower app passes the number that
     actually answered). ``sfed-adaptive``: the first round's gamma, i.e. sfed-general at the prior
-    ``cfg.rho``."""
+    ``cfg.rho``. With client ranks: the server's gamma of round 1 (:func:`client_scaling`)."""
+    if cfg.client_ranks is not None:
+        return client_scaling(cfg, sample_clients(cfg, 1), client_sizes).server
     k = cfg.k if k is None else int(k)
     if cfg.rule in ("sfed-general", ADAPTIVE_RULE):
         w = client_sizes if (cfg.weighted and client_sizes is not None) else None
         return sfed_theory.scaling_factor("sfed-general", cfg.alpha, cfg.rank, cfg.n_clients, rho=cfg.rho,
                                           weights=w, participating=k)
     return sfed_theory.scaling_factor(cfg.rule, cfg.alpha, cfg.rank, k)
+
+
+def client_scaling(cfg: RunConfig, clients: list[int],
+                   client_sizes: np.ndarray | None = None) -> sfed_theory.ClientScaling | None:
+    """The gammas of a round that averages ``clients`` when they train different ranks (``None`` without
+    ``cfg.client_ranks``): the rule over their ranks, weighted by their data sizes when ``cfg.weighted``."""
+    if cfg.client_ranks is None:
+        return None
+    w = client_sizes[clients] if (cfg.weighted and client_sizes is not None) else None
+    return sfed_theory.client_scaling_factors(cfg.rule, cfg.alpha, [cfg.client_ranks[c] for c in clients],
+                                              scheme=HETERO_SCHEME[cfg.scheme], weights=w, rho=cfg.rho,
+                                              train_a=SCHEME_TRAINS_A[cfg.scheme])
 
 
 def sample_clients(cfg: RunConfig, rnd: int) -> list[int]:
@@ -134,7 +160,8 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
 
     ``start``/``end``: the probe before/after the round (both with captured inputs and ``grad_W``);
     ``A0``/``B0``/``A1``/``B1``: the averaged clients' adapters before/after local training,
-    stacked (K, ...); ``p``: their aggregation weights; ``gamma``: the round's scaling factor."""
+    stacked (K, ...); ``p``: their aggregation weights; ``gamma``: the round's scaling factor, or one
+    per client (heterogeneous ranks)."""
     per_client = next(iter(total.values())).dim() == 3  # FedSA: every client keeps its own model
     layer_rows, grams, sq = [], [], {"A": [0.0, 0], "B": [0.0, 0]}
     for n in targets:
@@ -193,6 +220,10 @@ def config_columns(cfg: RunConfig) -> dict:
     d = cfg.to_dict()
     d["target_modules"] = ",".join(cfg.target_modules) if cfg.target_modules else ""
     d["participating"] = cfg.k
+    if cfg.client_ranks is None:
+        del d["client_ranks"]  # rows of runs without client ranks keep their columns
+    else:
+        d["client_ranks"] = ",".join(map(str, cfg.client_ranks))
     return d
 
 
@@ -277,9 +308,18 @@ def _round(ctx: _Run, state: ServerState, gamma: float, rnd: int) -> tuple[list[
     clients = sample_clients(cfg, rnd)
     p = torch.as_tensor(ctx.sizes[clients] / ctx.sizes[clients].sum() if cfg.weighted else np.full(K, 1 / K),
                         dtype=ctx.dtype, device=ctx.device)
+    scal = client_scaling(cfg, clients, ctx.sizes)
+    if scal is not None:  # clients of different ranks: the server moves to this round's gamma
+        state, gamma = apply_gamma_change(state, backend, gamma, scal.server), scal.server
+        backend.set_client_gammas(scal.clients)
     backend.set_base_delta(state.merged)
     start = probe_point(backend, state, clients, *ctx.probe, capture=True)
-    A0, B0 = client_start(state, clients)
+    ranks = None if scal is None else scal.ranks
+    if scal is None:
+        A0, B0 = client_start(state, clients)
+    else:
+        A0, B0, base = client_start_hetero(cfg.scheme, state, ranks, scal.clients, gamma)
+        backend.set_base_delta(base)
     batches = client_batches(cfg, ctx.task, ctx.parts, clients, rnd, ctx.device)
     t0 = time.perf_counter()
     A1, B1, losses, accs = backend.train_clients(A0, B0, batches, train_A=train_A, optimizer=cfg.optimizer,
@@ -287,16 +327,19 @@ def _round(ctx: _Run, state: ServerState, gamma: float, rnd: int) -> tuple[list[
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
-    state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma)
+    state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma, ranks=ranks,
+                                                   client_gammas=None if scal is None else scal.clients)
     backend.set_base_delta(state.merged)
     end = probe_point(backend, state, clients, *ctx.probe, capture=True)
     ev_loss, ev_acc = backend.evaluate(*eval_adapter(state), *ctx.evalset)
     measured = measure_round(ctx.task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
-                             train_A, p, gamma)
+                             train_A, p, gamma if scal is None else scal.clients)
     common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
               "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
               "probe_loss_start": start.loss, "probe_loss_end": end.loss,
               "eval_loss": ev_loss, "eval_acc": ev_acc, "train_s": train_s}
+    if scal is not None:
+        common.update(gamma=gamma, gamma_clients=",".join(map(repr, scal.clients)), size_pred=scal.size)
     rows = [{**ctx.base, **common, **m} for m in measured]
     if not all(math.isfinite(r[c]) for r in rows for c in ("update_fro", "adapter_rms", "eval_loss")):
         raise Divergence(f"non-finite update or eval loss after aggregation in round {rnd}")
@@ -337,9 +380,9 @@ def run(cfg: RunConfig, task: Task | None = None, *, return_state: bool = False)
             rows.append({**ctx.base, "round": rnd, "layer": ALL, "n_participating": cfg.k, "gamma": gamma})
             break
     df = pd.DataFrame(rows)
-    for c in MEASURED_COLUMNS + ADAPTIVE_COLUMNS:
+    for c in MEASURED_COLUMNS + ADAPTIVE_COLUMNS + (HETERO_COLUMNS if cfg.client_ranks is not None else ()):
         if c not in df:
-            df[c] = "" if c == "clients" else float("nan")
+            df[c] = "" if c in ("clients", "gamma_clients") else float("nan")
     df["diverged"] = diverged_round is not None
     df["diverged_round"] = diverged_round if diverged_round is not None else -1
     df["error"] = error

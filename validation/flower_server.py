@@ -47,6 +47,9 @@ class HarnessStrategy(SFedStrategy):
 
     def __init__(self, cfg: RunConfig, task: Task, clients_to_nodes: dict[int, int], *,
                  round_timeout: float = 600.0, keep_states: bool = False) -> None:
+        if cfg.client_ranks is not None:
+            raise ValueError("the harness's Flower app runs clients of one rank; run client_ranks with "
+                             "validation.federated.run, or use sfed_theory.flower_hetero.SFedHeteroStrategy in a Flower app")
         self.recorder = RunRecorder(cfg, task, round_timeout=round_timeout, keep_states=keep_states)
         super().__init__(alpha=cfg.alpha, rule=cfg.rule, scheme=cfg.scheme, rank=cfg.rank, n_clients=cfg.n_clients,
                          rho=cfg.rho, client_weights=list(self.recorder.sizes), weighted=cfg.weighted,

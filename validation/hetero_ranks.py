@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = ["normalised_weights", "move_b", "pad_b", "pad_a", "zero_pad_b", "zero_pad_a", "exact_sum", "stack",
-           "svd_redistribute", "download_zero_pad"]
+           "svd_redistribute", "svd_download", "download_zero_pad"]
 
 
 def normalised_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
@@ -127,6 +127,17 @@ def svd_redistribute(delta: torch.Tensor, rank: int, gamma: float) -> tuple[torc
     b = u[:, :keep] * root / gamma
     a = root[:, None] * vh[:keep]
     return pad_b(b, rank), pad_a(a, rank)
+
+
+def svd_download(delta: torch.Tensor, a_init: torch.Tensor, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a rank-``rank`` client starts from under SVD redistribution: :func:`svd_redistribute` of the
+    global change ``delta``, where rows of A with no singular value left (all zero: ``delta`` of lower
+    rank, e.g. zero in round 1) take the rows of ``a_init`` (the LoRA init), their B columns staying zero."""
+    b, a = svd_redistribute(delta, rank, gamma)
+    empty = (a == 0).all(dim=1)
+    if empty.any():
+        a = torch.where(empty[:, None], a_init[:rank].to(a), a)
+    return b, a
 
 
 def download_zero_pad(b_server: torch.Tensor, a_server: torch.Tensor, rank: int, server_gamma: float,

@@ -1,7 +1,8 @@
 """Per-round measurements of one adapted layer, and their combination over layers.
 
 Definitions (row of round t; ``p`` are the aggregation weights of the K clients averaged in the round,
-``gamma`` the round's scaling factor):
+``gamma`` the round's scaling factor, or with heterogeneous ranks each client's own ``gamma_i``, which
+then takes its place in the client's update ``gamma_i (B1_i A1_i - B0_i A0_i)``):
 
 * ``grad_A``, ``grad_B``: ``||dL/dA||_F``, ``||dL/dB||_F`` of the mean cross-entropy on a fixed probe
   batch (drawn once from the pooled training data) at the adapter the round STARTS from;
@@ -79,7 +80,7 @@ class LayerRound:
     A1: torch.Tensor
     B1: torch.Tensor
     p: torch.Tensor  # (K,) aggregation weights, sum 1
-    gamma: float
+    gamma: float | tuple[float, ...]  # the round's gamma, or each client's own (heterogeneous ranks)
     train_A: bool
     per_client: bool  # FedSA: no global update, every client keeps its own model
 
@@ -142,7 +143,9 @@ def output_rms(total: torch.Tensor, inputs: torch.Tensor, p: torch.Tensor, per_c
 def client_contributions(m: LayerRound) -> dict[str, torch.Tensor | None]:
     """Each client's share of the quantities that are linear in the averaged increments (see module doc)."""
     dA, dB = m.A1 - m.A0, m.B1 - m.B0
-    own = m.gamma * (torch.bmm(m.B1, m.A1) - torch.bmm(m.B0, m.A0))  # each client's own update (K, d, k)
+    gamma = m.gamma if isinstance(m.gamma, (int, float)) else \
+        torch.as_tensor(m.gamma, dtype=m.B1.dtype, device=m.B1.device)[:, None, None]
+    own = gamma * (torch.bmm(m.B1, m.A1) - torch.bmm(m.B0, m.A0))  # each client's own update (K, d, k)
     x = m.inputs if m.inputs.dim() == 2 else m.inputs.mean(0)  # FedSA: rows differ per client; the mean is a proxy
     G = m.grad_W_end
     return {
