@@ -90,8 +90,8 @@ FIGURES: tuple[Figure, ...] = (
            "measured vs predicted slope of the update norm in N and r, per rule and split"),
     Figure("i", "fig_gradient_check", "gradient_check",
            "AdamW: measured vs predicted slopes of the four norms (canonical, refined out of sample)"),
-    Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
     Figure("j", "fig_lr_transfer", "lr_transfer", "final eval loss vs learning rate per rule, N and r; optima"),
+    Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
     Figure("l", "fig_hetero_ranks", "hetero_ranks",
            "clients of ranks (4, 16, 64): the aggregate's size vs N per rule, measured and derived"),
 )
