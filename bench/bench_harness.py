@@ -24,7 +24,7 @@ from validation.aggregation import client_start, init_state
 from validation.backends import BatchedBackend, LoopBackend
 from validation.config import RunConfig
 from validation.data import partition
-from validation.federated import _batches, gamma_for
+from validation.federated import client_batches, gamma_for
 from validation.models import build_task
 
 __all__ = ["BenchPoint", "measure_n", "bench_n", "bench_config", "main"]
@@ -78,7 +78,7 @@ def measure_n(cfg: RunConfig, dev: torch.device, repeats: int) -> BenchPoint:
                        torch.ones(cfg.n_clients) / cfg.n_clients, dtype, dev)
     clients = list(range(cfg.n_clients))
     A, B = client_start(state, clients)
-    batches = _batches(cfg, task, parts, clients, 1, dev)
+    batches = client_batches(cfg, task, parts, clients, 1, dev)
     best = {k: float("inf") for k in backends}
     cuda = dev.type == "cuda"
     peak = {k: 0.0 if cuda else float("nan") for k in backends}

@@ -67,13 +67,13 @@ def test_missing_results_fail_clearly_before_drawing(tmp_path, capsys):
     out = tmp_path / "figs"
     empty = tmp_path / "no_results"
     empty.mkdir()
-    with pytest.raises(experiments.MissingResults, match=r"scaling\.parquet"):
+    with pytest.raises(experiments.MissingResults, match=r"gradient_check\.parquet"):
         make_figures.build(out, empty, keys=["a"])
     assert not out.exists() or not any(out.iterdir()), "nothing may be drawn when results are missing"
     code = make_figures.main(["--out", str(out), "--results", str(empty), "--only", "d"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "scaling.parquet" in err and "--rerun" in err
+    assert "gradient_check.parquet" in err and "--rerun" in err
 
 
 def test_each_experiment_file_is_required_by_its_figures(tmp_path):
