@@ -31,7 +31,7 @@ import pandas as pd
 __all__ = ["GRID_DIR", "FAMILY_N1", "RULE_ORDER", "ExperimentSpec", "load_spec", "oracle_rho", "expand_n1"]
 
 GRID_DIR = Path(__file__).resolve().parent / "grids"
-FAMILY_N1 = ("sfed", "sfed-general", "sfed-adaptive")  # identical to rslora at N = 1
+from validation.config import SAME_AS_RSLORA_AT_N1 as FAMILY_N1  # noqa: E402  (torch-free)
 RULE_ORDER = ("lora", "rslora", "sfed", "sfed-general", "sfed-adaptive")
 _EXTRAS = ("partitions", "lrs", "oracle", "dedupe_n1", "target_loss_frac")
 
@@ -141,17 +141,8 @@ def oracle_rho(base, partitions: list[str], ns: list[int], oracle: dict[str, Any
 
 
 def expand_n1(df: pd.DataFrame) -> pd.DataFrame:
-    """Add the N = 1 rows of the sfed family as copies of rsLoRA's (deduped grids), marked ``from_rslora``."""
-    df = df.copy()
-    df["from_rslora"] = False
-    n1 = df[df.n_clients == 1]
-    have = set(n1.rule.unique())
-    base = n1[n1.rule == "rslora"]
-    extra = []
-    for rule in FAMILY_N1:
-        if rule not in have and rule in set(df.rule) and len(base):
-            e = base.copy()
-            e["rule"] = rule
-            e["from_rslora"] = True
-            extra.append(e)
-    return pd.concat([df] + extra, ignore_index=True) if extra else df
+    """Add the N = 1 rows of the sfed family as copies of rsLoRA's (deduped grids), marked ``from_rslora``
+    (:func:`validation.analysis.identical_n1_runs`)."""
+    from validation.analysis import identical_n1_runs
+
+    return identical_n1_runs(df)

@@ -29,9 +29,10 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
            "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -48,6 +49,19 @@ def is_hetero(df: pd.DataFrame) -> pd.Series:
     if "client_ranks" not in df:
         return pd.Series(False, index=df.index)
     return df["client_ranks"].fillna("").astype(str) != ""
+
+
+def identical_n1_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with the N = 1 rows of the rules in :data:`SAME_AS_RSLORA_AT_N1` added as copies of rsLoRA's,
+    where a grid ran only rsLoRA there (the runs would be identical); column ``from_rslora`` marks them."""
+    if "from_rslora" in df:
+        return df
+    df = df.assign(from_rslora=False)
+    n1 = df[df.n_clients == 1]
+    base = n1[n1.rule == "rslora"]
+    extra = [base.assign(rule=rule, from_rslora=True) for rule in SAME_AS_RSLORA_AT_N1
+             if rule not in set(n1.rule) and rule in set(df.rule) and len(base)]
+    return pd.concat([df, *extra], ignore_index=True) if extra else df
 
 
 def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:

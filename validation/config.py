@@ -17,7 +17,7 @@ from typing import Any
 from sfed_theory import RULES
 from sfed_theory.hetero_rules import mix_ranks
 
-__all__ = ["RunConfig", "GridConfig", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
+__all__ = ["RunConfig", "GridConfig", "SAME_AS_RSLORA_AT_N1", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
            "HARNESS_RULES", "HETERO_ONLY_RULES", "ADAPTIVE_RULE", "parse_overrides"]
 
 ADAPTIVE_RULE = "sfed-adaptive"
@@ -26,6 +26,8 @@ ADAPTIVE_RULE = "sfed-adaptive"
 # the derived rules for clients of different ranks (sfed_theory.hetero_rules): only with client_ranks
 HETERO_ONLY_RULES: tuple[str, ...] = ("sfed-hetero", "sfed-hetero-shared")
 HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,) + HETERO_ONLY_RULES
+# rules whose gamma at one client is rsLoRA's alpha/sqrt(r) (N_eff = 1): their N = 1 run is rsLoRA's
+SAME_AS_RSLORA_AT_N1: tuple[str, ...] = ("sfed", "sfed-general", ADAPTIVE_RULE)
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
 _HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None}
