@@ -162,6 +162,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
         warnings.warn(f"no refined predictions: the results lack {sorted(need - set(df.columns))} (measured by "
                       "the harness since the refined model)", stacklevel=2)
         return {}
+    df = identical_n1_runs(df)
     ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round) & ~is_hetero(df)]
     if "partition" not in ok:
         ok = ok.assign(partition="?")
@@ -196,11 +197,14 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
 
     The harness rule ``sfed-adaptive`` has no closed-form gamma; it is predicted as ``sfed`` at
     rho = 0 (its round-1 gamma with the default prior) and as ``sfed-general`` at the measured rho
-    (the gamma its estimate converges to when the estimate is right)."""
+    (the gamma its estimate converges to when the estimate is right). A grid that ran only rsLoRA at
+    N = 1 (the sfed rules' gamma is rsLoRA's there) lends that run to the sfed rules
+    (:func:`identical_n1_runs`), so their slopes in N use the same points as the other rules'."""
     need = {"layer", "round", "rank", "n_clients", "rule", "scheme", "optimizer", "seed"}
     if df.empty or not need <= set(df.columns):
         raise ValueError(f"results lack columns {sorted(need - set(df.columns))}" if not df.empty
                          else "no results to analyse")
+    df = identical_n1_runs(df)
     ok = df[(~df["diverged"].astype(bool)) & (df["round"] == round) & ~is_hetero(df)]
     if "partition" not in ok:
         ok = ok.assign(partition="?")
