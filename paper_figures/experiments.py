@@ -120,6 +120,8 @@ def run_experiment(experiment: str, grid_set: str, work: Path, *, reverse: bool 
             print(f"[{time.perf_counter() - t0:7.0f} s] {i + 1}/{len(cfgs)} {c.rule} {c.scheme} {c.partition} "
                   f"N={c.n_clients} r={c.rank} lr={c.lr:g} seed={c.seed}", flush=True)
     wall = time.perf_counter() - t0
+    if written:
+        _record_later_pin(Path(work))
     print(f"{experiment}: {len(cfgs)} runs, written {written}, skipped {skipped}, failed {len(failed)}, {wall:.0f} s",
           flush=True)
     for k, v in failed.items():
@@ -137,6 +139,19 @@ def _record_pin(work: Path) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(pin, indent=1) + "\n")
     return pin
+
+
+def _record_later_pin(work: Path) -> None:
+    """Runs added to a folder by a harness other than the one that started it (a grid extended later, or
+    resumed after commits): that harness's pin goes to ``harness.json``'s ``added_with`` list, so the
+    manifest names every code version that wrote runs into the results."""
+    path = work / "harness.json"
+    first = json.loads(path.read_text())
+    now = harness_pin()
+    if now["sha256"] == first["sha256"] or now in first.get("added_with", []):
+        return
+    first.setdefault("added_with", []).append(now)
+    path.write_text(json.dumps(first, indent=1) + "\n")
 
 
 def collect(experiment: str, grid_set: str, work: Path, results: Path = DEFAULT_RESULTS, *,
