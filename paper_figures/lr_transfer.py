@@ -10,6 +10,12 @@ infinitely bad) is compared across learning rates:
 * ``lr_star_pred``: the theory's transfer from the reference cell (N = 1, r = 16 by default):
   ``lr* ~ 1 / (gamma sqrt(r c_N))`` (:func:`sfed_theory.derivation.lr_transfer_factor`, with the
   pilot's measured client correlation), anchored at the reference cell's measured ``lr_star_fit``.
+* ``lr_star_refined``: the same transfer in the refined model (``adam-refined``), whose input-coherent
+  share ``f_in`` (and its gradient-aligned part ``phi``) were estimated on the gradient check's pilot runs
+  (N <= 4, one round; ``results/gradient_check_refined_params.csv``), before this sweep: its B increment
+  adds coherently over the rank, so the optimum falls faster in r than the canonical ``1 / sqrt(r)``.
+* ``rank_exponents``: the measured ``beta`` in ``gamma lr* ~ r^-beta`` per rule and N (canonical 1/2; the
+  fully coherent limit of the refined model 1). Descriptive: fitted to the optima it describes.
 * drift: ``log2`` range of ``lr_star_fit`` across N (per r) and across r (per N), in grid steps (the
   grid is spaced by 2x, so one step = a factor 2).
 * transfer regret (in accuracy, so tuned by accuracy): ``best_acc``, the final eval accuracy at the cell's
@@ -28,9 +34,23 @@ import pandas as pd
 from paper_figures.specs import expand_n1
 
 __all__ = ["REFERENCE", "final_rows", "lr_curves", "optimum_table", "drift_table", "transfer_table", "fig_lr_transfer",
-           "report"]
+           "report", "coherent_share", "rank_exponents", "prediction_errors"]
 
 REFERENCE = (1, 16)  # (N, r) where the learning rate is tuned once
+REFINED_PARAMS = Path(__file__).resolve().parents[1] / "results" / "gradient_check_refined_params.csv"
+
+
+def coherent_share(path: Path | str = REFINED_PARAMS, scheme: str = "ffa", partition: str = "dirichlet") -> dict:
+    """``{"f_in", "phi"}`` of the refined model's adapter-output fit on the gradient check's pilot (N <= 4),
+    the parameters :func:`optimum_table` transfers with; ``{}`` when that table is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    t = pd.read_csv(path)
+    row = t[(t.scheme == scheme) & (t.partition == partition) & (t.quantities == "adapter_output")]
+    if row.empty:
+        raise ValueError(f"{path} has no adapter_output fit for {scheme}/{partition}")
+    return {"f_in": float(row.f_in.iloc[0]), "phi": float(row.phi.iloc[0])}
 
 
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -67,10 +87,11 @@ def _vertex(lrs: np.ndarray, loss: np.ndarray, i: int) -> tuple[float, bool]:
 
 
 def optimum_table(df: pd.DataFrame, rho: dict[int, float] | None = None, reference: tuple[int, int] = REFERENCE,
-                  alpha: float | None = None) -> pd.DataFrame:
+                  alpha: float | None = None, refined: dict | None = None) -> pd.DataFrame:
     """Per (rule, N, r): measured and predicted optimal learning rate, best accuracy (module docstring).
 
-    ``rho``: the measured client correlation per N for the prediction (default 0)."""
+    ``rho``: the measured client correlation per N for the prediction (default 0). ``refined``: ``f_in``
+    and ``phi`` for the refined model's prediction (default :func:`coherent_share`; ``{}``: none)."""
     from sfed_theory.derivation import lr_transfer_factor
 
     c = lr_curves(df)
@@ -87,18 +108,52 @@ def optimum_table(df: pd.DataFrame, rho: dict[int, float] | None = None, referen
     t = pd.DataFrame(rows)
     rho = rho or {}
     n0, r0 = reference
-    preds = []
-    for row in t.itertuples():
-        ref = t[(t.rule == row.rule) & (t.n_clients == n0) & (t["rank"] == r0)]
-        if ref.empty:
-            preds.append(math.nan)
-            continue
-        factor = lr_transfer_factor(row.rule, alpha, (r0, n0), (int(row.rank), int(row.n_clients)),
-                                    rho=rho.get(int(row.n_clients), 0.0))
-        preds.append(float(ref["lr_star_fit"].iloc[0]) * factor)
-    t["lr_star_pred"] = preds
+    refined = coherent_share() if refined is None else refined
+    models = {"lr_star_pred": {}, **({"lr_star_refined": {"regime": "adam-refined", **refined}} if refined else {})}
+    for col, kw in models.items():
+        preds = []
+        for row in t.itertuples():
+            ref = t[(t.rule == row.rule) & (t.n_clients == n0) & (t["rank"] == r0)]
+            if ref.empty:
+                preds.append(math.nan)
+                continue
+            factor = lr_transfer_factor(row.rule, alpha, (r0, n0), (int(row.rank), int(row.n_clients)),
+                                        rho=rho.get(int(row.n_clients), 0.0), **kw)
+            preds.append(float(ref["lr_star_fit"].iloc[0]) * factor)
+        t[col] = preds
     t["steps_off"] = np.log2(t["lr_star_fit"] / t["lr_star_pred"])
+    if refined:
+        t["steps_off_refined"] = np.log2(t["lr_star_fit"] / t["lr_star_refined"])
     return t
+
+
+def rank_exponents(opt: pd.DataFrame) -> pd.DataFrame:
+    """Per rule and N: ``beta`` in ``gamma lr*_fit ~ r^-beta`` (least squares over the ranks), and whether
+    an optimum sat on the grid's edge (then beta is a bound). Canonical model: 1/2."""
+    rows = []
+    for (rule, n), g in opt.groupby(["rule", "n_clients"]):
+        if g["rank"].nunique() < 2:
+            continue
+        slope = np.polyfit(np.log(g["rank"].astype(float)), np.log(g.lr_star_fit * g.gamma), 1)[0]
+        rows.append({"rule": rule, "n_clients": n, "beta": -float(slope), "edge": bool(g.edge.any())})
+    return pd.DataFrame(rows)
+
+
+def prediction_errors(opt: pd.DataFrame, reference: tuple[int, int] = REFERENCE) -> pd.DataFrame:
+    """Mean and largest |log2(measured / predicted)| optimum (grid steps) per model, over the cells other
+    than the reference: those at the reference rank (a transfer across N only) and the rest."""
+    n0, r0 = reference
+    cells = opt[~((opt.n_clients == n0) & (opt["rank"] == r0))]
+    parts = {"across N (r = %d)" % r0: cells[cells["rank"] == r0], "other ranks": cells[cells["rank"] != r0]}
+    rows = []
+    for col, model in (("steps_off", "canonical"), ("steps_off_refined", "refined (f_in from the gradient check)")):
+        if col not in opt:
+            continue
+        for part, g in parts.items():
+            e = g[col].abs()
+            rows.append({"model": model, "cells": part, "n": len(e), "mean_steps_off": float(e.mean()),
+                         "max_steps_off": float(e.max()), "within_1_step": int((e <= 1).sum())})
+    return pd.DataFrame(rows)
 
 
 def drift_table(opt: pd.DataFrame) -> pd.DataFrame:
@@ -178,6 +233,9 @@ def fig_lr_transfer(df: pd.DataFrame, out: Path, formats=("png", "pdf"), rho: di
                 if math.isfinite(o.lr_star_pred):
                     ax.plot(o.lr_star_pred, 0.02, "v", color=col[n], ms=5, transform=ax.get_xaxis_transform(),
                             clip_on=False)
+                if math.isfinite(getattr(o, "lr_star_refined", math.nan)):
+                    ax.plot(o.lr_star_refined, 0.09, "v", mfc="none", mec=col[n], ms=5, mew=0.9,
+                            transform=ax.get_xaxis_transform(), clip_on=False)
             ax.set_xscale("log", base=2)
             if i == 0:
                 ax.set_title(RULE_LABELS.get(rule, rule), fontsize=7)
@@ -186,8 +244,9 @@ def fig_lr_transfer(df: pd.DataFrame, out: Path, formats=("png", "pdf"), rho: di
             if i == len(ranks) - 1:
                 ax.set_xlabel("learning rate (AdamW)")
     axes[0, 0].legend(fontsize=6, loc="upper left")
-    fig.suptitle(f"Learning-rate transfer (FFA, AdamW, MiniLM + BBC): star = measured optimum, triangle = "
-                 f"predicted from the one tuned at N={reference[0]}, r={reference[1]}", fontsize=8)
+    fig.suptitle(f"Learning-rate transfer (FFA, AdamW, MiniLM + BBC): star = measured optimum; triangles = predicted "
+                 f"from the one tuned at N={reference[0]}, r={reference[1]}\n(filled: canonical model; open: refined "
+                 f"model, coherent share from the gradient check's pilot)", fontsize=8)
     fig.tight_layout()
     return style.save(fig, out, "fig_lr_transfer", formats)
 
@@ -199,6 +258,10 @@ def report(df: pd.DataFrame, rho: dict[int, float] | None = None, reference: tup
     lines = [f"== optimal learning rate per cell (final eval loss, seed mean); prediction anchored at N={reference[0]}, "
              f"r={reference[1]} ==",
              opt.to_string(index=False, float_format=fmt), "",
+             "== |measured - predicted| optimum in grid steps (log2), per model ==",
+             prediction_errors(opt, reference).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
+             "== beta in gamma lr* ~ r^-beta (canonical 0.5; fully coherent B increments 1) ==",
+             rank_exponents(opt).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
              "== drift of the optimum in grid steps (log2 range), measured vs predicted ==",
              drift_table(opt).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
              "== transfer regret: accuracy at the cell's own best lr minus at the lr tuned at the reference ==",

@@ -183,16 +183,21 @@ _TARGET = sp.Symbol("T", positive=True)  # the output size a tuned learning rate
 
 
 @lru_cache(maxsize=None)
-def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output") -> sp.Expr:
-    """The client increment scale ``s_B*`` that puts ``E[quantity] / d`` at a target ``T`` (Adam regime).
+def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output", regime: str = "adam") -> sp.Expr:
+    """The client increment scale ``s_B*`` that puts ``E[quantity] / d`` at a target ``T`` (Adam regimes).
 
     Under Adam-like updates a client's increment is about the learning rate per entry, so ``s_B`` is
     proportional to lr and ``s_B*`` is where the tuned learning rate sits: ``sympy.solve`` of the
-    derived moment for ``s_B``. For FFA ``s_B* = sqrt(T) / (gamma s_A sqrt(X2 r c_N))``: the tuned lr
-    scales like ``1 / (gamma sqrt(r c_N))``. For FedIT, FedSA and exact the A increment is set to 0 here:
-    starting from B = 0 it enters the output at second order in lr (B's step times A's step).
+    derived moment for ``s_B``. For FFA in the canonical regime ``s_B* = sqrt(T) / (gamma s_A sqrt(X2 r
+    c_N))``: the tuned lr scales like ``1 / (gamma sqrt(r c_N))``. In ``adam-refined`` a share ``f_in`` of
+    B's increment lies along the client's input direction ``(A x)^T``; its output adds coherently over the
+    rank (``~ r^2`` in the second moment), so at large ``r`` the tuned lr moves towards ``1 / (gamma r)``.
+    For FedIT, FedSA and exact the A increment is set to 0 here: starting from B = 0 it enters the output
+    at second order in lr (B's step times A's step).
     """
-    q = closed_form(quantity, scheme, "adam").subs(SYM.s_dA, 0)
+    if regime not in ("adam", "adam-refined"):
+        raise ValueError(f"unknown regime {regime!r}; the step-size solution needs 'adam' or 'adam-refined'")
+    q = closed_form(quantity, scheme, regime).subs(SYM.s_dA, 0)
     roots = [z for z in sp.solve(sp.Eq(q / SYM.d, _TARGET), SYM.s_B) if _positive_at_generic_point(z)]
     if len(roots) != 1:
         raise RuntimeError(f"expected one positive root for s_B, sympy returned {roots}")
@@ -200,18 +205,26 @@ def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output") -> sp
 
 
 def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell: tuple[int, int], *,
-                       rho: float = 0.0, scheme: str = "ffa") -> float:
+                       rho: float = 0.0, scheme: str = "ffa", regime: str = "adam", f_in: float = 0.0,
+                       phi: float = 0.0) -> float:
     """Predicted ``lr*(cell) / lr*(reference)`` for a rule, cells given as ``(rank, n_clients)``.
 
     From :func:`solve_step_size` at the rule's gamma (taken at K = N clients averaged) and the client
     correlation ``rho`` (same weights for all clients): SFed keeps it near 1 (exactly 1 at rho = 0),
-    rsLoRA gives ``sqrt(N)``-like growth, LoRA ``sqrt(N r)``."""
+    rsLoRA gives ``sqrt(N)``-like growth, LoRA ``sqrt(N r)``. ``regime="adam-refined"`` with the
+    input-coherent share ``f_in`` and its gradient-aligned part ``phi`` (estimated elsewhere, e.g. by
+    :func:`validation.refined.fit_refined` on a pilot) gives the refined model's transfer."""
     from sfed_theory.rules import scaling_factor
 
-    f = sp.lambdify((SYM.gamma, SYM.r, SYM.rho, power_sum(2), SYM.s_A, SYM.X2, _TARGET),
-                    solve_step_size(scheme), "math")
+    for name, v in (("f_in", f_in), ("phi", phi)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    expr = solve_step_size(scheme, "adapter_output", regime)
+    n = sp.Symbol("n", positive=True)
+    expr = expr.subs({power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)})
+    f = sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.s_A, SYM.X2, _TARGET), expr, "math")
 
-    def at(r: int, n: int) -> float:
-        return f(scaling_factor(rule, alpha, r, n), r, rho, 1.0 / n, 1.0, 1.0, 1.0)
+    def at(r: int, n_clients: int) -> float:
+        return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, 1.0, 1.0, 1.0)
 
     return at(*cell) / at(*reference)

@@ -27,6 +27,44 @@ def test_predicted_transfer_follows_the_derived_step_size():
     assert scaling_factor("sfed", 16.0, 256, 16) == 4.0
 
 
+def test_refined_transfer_adds_the_coherent_share_over_the_rank():
+    ref = (16, 1)
+    for cell in [(256, 1), (64, 4), (16, 16)]:  # f_in = 0 is the canonical model
+        assert lr_transfer_factor("rslora", 16.0, ref, cell, regime="adam-refined") == pytest.approx(
+            lr_transfer_factor("rslora", 16.0, ref, cell))
+    # f_in = 1, phi = 0, one client: E||y||^2 ~ gamma^2 s_B^2 r (r + 2), so lr* ~ 1 / (gamma sqrt(r (r + 2)))
+    got = lr_transfer_factor("rslora", 16.0, ref, (256, 1), regime="adam-refined", f_in=1.0)
+    assert got == pytest.approx(4.0 * math.sqrt(16 * 18 / (256 * 258)))
+    # a gradient-aligned share (phi = 1) does not average down with N: SFed's optimum falls by 1/sqrt(N)
+    got = lr_transfer_factor("sfed", 16.0, ref, (16, 16), regime="adam-refined", f_in=1.0, phi=1.0)
+    assert got == pytest.approx(1 / 4)
+    with pytest.raises(ValueError, match="f_in"):
+        lr_transfer_factor("sfed", 16.0, ref, (16, 4), regime="adam-refined", f_in=1.5)
+    with pytest.raises(ValueError, match="regime"):
+        lr_transfer_factor("sfed", 16.0, ref, (16, 4), regime="sgd")
+
+
+def test_rank_exponent_and_prediction_errors_by_hand():
+    rows = []
+    for rule, gamma in (("lora", lambda r: 16 / r), ("sfed", lambda r: 16 / math.sqrt(r))):
+        for n in (1, 4):
+            for r in (16, 256):
+                fit = 0.01 * r ** -0.7 / gamma(r)  # gamma lr* = 0.01 r^-0.7
+                rows.append({"rule": rule, "n_clients": n, "rank": r, "gamma": gamma(r), "lr_star_fit": fit,
+                             "edge": False, "steps_off": 0.0 if (n, r) == (1, 16) else {16: 0.5, 256: -2.0}[r],
+                             "steps_off_refined": 0.0 if (n, r) == (1, 16) else {16: -0.25, 256: 1.5}[r]})
+    opt = pd.DataFrame(rows)
+    beta = lr_transfer.rank_exponents(opt)
+    assert np.allclose(beta.beta, 0.7) and len(beta) == 4
+    err = lr_transfer.prediction_errors(opt).set_index(["model", "cells"])
+    canon = err.loc[("canonical", "across N (r = 16)")]
+    assert canon.n == 2 and canon.mean_steps_off == pytest.approx(0.5) and canon.within_1_step == 2
+    other = err.loc[("canonical", "other ranks")]
+    assert other.n == 4 and other.max_steps_off == pytest.approx(2.0) and other.within_1_step == 0
+    refined = err.loc[("refined (f_in from the gradient check)", "other ranks")]
+    assert refined.mean_steps_off == pytest.approx(1.5) and refined.within_1_step == 0
+
+
 @pytest.fixture(scope="module")
 def quick_sweep(tmp_path_factory) -> pd.DataFrame:
     """A slice of the quick grid (synthetic task): N in {1, 4}, r = 4, one seed, every learning rate."""
