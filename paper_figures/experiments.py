@@ -106,6 +106,7 @@ def run_experiment(experiment: str, grid_set: str, work: Path, *, reverse: bool 
     if n_threads:
         torch.set_num_threads(n_threads)
     _record_pin(Path(work))
+    running = harness_pin()  # the code these runs are made with (before any later edit on disk)
     cfgs = spec(experiment, grid_set, **base_overrides).runs(work)
     if reverse:
         cfgs = cfgs[::-1]
@@ -121,7 +122,7 @@ def run_experiment(experiment: str, grid_set: str, work: Path, *, reverse: bool 
                   f"N={c.n_clients} r={c.rank} lr={c.lr:g} seed={c.seed}", flush=True)
     wall = time.perf_counter() - t0
     if written:
-        _record_later_pin(Path(work))
+        _record_later_pin(Path(work), running)
     print(f"{experiment}: {len(cfgs)} runs, written {written}, skipped {skipped}, failed {len(failed)}, {wall:.0f} s",
           flush=True)
     for k, v in failed.items():
@@ -141,13 +142,12 @@ def _record_pin(work: Path) -> dict[str, Any]:
     return pin
 
 
-def _record_later_pin(work: Path) -> None:
+def _record_later_pin(work: Path, now: dict[str, Any]) -> None:
     """Runs added to a folder by a harness other than the one that started it (a grid extended later, or
     resumed after commits): that harness's pin goes to ``harness.json``'s ``added_with`` list, so the
     manifest names every code version that wrote runs into the results."""
     path = work / "harness.json"
     first = json.loads(path.read_text())
-    now = harness_pin()
     if now["sha256"] == first["sha256"] or now in first.get("added_with", []):
         return
     first.setdefault("added_with", []).append(now)

@@ -384,15 +384,13 @@ def test_rerun_stores_results_and_manifest_then_draws(tmp_path, capsys):
     pd.testing.assert_frame_equal(before, after)
 
 
-def test_runs_added_by_a_later_harness_are_named_in_the_folder_pin(tmp_path, monkeypatch):
+def test_runs_added_by_a_later_harness_are_named_in_the_folder_pin(tmp_path):
     first = {"commit": "a" * 40, "clean": True, "modified": [], "sha256": {"validation": "1", "sfed_theory": "2"}}
     later = {"commit": "b" * 40, "clean": True, "modified": [], "sha256": {"validation": "3", "sfed_theory": "2"}}
     (tmp_path / "harness.json").write_text(json.dumps(first))
-    monkeypatch.setattr(experiments, "harness_pin", lambda: later)
-    experiments._record_later_pin(tmp_path)
-    experiments._record_later_pin(tmp_path)  # recorded once
+    experiments._record_later_pin(tmp_path, later)
+    experiments._record_later_pin(tmp_path, later)  # recorded once
     pin = json.loads((tmp_path / "harness.json").read_text())
     assert pin["commit"] == first["commit"] and pin["added_with"] == [later]
-    monkeypatch.setattr(experiments, "harness_pin", lambda: {**first, "commit": "c" * 40})
-    experiments._record_later_pin(tmp_path)  # same code at another commit: nothing new to name
+    experiments._record_later_pin(tmp_path, {**first, "commit": "c" * 40})  # same code: nothing new to name
     assert json.loads((tmp_path / "harness.json").read_text())["added_with"] == [later]
