@@ -13,6 +13,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
   for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 3 seeds: (i).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
+* ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
 
 Commands (resumable; per-run files in a work folder keyed by a digest of the harness code)::
 
@@ -42,7 +43,7 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
            "results_path", "load", "load_manifest", "harness_pin", "main"]
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
-                                "gradient_check_sgd", "lr_transfer", "hetero_ranks")
+                                "gradient_check_sgd", "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"

@@ -1,4 +1,5 @@
-"""Clients of different ranks: the size of the round-1 aggregate against N per rule, figure (l).
+"""Clients of different ranks: the size of the round-1 aggregate against N per rule, figure (l); the
+rules trained at their tuned learning rates, figure (m).
 
 Reads the ``hetero_ranks`` results (a fixed rank mix cycled to each N, :mod:`validation.federated` with
 ``client_ranks``). Two panels, ``||dW||_F`` and the adapter output RMS of the aggregate (layer ``__all__``):
@@ -19,7 +20,7 @@ import pandas as pd
 
 from paper_figures import style
 
-__all__ = ["HETERO_RULE_ORDER", "aggregate_sizes", "fig_hetero_ranks"]
+__all__ = ["HETERO_RULE_ORDER", "aggregate_sizes", "fig_hetero_ranks", "tuned_table", "fig_hetero_lr"]
 
 HETERO_RULE_ORDER: tuple[str, ...] = ("lora", "rslora", "sfed", "sfed-hetero", "sfed-hetero-shared")
 _COLORS = {**style.RULE_COLORS, "sfed-hetero": "#000000", "sfed-hetero-shared": "#E69F00"}
@@ -79,4 +80,61 @@ def fig_hetero_ranks(df: pd.DataFrame, out: Path, formats=("png", "pdf"), stem: 
                title=r"slope in N, measured (predicted): $\|\Delta W\|_F$; output")
     fig.suptitle(f"Clients of ranks {tuple(mix)} cycled to N, {df['scheme'].iloc[0]} (zero-padding), "
                  f"{df['optimizer'].iloc[0]}, round 1", fontsize=8)
+    return style.save(fig, out, stem, formats)
+
+
+def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (rule, N) of an lr sweep with client ranks (``hetero_lr``): the most accurate learning rate
+    (seed-mean final accuracy; ties: lower eval loss), that accuracy with its seed range and eval loss,
+    whether it sits on the window's edge, and the regret of the lr tuned at the smallest N."""
+    from paper_figures.lr_transfer import lr_curves
+
+    c = lr_curves(df)
+    rows = []
+    for (rule, n), g in c.groupby(["rule", "n_clients"]):
+        g = g.sort_values("lr").reset_index(drop=True)
+        i = g.sort_values(["eval_acc", "eval_loss"], ascending=[False, True]).index[0]
+        rows.append({"rule": rule, "n_clients": n, "lr_best": g.lr[i], "edge": i in (0, len(g) - 1),
+                     "best_acc": g.eval_acc[i], "acc_min": g.acc_min[i], "acc_max": g.acc_max[i],
+                     "eval_loss": g.eval_loss[i], "lrs": len(g)})
+    t = pd.DataFrame(rows)
+    n0 = t.n_clients.min()
+    regret = []
+    for row in t.itertuples():
+        lr0 = float(t[(t.rule == row.rule) & (t.n_clients == n0)].lr_best.iloc[0])
+        at = c[(c.rule == row.rule) & (c.n_clients == row.n_clients) & np.isclose(c.lr, lr0)]
+        regret.append(row.best_acc - float(at.eval_acc.iloc[0]) if len(at) else np.nan)
+    t[f"regret_lr_from_N={n0}"] = regret
+    return t
+
+
+def fig_hetero_lr(df: pd.DataFrame, out: Path, formats=("png", "pdf"), stem: str = "fig_hetero_lr") -> list[Path]:
+    """Final eval accuracy against the learning rate, one panel per N, one curve per rule (seed range
+    shaded); the most accurate lr of each rule starred."""
+    from paper_figures.lr_transfer import lr_curves
+
+    style.apply()
+    c = lr_curves(df)
+    best = tuned_table(df).set_index(["rule", "n_clients"])
+    ns = sorted(c.n_clients.unique())
+    rules = [r for r in HETERO_RULE_ORDER if r in set(c.rule)]
+    mix = sorted({int(r) for cr in df["client_ranks"].dropna().unique() for r in str(cr).split(",")})
+    fig, axes = plt.subplots(1, len(ns), figsize=(style.PAGE_W, 3.0), sharey=True, squeeze=False,
+                             constrained_layout=True)
+    for ax, n in zip(axes[0], ns):
+        for rule in rules:
+            g = c[(c.rule == rule) & (c.n_clients == n)].sort_values("lr")
+            kw = _STYLE.get(rule, dict(ls="-", marker="o"))
+            ax.plot(g.lr, g.eval_acc, ls=kw["ls"], marker=kw["marker"], ms=3, lw=1, color=_COLORS.get(rule),
+                    label=_LABELS.get(rule, rule))
+            ax.fill_between(g.lr, g.acc_min, g.acc_max, color=_COLORS.get(rule), alpha=0.12, lw=0)
+            b = best.loc[(rule, n)]
+            ax.plot(b.lr_best, b.best_acc, "*", color=_COLORS.get(rule), ms=9, mec="k", mew=0.4)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate (AdamW)")
+        ax.set_title(f"N = {n}")
+    axes[0, 0].set_ylabel("final eval accuracy (seed mean, range shaded)")
+    axes[0, 0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(f"Clients of ranks {tuple(mix)} cycled to N, {df['scheme'].iloc[0]}, {int(df['rounds'].iloc[0])} "
+                 f"rounds: accuracy against the learning rate per rule (star: most accurate)", fontsize=8)
     return style.save(fig, out, stem, formats)

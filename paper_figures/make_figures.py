@@ -72,6 +72,7 @@ class Figure:
                                                     "norms (canonical model)"),
             "j": lambda: L.fig_lr_transfer(results["lr_transfer"], out, formats),
             "l": lambda: H.fig_hetero_ranks(results["hetero_ranks"], out, formats),
+            "m": lambda: H.fig_hetero_lr(results["hetero_lr"], out, formats),
         }
         return fns[self.key]()
 
@@ -94,6 +95,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
     Figure("l", "fig_hetero_ranks", "hetero_ranks",
            "clients of ranks (4, 16, 64): the aggregate's size vs N per rule, measured and derived"),
+    Figure("m", "fig_hetero_lr", "hetero_lr",
+           "clients of ranks (4, 16, 64): final eval accuracy vs learning rate per rule, tuned optima"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
@@ -140,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="figures", help="output folder (default figures/)")
     ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
                     help="stored results folder (default: the committed results/)")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main a b c d e f g h)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to m)")
     ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
     ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")

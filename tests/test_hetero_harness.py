@@ -293,3 +293,25 @@ def test_committed_hetero_results_match_their_grid_and_draw(tmp_path):
     assert lora["update_fro"].iloc[-1] < 0.7 * lora["update_fro"].iloc[0]  # LoRA's aggregate collapses with N
     (png,) = fig_hetero_ranks(df, tmp_path, formats=("png",), n_boot=50)
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_tuned_table_of_a_quick_hetero_sweep(tmp_path):
+    from paper_figures import experiments
+    from paper_figures.hetero_figs import fig_hetero_lr, tuned_table
+    from paper_figures.lr_transfer import final_rows
+    from validation.grid import load_results
+
+    res = experiments.run_experiment("hetero_lr", "quick", tmp_path)
+    assert res["written"] == res["runs"] == 9 and not res["failed"]
+    df = load_results(tmp_path)
+    t = tuned_table(df).set_index("rule")
+    # by hand from the per-run final rows: the seed-mean final accuracy per lr, its best and that lr
+    f = final_rows(df).groupby(["rule", "lr"]).eval_acc.mean()
+    for rule in ("lora", "sfed", "sfed-hetero-shared"):
+        acc = f.loc[rule]
+        assert t.loc[rule, "best_acc"] == pytest.approx(acc.max())
+        assert acc.loc[t.loc[rule, "lr_best"]] == pytest.approx(acc.max())
+        assert t.loc[rule, "edge"] == (t.loc[rule, "lr_best"] in (acc.index.min(), acc.index.max()))
+    assert (t["regret_lr_from_N=3"] == 0).all()  # one N: the lr tuned at the smallest N is the own best
+    (png,) = fig_hetero_lr(df, tmp_path, formats=("png",))
+    assert png.read_bytes().startswith(b"\x89PNG")
