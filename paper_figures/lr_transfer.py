@@ -14,6 +14,11 @@ infinitely bad) is compared across learning rates:
   share ``f_in`` (and its gradient-aligned part ``phi``) were estimated on the gradient check's pilot runs
   (N <= 4, one round; ``results/gradient_check_refined_params.csv``), before this sweep: its B increment
   adds coherently over the rank, so the optimum falls faster in r than the canonical ``1 / sqrt(r)``.
+* ``lr_star_coherent``: the refined model's fully coherent limit (``f_in = 1, phi = 0``: every client's B
+  increment along its own input direction): ``gamma lr* ~ sqrt(N_eff) / r``. Picked after the sweep showed
+  the optimum falling about as ``1 / r``; a limit of the derived model, not a prediction of this sweep.
+* ``product_table``: ``gamma lr*`` per cell and rule, and its spread across the rules (with A frozen and
+  Adam, gamma and lr enter the first steps only as their product, so a rule can only move the optimum).
 * ``rank_exponents``: the measured ``beta`` in ``gamma lr* ~ r^-beta`` per rule and N (canonical 1/2; the
   fully coherent limit of the refined model 1). Descriptive: fitted to the optima it describes.
 * drift: ``log2`` range of ``lr_star_fit`` across N (per r) and across r (per N), in grid steps (the
@@ -33,11 +38,14 @@ import pandas as pd
 
 from paper_figures.specs import expand_n1
 
-__all__ = ["REFERENCE", "final_rows", "lr_curves", "optimum_table", "drift_table", "transfer_table", "fig_lr_transfer",
-           "report", "coherent_share", "rank_exponents", "prediction_errors"]
+__all__ = ["REFERENCE", "COHERENT_LIMIT", "final_rows", "lr_curves", "optimum_table", "drift_table", "transfer_table",
+           "fig_lr_transfer", "report", "coherent_share", "rank_exponents", "prediction_errors", "product_table"]
 
 REFERENCE = (1, 16)  # (N, r) where the learning rate is tuned once
 REFINED_PARAMS = Path(__file__).resolve().parents[1] / "results" / "gradient_check_refined_params.csv"
+COHERENT_LIMIT = {"f_in": 1.0, "phi": 0.0}
+_MODELS = (("steps_off", "canonical"), ("steps_off_refined", "refined, f_in from the gradient check (prediction)"),
+           ("steps_off_coherent", "coherent limit f_in = 1 (picked after the data)"))
 
 
 def coherent_share(path: Path | str = REFINED_PARAMS, scheme: str = "ffa", partition: str = "dirichlet") -> dict:
@@ -109,7 +117,8 @@ def optimum_table(df: pd.DataFrame, rho: dict[int, float] | None = None, referen
     rho = rho or {}
     n0, r0 = reference
     refined = coherent_share() if refined is None else refined
-    models = {"lr_star_pred": {}, **({"lr_star_refined": {"regime": "adam-refined", **refined}} if refined else {})}
+    models = {"lr_star_pred": {}, **({"lr_star_refined": {"regime": "adam-refined", **refined}} if refined else {}),
+              "lr_star_coherent": {"regime": "adam-refined", **COHERENT_LIMIT}}
     for col, kw in models.items():
         preds = []
         for row in t.itertuples():
@@ -124,7 +133,16 @@ def optimum_table(df: pd.DataFrame, rho: dict[int, float] | None = None, referen
     t["steps_off"] = np.log2(t["lr_star_fit"] / t["lr_star_pred"])
     if refined:
         t["steps_off_refined"] = np.log2(t["lr_star_fit"] / t["lr_star_refined"])
+    t["steps_off_coherent"] = np.log2(t["lr_star_fit"] / t["lr_star_coherent"])
     return t
+
+
+def product_table(opt: pd.DataFrame) -> pd.DataFrame:
+    """``gamma lr*_fit`` per (N, r) (columns: rules) and its log2 spread across the rules, in grid steps."""
+    t = opt.assign(product=opt.gamma * opt.lr_star_fit).pivot_table(index=["n_clients", "rank"], columns="rule",
+                                                                        values="product")
+    t["spread_steps"] = np.log2(t.max(axis=1) / t.min(axis=1))
+    return t.reset_index()
 
 
 def rank_exponents(opt: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +164,7 @@ def prediction_errors(opt: pd.DataFrame, reference: tuple[int, int] = REFERENCE)
     cells = opt[~((opt.n_clients == n0) & (opt["rank"] == r0))]
     parts = {"across N (r = %d)" % r0: cells[cells["rank"] == r0], "other ranks": cells[cells["rank"] != r0]}
     rows = []
-    for col, model in (("steps_off", "canonical"), ("steps_off_refined", "refined (f_in from the gradient check)")):
+    for col, model in _MODELS:
         if col not in opt:
             continue
         for part, g in parts.items():
@@ -260,6 +278,8 @@ def report(df: pd.DataFrame, rho: dict[int, float] | None = None, reference: tup
              opt.to_string(index=False, float_format=fmt), "",
              "== |measured - predicted| optimum in grid steps (log2), per model ==",
              prediction_errors(opt, reference).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
+             "== gamma x lr* per cell: the same for every rule if the rule only moves the optimum ==",
+             product_table(opt).to_string(index=False, float_format=fmt), "",
              "== beta in gamma lr* ~ r^-beta (canonical 0.5; fully coherent B increments 1) ==",
              rank_exponents(opt).to_string(index=False, float_format=lambda v: f"{v:.2f}"), "",
              "== drift of the optimum in grid steps (log2 range), measured vs predicted ==",

@@ -54,14 +54,18 @@ def test_rank_exponent_and_prediction_errors_by_hand():
                              "edge": False, "steps_off": 0.0 if (n, r) == (1, 16) else {16: 0.5, 256: -2.0}[r],
                              "steps_off_refined": 0.0 if (n, r) == (1, 16) else {16: -0.25, 256: 1.5}[r]})
     opt = pd.DataFrame(rows)
+    opt["steps_off_coherent"] = 0.0
     beta = lr_transfer.rank_exponents(opt)
+    prod = lr_transfer.product_table(opt).set_index(["n_clients", "rank"])
+    assert np.allclose(prod.loc[(4, 256), ["lora", "sfed"]], 0.01 * 256 ** -0.7)
+    assert np.allclose(prod.spread_steps, 0.0)  # the same product under both rules
     assert np.allclose(beta.beta, 0.7) and len(beta) == 4
     err = lr_transfer.prediction_errors(opt).set_index(["model", "cells"])
     canon = err.loc[("canonical", "across N (r = 16)")]
     assert canon.n == 2 and canon.mean_steps_off == pytest.approx(0.5) and canon.within_1_step == 2
     other = err.loc[("canonical", "other ranks")]
     assert other.n == 4 and other.max_steps_off == pytest.approx(2.0) and other.within_1_step == 0
-    refined = err.loc[("refined (f_in from the gradient check)", "other ranks")]
+    refined = err.loc[("refined, f_in from the gradient check (prediction)", "other ranks")]
     assert refined.mean_steps_off == pytest.approx(1.5) and refined.within_1_step == 0
 
 
