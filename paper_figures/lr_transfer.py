@@ -290,3 +290,22 @@ def report(df: pd.DataFrame, rho: dict[int, float] | None = None, reference: tup
     for rule, g in opt.groupby("rule"):
         lines.append(f"  {rule:<8} {g.best_acc.mean():.3f} ({g.best_acc.min():.3f}, {g.best_acc.max():.3f})")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m paper_figures.lr_transfer``: the tables of the stored sweep."""
+    import argparse
+
+    from paper_figures.experiments import DEFAULT_RESULTS, load
+
+    ap = argparse.ArgumentParser(prog="python -m paper_figures.lr_transfer", description=main.__doc__)
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="stored results folder")
+    ap.add_argument("--reference", nargs=2, type=int, default=list(REFERENCE), metavar=("N", "R"),
+                    help="the cell where the learning rate is tuned (default 1 16)")
+    ns = ap.parse_args(argv)
+    print(report(load("lr_transfer", Path(ns.results)), reference=tuple(ns.reference)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -108,3 +108,14 @@ def test_tables_from_the_sweep(quick_sweep):
 def test_figure_from_the_sweep(quick_sweep, tmp_path):
     paths = lr_transfer.fig_lr_transfer(quick_sweep, tmp_path, formats=("png",), reference=(1, 4))
     assert paths and paths[0].stat().st_size > 10_000
+
+
+def test_committed_sweep_has_interior_optima_and_a_well_trained_best(capsys):
+    df = experiments.load("lr_transfer")
+    assert set(df.run_id) == {c.run_id for c in experiments.spec("lr_transfer").runs()}
+    opt = lr_transfer.optimum_table(df)
+    assert len(opt) == 18 and not opt.edge.any()  # every curve has its optimum inside the window
+    assert opt[opt.n_clients == 16].best_acc.max() >= 0.85
+    assert lr_transfer.main([]) == 0
+    out = capsys.readouterr().out
+    assert "transfer regret" in out and "gamma x lr*" in out
