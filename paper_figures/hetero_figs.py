@@ -87,25 +87,18 @@ def tuned_table(df: pd.DataFrame) -> pd.DataFrame:
     """Per (rule, N) of an lr sweep with client ranks (``hetero_lr``): the most accurate learning rate
     (seed-mean final accuracy; ties: lower eval loss), that accuracy with its seed range and eval loss,
     whether it sits on the window's edge, and the regret of the lr tuned at the smallest N."""
-    from paper_figures.lr_transfer import lr_curves
+    from paper_figures.lr_transfer import lr_curves, most_accurate, transfer_table
 
     c = lr_curves(df)
+    n0, width = int(c.n_clients.min()), int(c["rank"].max())  # runs with client ranks: rank = the widest
+    regret = transfer_table(df, reference=(n0, width)).set_index(["rule", "n_clients"])["regret"]
     rows = []
     for (rule, n), g in c.groupby(["rule", "n_clients"]):
-        g = g.sort_values("lr").reset_index(drop=True)
-        i = g.sort_values(["eval_acc", "eval_loss"], ascending=[False, True]).index[0]
-        rows.append({"rule": rule, "n_clients": n, "lr_best": g.lr[i], "edge": i in (0, len(g) - 1),
-                     "best_acc": g.eval_acc[i], "acc_min": g.acc_min[i], "acc_max": g.acc_max[i],
-                     "eval_loss": g.eval_loss[i], "lrs": len(g)})
-    t = pd.DataFrame(rows)
-    n0 = t.n_clients.min()
-    regret = []
-    for row in t.itertuples():
-        lr0 = float(t[(t.rule == row.rule) & (t.n_clients == n0)].lr_best.iloc[0])
-        at = c[(c.rule == row.rule) & (c.n_clients == row.n_clients) & np.isclose(c.lr, lr0)]
-        regret.append(row.best_acc - float(at.eval_acc.iloc[0]) if len(at) else np.nan)
-    t[f"regret_lr_from_N={n0}"] = regret
-    return t
+        b = most_accurate(g)
+        rows.append({"rule": rule, "n_clients": n, "lr_best": b.lr, "edge": b.lr in (g.lr.min(), g.lr.max()),
+                     "best_acc": b.eval_acc, "acc_min": b.acc_min, "acc_max": b.acc_max, "eval_loss": b.eval_loss,
+                     "lrs": len(g), f"regret_lr_from_N={n0}": regret.loc[(rule, n)]})
+    return pd.DataFrame(rows)
 
 
 def fig_hetero_lr(df: pd.DataFrame, out: Path, formats=("png", "pdf"), stem: str = "fig_hetero_lr") -> list[Path]:

@@ -39,7 +39,7 @@ import pandas as pd
 from paper_figures.specs import expand_n1
 
 __all__ = ["REFERENCE", "COHERENT_LIMIT", "final_rows", "lr_curves", "optimum_table", "drift_table", "transfer_table",
-           "fig_lr_transfer", "report", "coherent_share", "rank_exponents", "prediction_errors", "product_table"]
+           "fig_lr_transfer", "report", "most_accurate", "coherent_share", "rank_exponents", "prediction_errors", "product_table"]
 
 REFERENCE = (1, 16)  # (N, r) where the learning rate is tuned once
 REFINED_PARAMS = Path(__file__).resolve().parents[1] / "results" / "gradient_check_refined_params.csv"
@@ -192,7 +192,7 @@ def drift_table(opt: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _most_accurate(g: pd.DataFrame) -> pd.Series:
+def most_accurate(g: pd.DataFrame) -> pd.Series:
     """The row with the best final accuracy (ties: the lower eval loss)."""
     return g.sort_values(["eval_acc", "eval_loss"], ascending=[False, True]).iloc[0]
 
@@ -206,8 +206,8 @@ def transfer_table(df: pd.DataFrame, reference: tuple[int, int] = REFERENCE) -> 
         ref = c[(c.rule == rule) & (c.n_clients == n0) & (c["rank"] == r0)]
         if ref.empty:
             continue
-        lr_ref = float(_most_accurate(ref)["lr"])
-        best = _most_accurate(g)
+        lr_ref = float(most_accurate(ref)["lr"])
+        best = most_accurate(g)
         at_ref = g[np.isclose(g["lr"], lr_ref)]
         acc_ref = float(at_ref["eval_acc"].iloc[0]) if len(at_ref) else math.nan
         rows.append({"rule": rule, "n_clients": n, "rank": r, "lr_ref": lr_ref, "lr_best": float(best["lr"]),
