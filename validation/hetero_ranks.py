@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from validation.adaptive import rescale_for_new_gamma
+
 __all__ = ["normalised_weights", "move_b", "pad_b", "pad_a", "zero_pad_b", "zero_pad_a", "exact_sum", "stack",
            "svd_redistribute", "svd_download", "download_zero_pad"]
 
@@ -56,10 +58,9 @@ def _check_clients(bs: Sequence[torch.Tensor], gammas: Sequence[float], as_: Seq
 
 
 def move_b(b: torch.Tensor, from_gamma: float, to_gamma: float) -> torch.Tensor:
-    """B rescaled so that ``to_gamma * result == from_gamma * b`` (the function is preserved)."""
-    if not (from_gamma > 0 and to_gamma > 0):
-        raise ValueError(f"gammas must be > 0, got from_gamma={from_gamma}, to_gamma={to_gamma}")
-    return b * (from_gamma / to_gamma)
+    """B rescaled so that ``to_gamma * result == from_gamma * b`` (the function is preserved): the
+    adaptive rule's :func:`validation.adaptive.rescale_for_new_gamma`, between a client's and the server's gamma."""
+    return rescale_for_new_gamma(b, from_gamma, to_gamma)
 
 
 def pad_b(b: torch.Tensor, width: int) -> torch.Tensor:
