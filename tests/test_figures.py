@@ -195,7 +195,7 @@ def test_committed_results_with_extra_axes_are_complete_and_pinned(experiment):
         experiments.load_grid(experiment, "cpu")
 
 
-@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "lr_transfer"])
+@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "lr_transfer", "hetero_lr"])
 def test_committed_results_of_the_spec_runner_are_complete_and_pinned(experiment):
     """Results stored by the one runner: every cell of the grid file, the harness commit they were made
     with (clean), the wall time, and nothing else."""
@@ -205,6 +205,7 @@ def test_committed_results_of_the_spec_runner_are_complete_and_pinned(experiment
     assert set(df["run_id"]) == {c.run_id for c in s.runs()}
     assert man["runs_stored"] == man["runs_in_grid"] == df["run_id"].nunique()
     assert len(man["harness"]["commit"]) == 40 and man["harness"]["clean"] is True
+    assert all(len(p["commit"]) == 40 and p["clean"] is True for p in man["harness"].get("added_with", []))
     assert man["wall_s_this_call"] and man["wall_s_this_call"] > 0
     assert not df.duplicated(["run_id", "round", "layer"]).any()
     assert (df.groupby("run_id")["round"].nunique() == s.grid.base.rounds).all()
