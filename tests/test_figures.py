@@ -37,10 +37,10 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
     keys = [f.key for f in make_figures.FIGURES]
-    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l"]
-    assert len(expected) == 2 * len(keys) == 26  # main + (a)..(l), PNG and PDF
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"]
+    assert len(expected) == 2 * len(keys) == 28  # main + (a)..(m), PNG and PDF
     assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
-                                          "fig_normcheck.pdf"}
+                                          "fig_normcheck.pdf", "fig_lr_transfer.png", "fig_hetero_lr.pdf"}
     written = sorted(out.iterdir())
     assert sorted(expected) == written, f"unexpected set of files: {[p.name for p in written]}"
     for p in expected:
