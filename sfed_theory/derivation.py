@@ -177,6 +177,8 @@ def clear_caches() -> None:
     """Forget every cached derivation (for cold-start timing)."""
     derive.cache_clear()
     solve_invariance.cache_clear()
+    solve_step_size.cache_clear()
+    _step_size_fn.cache_clear()
 
 
 _TARGET = sp.Symbol("T", positive=True)  # the output size a tuned learning rate aims for, E||y||^2 / d
@@ -204,6 +206,16 @@ def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output", regim
     return sp.simplify(roots[0])
 
 
+@lru_cache(maxsize=None)
+def _step_size_fn(scheme: str, regime: str):
+    """:func:`solve_step_size` at equal client weights as a float function of (gamma, r, rho, n, f_in, phi,
+    s_A, X2, T)."""
+    n = sp.Symbol("n", positive=True)
+    expr = solve_step_size(scheme, "adapter_output", regime)
+    expr = expr.subs({power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)})
+    return sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.s_A, SYM.X2, _TARGET), expr, "math")
+
+
 def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell: tuple[int, int], *,
                        rho: float = 0.0, scheme: str = "ffa", regime: str = "adam", f_in: float = 0.0,
                        phi: float = 0.0) -> float:
@@ -219,10 +231,7 @@ def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell
     for name, v in (("f_in", f_in), ("phi", phi)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v}")
-    expr = solve_step_size(scheme, "adapter_output", regime)
-    n = sp.Symbol("n", positive=True)
-    expr = expr.subs({power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)})
-    f = sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.s_A, SYM.X2, _TARGET), expr, "math")
+    f = _step_size_fn(scheme, regime)
 
     def at(r: int, n_clients: int) -> float:
         return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, 1.0, 1.0, 1.0)
