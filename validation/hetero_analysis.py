@@ -81,7 +81,7 @@ def fit_hetero_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000
         rho_m = float(all_df.loc[all_df["n_participating"] > 1, "rho_ratio"].clip(0, 1).mean())
         pred0, pred_rho = _predicted_slope(g, ns, 0.0), _predicted_slope(g, ns, rho_m)
         for quantity, col in HETERO_QUANTITIES.items():
-            slope, lo, hi = _fit_one(_cube(layers_df, "n_clients", col, ns, seeds, layers), ns.astype(float), n_boot, rng)
+            slope, lo, hi, _ = _fit_one(_cube(layers_df, "n_clients", col, ns, seeds, layers), ns.astype(float), n_boot, rng)
             out.append(dict(zip(("scheme", "optimizer", "partition", "rule", "mix"), key), quantity=quantity,
                             column=col, points=",".join(map(str, ns)), n_seeds=seeds.size, n_layers=layers.size,
                             measured=slope, ci_low=lo, ci_high=hi, predicted_rho0=pred0, rho_hat=rho_m,
