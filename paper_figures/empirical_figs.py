@@ -87,10 +87,11 @@ def _rules(df: pd.DataFrame) -> list[str]:
 
 
 def round_rows(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
-    """The ``__all__`` rows of round ``rnd`` of non-diverged runs, averaged over seeds.
+    """The ``__all__`` rows of round ``rnd`` of non-diverged runs, over seeds: the norms as their root
+    mean square (the estimate of ``sqrt(E ||.||^2)``, what the theory predicts), the rest as means.
 
-    Besides the seed means: ``n_seeds`` and, per norm column ``c``, ``c_lo``/``c_hi`` (the
-    smallest and largest seed value at that grid point)."""
+    Besides: ``n_seeds`` and, per norm column ``c``, ``c_lo``/``c_hi`` (the smallest and largest seed
+    value at that grid point)."""
     check_columns(df)
     sel = df[(df["layer"] == ALL) & (df["round"] == rnd) & (~df["diverged"].astype(bool))]
     if sel.empty:
@@ -101,7 +102,8 @@ def round_rows(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
     norms = [c for c, _ in QUANTITIES.values()]
     cols = norms + ["rho_hat"] + [c for c in SCALE_COLUMNS if c in sel]
     g = sel.groupby(keys)
-    out = g[cols].mean()
+    out = sel.assign(**{c: sel[c] ** 2 for c in norms}).groupby(keys)[cols].mean()
+    out[norms] = np.sqrt(out[norms])
     lo, hi = g[norms].min().add_suffix("_lo"), g[norms].max().add_suffix("_hi")
     n_seeds = (g["seed"].nunique() if "seed" in sel else g.size()).rename("n_seeds")
     return pd.concat([out, lo, hi, n_seeds], axis=1).reset_index()

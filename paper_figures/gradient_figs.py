@@ -1,11 +1,12 @@
-"""The gradient-norm check: measured log-log slopes against the predicted ones, figures (i) and (k).
+"""The gradient-norm check: measured log-log slopes against the predicted ones, figures (i), (k) and (n).
 
 Reads the ``gradient_check`` (AdamW) and ``gradient_check_sgd`` results, fits the slopes with
 :func:`validation.analysis.fit_exponents` (bootstrap CIs over seeds x layers) and draws predicted
 against measured slopes (y = x), one panel per prediction, coloured by quantity: the canonical
 model at rho = 0, at each point's measured rho (which follows the data by construction), and the
 refined model with its parameters estimated from the pilot runs only (filled: slopes that reach
-N = 16, out of sample; hollow: inside the pilot).
+N = 16, out of sample; hollow: inside the pilot). Figure (n) draws the norms against N with the probe
+from the training set and from held-out examples (``gradient_check_heldout``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pandas as pd
 
 from paper_figures import style
 
-__all__ = ["slope_fits", "fig_gradient_check", "QUANTITY_COLORS"]
+__all__ = ["slope_fits", "fig_gradient_check", "probe_source_fits", "fig_probe_source", "QUANTITY_COLORS"]
 
 QUANTITY_COLORS = {"update_fro": "#0072B2", "adapter_output": "#009E73", "grad_A": "#D55E00", "grad_B": "#CC79A7"}
 _LABELS = {"update_fro": r"$\|\Delta W\|_F$", "adapter_output": "adapter output", "grad_A": r"$\|\partial L/\partial A\|$",
@@ -69,4 +70,63 @@ def fig_gradient_check(fits: pd.DataFrame, out: Path, formats=("png", "pdf"), st
     axes[0, 0].legend(fontsize=6, loc="upper left")
     fig.suptitle(title or f"Log-log slopes in N and r of four norms ({len(fits)} fits; grey band: +-{TOLERANCE})",
                  fontsize=8)
+    return style.save(fig, out, stem, formats)
+
+
+_PROBE_KEYS = ["scheme", "optimizer", "partition", "rank", "seed"]
+PROBE_QUANTITIES = ("adapter_output", "grad_A", "grad_B")  # the update norm does not see the probe
+
+
+def _same_cells(train: pd.DataFrame, heldout: pd.DataFrame) -> pd.DataFrame:
+    """The training-probe runs of the cells (scheme, optimizer, split, rank, seed) the held-out runs have."""
+    return train.merge(heldout[_PROBE_KEYS].drop_duplicates(), on=_PROBE_KEYS)
+
+
+def probe_source_fits(train: pd.DataFrame, heldout: pd.DataFrame, n_boot: int = 400) -> pd.DataFrame:
+    """Slopes in N of the probe-dependent norms with the probe from the training set (``train``: the
+    gradient check, restricted to the held-out runs' cells) and from held-out examples; column ``probe``."""
+    from validation.analysis import fit_exponents
+
+    out = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, d in (("train", _same_cells(train, heldout)), ("heldout", heldout)):
+            f = fit_exponents(d, n_boot=n_boot, refined=False)
+            out.append(f[(f.wrt == "n_clients") & f.quantity.isin(PROBE_QUANTITIES)].assign(probe=name))
+    return pd.concat(out, ignore_index=True)
+
+
+def fig_probe_source(train: pd.DataFrame, heldout: pd.DataFrame, out: Path, formats=("png", "pdf"),
+                     stem: str = "fig_probe_source") -> list[Path]:
+    """The probe-dependent norms against N, one row per split and one column per quantity: seed mean
+    (bars: standard error over seeds) with the probe from the training set (solid) and from held-out
+    examples (dashed), one colour per rule; the legend gives each line's slope in N."""
+    from validation.analysis import QUANTITY_COLUMNS, identical_n1_runs
+    from validation.metrics import ALL
+
+    style.apply()
+    fits = probe_source_fits(train, heldout).set_index(["partition", "quantity", "rule", "probe"]).measured
+    data = {name: identical_n1_runs(d[d.layer == ALL]) for name, d in
+            (("train", _same_cells(train, heldout)), ("heldout", heldout))}
+    parts = sorted(heldout.partition.unique())
+    fig, axes = plt.subplots(len(parts), len(PROBE_QUANTITIES), figsize=(style.PAGE_W, 2.3 * len(parts)),
+                             squeeze=False, constrained_layout=True)
+    for i, part in enumerate(parts):
+        for j, q in enumerate(PROBE_QUANTITIES):
+            ax = axes[i, j]
+            for (name, d), ls in zip(data.items(), ("-", "--")):
+                for rule, g in d[d.partition == part].groupby("rule"):
+                    m = g.groupby("n_clients")[QUANTITY_COLUMNS[q]].agg(["mean", "sem"])
+                    ax.errorbar(m.index, m["mean"], yerr=m["sem"], ls=ls, marker="o", ms=2.5, lw=1,
+                                color=style.RULE_COLORS.get(rule, "k"), capsize=1.5,
+                                label=f"{style.rule_label(rule)}, {name}: N^{fits.get((part, q, rule, name), np.nan):+.2f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{_LABELS[q]}, {part}", fontsize=7)
+            ax.set_xlabel("clients N")
+            ax.legend(fontsize=4.5, loc="best")
+    axes[0, 0].set_ylabel("norm (seed mean)")
+    r = ", ".join(map(str, sorted(heldout["rank"].unique())))
+    fig.suptitle(f"Probe from the training set (solid) or from held-out examples (dashed): FFA, AdamW, r = {r}, "
+                 f"{heldout.seed.nunique()} seeds", fontsize=8)
     return style.save(fig, out, stem, formats)

@@ -42,6 +42,12 @@ class Figure:
     stem: str
     experiment: str | None  # stored results it needs (None: theory only)
     describe: str
+    also: tuple[str, ...] = ()  # further stored results it reads
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Every experiment whose stored results the figure reads."""
+        return tuple(e for e in (self.experiment, *self.also) if e)
 
     def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
         from paper_figures import convergence_figs as C
@@ -73,6 +79,7 @@ class Figure:
             "j": lambda: L.fig_lr_transfer(results["lr_transfer"], out, formats),
             "l": lambda: H.fig_hetero_ranks(results["hetero_ranks"], out, formats),
             "m": lambda: H.fig_hetero_lr(results["hetero_lr"], out, formats),
+            "n": lambda: G.fig_probe_source(results["gradient_check"], results["gradient_check_heldout"], out, formats),
         }
         return fns[self.key]()
 
@@ -97,6 +104,9 @@ FIGURES: tuple[Figure, ...] = (
            "clients of ranks (4, 16, 64): the aggregate's size vs N per rule, measured and derived"),
     Figure("m", "fig_hetero_lr", "hetero_lr",
            "clients of ranks (4, 16, 64): final eval accuracy vs learning rate per rule, tuned optima"),
+    Figure("n", "fig_probe_source", "gradient_check_heldout",
+           "output and gradient norms vs N with the probe from the training set or from held-out examples",
+           also=("gradient_check",)),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
@@ -122,7 +132,7 @@ def build(out: str | Path = "figures", results_dir: str | Path = experiments.DEF
         raise ValueError(f"unknown figure(s) {unknown}; choose from {[f.key for f in FIGURES]}")
     out = Path(out)
     formats = tuple(formats)
-    needed = sorted({_BY_KEY[k].experiment for k in keys} - {None})
+    needed = sorted({e for k in keys for e in _BY_KEY[k].needs})
     results = {exp: experiments.load(exp, results_dir) for exp in needed}  # fail early, before drawing
     written: list[Path] = []
     for k in keys:
@@ -143,7 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="figures", help="output folder (default figures/)")
     ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
                     help="stored results folder (default: the committed results/)")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to m)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to n)")
     ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
     ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")

@@ -37,8 +37,8 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
     keys = [f.key for f in make_figures.FIGURES]
-    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"]
-    assert len(expected) == 2 * len(keys) == 28  # main + (a)..(m), PNG and PDF
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n"]
+    assert len(expected) == 2 * len(keys) == 30  # main + (a)..(n), PNG and PDF
     assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
                                           "fig_normcheck.pdf", "fig_lr_transfer.png", "fig_hetero_lr.pdf"}
     written = sorted(out.iterdir())
@@ -86,6 +86,9 @@ def test_each_experiment_file_is_required_by_its_figures(tmp_path):
     for key, exp in (("g", "convergence"), ("h", "normcheck")):
         with pytest.raises(experiments.MissingResults, match=rf"{exp}\.parquet.*--rerun --experiments {exp}"):
             make_figures.build(tmp_path / "figs", only_scaling, keys=[key])
+    shutil.copy(experiments.results_path("gradient_check_heldout", RESULTS), only_scaling)  # (n) reads two
+    with pytest.raises(experiments.MissingResults, match=r"gradient_check\.parquet"):
+        make_figures.build(tmp_path / "figs", only_scaling, keys=["n"])
     assert not (tmp_path / "figs").exists()
 
 
@@ -195,7 +198,8 @@ def test_committed_results_with_extra_axes_are_complete_and_pinned(experiment):
         experiments.load_grid(experiment, "cpu")
 
 
-@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "lr_transfer", "hetero_lr"])
+@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "gradient_check_heldout", "lr_transfer",
+                                        "hetero_lr"])
 def test_committed_results_of_the_spec_runner_are_complete_and_pinned(experiment):
     """Results stored by the one runner: every cell of the grid file, the harness commit they were made
     with (clean), the wall time, and nothing else."""
@@ -301,7 +305,7 @@ def test_predictions_use_the_measured_increment_scale():
     assert "s_B" not in empirical_figs.theory_scales(384, "sgd", 0.1, 0.1)  # SGD: eta, tau instead
 
 
-def test_round_rows_average_seeds_and_drop_diverged_runs():
+def test_round_rows_take_the_rms_over_seeds_and_drop_diverged_runs():
     a = _fake_results(1.0)
     b = a.copy()
     b["run_id"] += "s1"
@@ -314,7 +318,7 @@ def test_round_rows_average_seeds_and_drop_diverged_runs():
     rows = empirical_figs.round_rows(pd.concat([a, b, c]))
     assert len(rows) == len(a)
     merged = rows.merge(a, on=["rule", "rank", "n_participating"], suffixes=("", "_a"))
-    assert np.allclose(merged["grad_A_end"], 2.0 * merged["grad_A_end_a"])
+    assert np.allclose(merged["grad_A_end"], np.sqrt((1 + 9) / 2) * merged["grad_A_end_a"])  # RMS of x1 and x3
     assert np.allclose(merged["grad_A_end_lo"], merged["grad_A_end_a"])  # seed range, diverged run left out
     assert np.allclose(merged["grad_A_end_hi"], 3.0 * merged["grad_A_end_a"])
     assert (rows["n_seeds"] == 2).all()

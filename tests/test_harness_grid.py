@@ -121,17 +121,21 @@ def test_fit_exponents_recovers_known_slopes_and_reports_predictions(tmp_path):
 
 
 def test_p_within_tol_is_the_share_of_bootstrap_slopes_near_the_estimate():
-    """Two seeds, one layer, points x = 1, 4: seed 0 is flat, seed 1 grows as x^1. A seed resample is
-    (0,0) -> slope 0, (1,1) -> 1 (1/4 each) or mixed -> log(2.5)/log(4), the estimate (1/2)."""
+    """Two seeds, one layer, points x = 1, 4: seed 0 is flat, seed 1 grows as x^1. The point estimate is
+    the RMS over seeds (sqrt((1 + 16) / 2) at x = 4, not the mean 2.5). A seed resample is (0,0) -> slope
+    0, (1,1) -> 1 (1/4 each) or mixed -> the estimate (1/2)."""
     from validation.analysis import _fit_one
 
     cube = np.array([[[1.0], [1.0]], [[1.0], [4.0]]])  # [point, seed, layer]
     fit = _fit_one(cube, np.array([1.0, 4.0]), 4000, np.random.default_rng(0))
-    assert fit.slope == pytest.approx(np.log(2.5) / np.log(4))
+    assert fit.slope == pytest.approx(np.log(np.sqrt(8.5)) / np.log(4))
     assert fit.p_within_tol == pytest.approx(0.5, abs=0.03)
     assert (fit.lo, fit.hi) == (pytest.approx(0.0), pytest.approx(1.0))
     exact = _fit_one(np.array([[[1.0], [1.0]], [[2.0], [2.0]]]), np.array([1.0, 4.0]), 200, np.random.default_rng(0))
     assert exact.slope == pytest.approx(0.5) and exact.p_within_tol == 1.0
+    # layers add in squares within a seed: layers (3, 4) -> norm 5 at x = 4, against 1 at x = 1
+    layered = _fit_one(np.array([[[1.0, 0.0]], [[3.0, 4.0]]]), np.array([1.0, 4.0]), 10, np.random.default_rng(0))
+    assert layered.slope == pytest.approx(np.log(5) / np.log(4))
 
 
 def test_cli_run_and_analyze(tmp_path, capsys):

@@ -65,3 +65,17 @@ def test_exponent_table_has_refined_columns_and_labels_out_of_sample(small_grid)
     assert (fits.agrees_refined == tol).all()
     ci = (fits.ci_low <= fits.predicted_refined) & (fits.predicted_refined <= fits.ci_high)
     assert (fits.in_ci_refined == ci).all()
+
+
+def test_pilot_table_takes_the_rms_of_norms_and_the_mean_of_scales():
+    """Two seeds of one cell: norms 3 and 4 give sqrt((9 + 16) / 2), not their mean 3.5; scales average."""
+    from validation.refined import _pilot_table
+
+    base = dict(rule="lora", rank=4, n_clients=4, n_participating=4, gamma=4.0, alpha=16.0, rho_ratio=0.1)
+    rows = pd.DataFrame([{**base, "adapter_rms": v, "update_fro": v, "grad_A_end": v, "grad_B_end": v, "grad_B": v,
+                          "inc_B_rms": s, "inc_A_rms": s} for v, s in ((3.0, 1.0), (4.0, 2.0))])
+    t = _pilot_table(rows)
+    assert len(t) == 1
+    for c in ("adapter_rms", "update_fro", "grad_A_end", "grad_B_end", "grad_B"):
+        assert t[c].iloc[0] == pytest.approx(math.sqrt(12.5))
+    assert t.inc_B_rms.iloc[0] == pytest.approx(1.5) and t.gamma.iloc[0] == 4.0

@@ -13,8 +13,10 @@ grad_B              grad_B_end       ||dL/dB|| at the aggregated adapter after t
 ==================  ===============  =================================================
 
 All are taken at one round (default 1, the round the theory describes), from the per-layer
-rows; the point estimate at a grid point is the seed-mean of ``sqrt(sum over layers of v^2)``
-(the ``__all__`` value). The CI is a percentile bootstrap that resamples seeds and layers with
+rows; the point estimate at a grid point is the root mean square over seeds of the ``__all__``
+value, ``sqrt(mean over seeds of sum over layers of v^2)``: the estimate of ``sqrt(E ||.||^2)``, the
+quantity the theory predicts (a seed-mean of norms is smaller by ``1/sqrt(1 + CV^2)``, which biases a
+slope wherever the spread over seeds changes along the axis, as it does from N = 1 to N = 16). The CI is a percentile bootstrap that resamples seeds and layers with
 replacement, the same draw for every grid point of a fit (paired). Diverged runs are excluded.
 Predictions use the layer sizes and, under Adam, the measured increment scales (see ``_scales``).
 Runs whose clients train different ranks (``client_ranks``) are left out here; their exponents in N
@@ -102,7 +104,7 @@ class SlopeFit(NamedTuple):
 def _fit_one(cube: np.ndarray, xs: np.ndarray, n_boot: int, rng: np.random.Generator) -> SlopeFit:
     """cube[point, seed, layer] -> :class:`SlopeFit` with a paired seed x layer bootstrap."""
     def slope(c: np.ndarray) -> float:
-        y = np.nanmean(np.sqrt(np.nansum(c ** 2, axis=2)), axis=1)
+        y = np.sqrt(np.nanmean(np.nansum(c ** 2, axis=2), axis=1))  # RMS over seeds of the __all__ norm
         return loglog_slope(xs, y)
 
     est = slope(cube)

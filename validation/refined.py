@@ -130,9 +130,15 @@ def predicted_slope(p: RefinedParams, quantity: str, rule: str, wrt: str, xs, fi
 
 
 def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Seed means of the ``__all__`` rows per (rule, rank, n_clients, n_participating)."""
-    cols = [*QUANTITY_COLUMNS.values(), "grad_B", "gamma", "inc_B_rms", "inc_A_rms", "rho_ratio", "alpha"]
-    return rows.groupby(["rule", "rank", "n_clients", "n_participating"], as_index=False)[cols].mean()
+    """Per (rule, rank, n_clients, n_participating) of the ``__all__`` rows: the root mean square over
+    seeds of the norms (the estimate of ``sqrt(E ||.||^2)``, what the model predicts) and the seed mean
+    of the scales and correlations."""
+    keys = ["rule", "rank", "n_clients", "n_participating"]
+    norms = [*QUANTITY_COLUMNS.values(), "grad_B"]
+    g = rows.assign(**{c: rows[c] ** 2 for c in norms}).groupby(keys, as_index=False)
+    t = g[[*norms, "gamma", "inc_B_rms", "inc_A_rms", "rho_ratio", "alpha"]].mean()
+    t[norms] = np.sqrt(t[norms])
+    return t
 
 
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
