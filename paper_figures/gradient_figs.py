@@ -98,9 +98,11 @@ def probe_source_fits(train: pd.DataFrame, heldout: pd.DataFrame, n_boot: int = 
 
 def fig_probe_source(train: pd.DataFrame, heldout: pd.DataFrame, out: Path, formats=("png", "pdf"),
                      stem: str = "fig_probe_source") -> list[Path]:
-    """The probe-dependent norms against N, one row per split and one column per quantity: seed mean
+    """The probe-dependent norms against N, one row per split and one column per quantity: RMS over seeds
     (bars: standard error over seeds) with the probe from the training set (solid) and from held-out
-    examples (dashed), one colour per rule; the legend gives each line's slope in N."""
+    examples (dashed), one colour per rule; each panel lists the slopes in N (training / held-out probe)."""
+    from matplotlib.lines import Line2D
+
     from validation.analysis import QUANTITY_COLUMNS, identical_n1_runs
     from validation.metrics import ALL
 
@@ -108,25 +110,32 @@ def fig_probe_source(train: pd.DataFrame, heldout: pd.DataFrame, out: Path, form
     fits = probe_source_fits(train, heldout).set_index(["partition", "quantity", "rule", "probe"]).measured
     data = {name: identical_n1_runs(d[d.layer == ALL]) for name, d in
             (("train", _same_cells(train, heldout)), ("heldout", heldout))}
-    parts = sorted(heldout.partition.unique())
-    fig, axes = plt.subplots(len(parts), len(PROBE_QUANTITIES), figsize=(style.PAGE_W, 2.3 * len(parts)),
+    parts, rules = sorted(heldout.partition.unique()), [r for r in style.RULE_ORDER if r in set(heldout.rule)]
+    fig, axes = plt.subplots(len(parts), len(PROBE_QUANTITIES), figsize=(style.PAGE_W, 2.2 * len(parts) + 0.4),
                              squeeze=False, constrained_layout=True)
     for i, part in enumerate(parts):
         for j, q in enumerate(PROBE_QUANTITIES):
-            ax = axes[i, j]
+            ax, col = axes[i, j], QUANTITY_COLUMNS[q]
             for (name, d), ls in zip(data.items(), ("-", "--")):
                 for rule, g in d[d.partition == part].groupby("rule"):
-                    m = g.groupby("n_clients")[QUANTITY_COLUMNS[q]].agg(["mean", "sem"])
-                    ax.errorbar(m.index, m["mean"], yerr=m["sem"], ls=ls, marker="o", ms=2.5, lw=1,
-                                color=style.RULE_COLORS.get(rule, "k"), capsize=1.5,
-                                label=f"{style.rule_label(rule)}, {name}: N^{fits.get((part, q, rule, name), np.nan):+.2f}")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+                    v = g.groupby("n_clients")[col]
+                    rms = np.sqrt((g[col] ** 2).groupby(g.n_clients).mean())
+                    ax.errorbar(rms.index, rms, yerr=v.sem(), ls=ls, marker="o", ms=2.5, lw=1, capsize=1.5,
+                                color=style.RULE_COLORS.get(rule, "k"))
+            slopes = "\n".join(f"{style.rule_label(r).split()[0]}: {fits.get((part, q, r, 'train'), np.nan):+.2f} / "
+                                f"{fits.get((part, q, r, 'heldout'), np.nan):+.2f}" for r in rules)
+            ax.set(xscale="log", yscale="log", xlabel="clients N")
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi * (hi / lo) ** 0.6)  # headroom for the slopes' box above the lines
+            ax.text(0.97, 0.97, f"slope in N (train / held-out)\n{slopes}", transform=ax.transAxes, fontsize=5,
+                    va="top", ha="right", bbox=dict(fc="white", ec="0.8", lw=0.4))
             ax.set_title(f"{_LABELS[q]}, {part}", fontsize=7)
-            ax.set_xlabel("clients N")
-            ax.legend(fontsize=4.5, loc="best")
-    axes[0, 0].set_ylabel("norm (seed mean)")
+        axes[i, 0].set_ylabel("norm (RMS over seeds)")
+    handles = [Line2D([], [], color=style.RULE_COLORS.get(r, "k"), label=style.rule_label(r)) for r in rules]
+    handles += [Line2D([], [], color="0.3", ls=ls, label=f"probe: {lab}")
+                for ls, lab in (("-", "training set"), ("--", "held-out examples"))]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=6)
     r = ", ".join(map(str, sorted(heldout["rank"].unique())))
-    fig.suptitle(f"Probe from the training set (solid) or from held-out examples (dashed): FFA, AdamW, r = {r}, "
-                 f"{heldout.seed.nunique()} seeds", fontsize=8)
+    fig.suptitle(f"Probe from the training set or from held-out examples: FFA, AdamW, one round, r = {r}, "
+                 f"{heldout.seed.nunique()} seeds (bars: s.e. over seeds)", fontsize=8)
     return style.save(fig, out, stem, formats)
