@@ -55,7 +55,8 @@ from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
-           "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "client_scaling",
+           "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "client_batch_indices",
+           "client_scaling",
            "MEASURED_COLUMNS", "ADAPTIVE_COLUMNS", "HETERO_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
@@ -227,15 +228,21 @@ def config_columns(cfg: RunConfig) -> dict:
     return d
 
 
-def client_batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[int], rnd: int,
-             device: torch.device) -> list[list[tuple[dict, torch.Tensor]]]:
-    """``out[t][i]``: step t's batch of client clients[i], seeded by (seed, round, client)."""
+def client_batch_indices(cfg: RunConfig, parts: list[np.ndarray], clients: list[int], rnd: int) -> list[list[np.ndarray]]:
+    """``idx[i][t]``: the training-example indices of client clients[i]'s batch at local step t of round
+    ``rnd``, seeded by (seed, round, client)."""
     idx = []
     for c in clients:
         rng = np.random.default_rng([cfg.seed, rnd, c, 1])
         n = len(parts[c])
-        rows = [parts[c][rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)] for _ in range(cfg.local_steps)]
-        idx.append(rows)
+        idx.append([parts[c][rng.choice(n, cfg.batch_size, replace=n < cfg.batch_size)] for _ in range(cfg.local_steps)])
+    return idx
+
+
+def client_batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients: list[int], rnd: int,
+             device: torch.device) -> list[list[tuple[dict, torch.Tensor]]]:
+    """``out[t][i]``: step t's batch of client clients[i] (:func:`client_batch_indices`)."""
+    idx = client_batch_indices(cfg, parts, clients, rnd)
     out = []
     for t in range(cfg.local_steps):
         step = []

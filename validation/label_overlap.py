@@ -1,0 +1,89 @@
+"""How much the clients' batches of a round share labels, and how the measured client correlation follows it.
+
+The theory takes the client correlation rho as one number. On a label-skewed split it is not: two
+clients whose batches hold the same topics push B the same way, two with different topics do not. With
+Dirichlet(0.5) on BBC and batches of 2 x 4 examples, the clients' batches of a 4-client run share fewer
+labels than those of a 16-client run, and the measured rho rises with N. :func:`label_overlap` is the
+mean pairwise cosine of the clients' label histograms; :func:`overlap_table` puts it beside the
+measured correlations of each run, and :func:`pilot_line` predicts a correlation from the overlap with
+a line fitted on the pilot runs only (N <= ``pilot_max_n``), so the rest of the grid is predicted, not fitted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from validation.metrics import ALL
+
+__all__ = ["label_overlap", "run_label_overlap", "overlap_table", "pilot_line"]
+
+
+def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
+    """Mean over pairs i != j of the cosine between the label histograms of ``labels[index_sets[i]]``
+    and ``labels[index_sets[j]]`` (1: the same label mix, 0: no label in common). NaN for one set."""
+    labels = np.asarray(labels)
+    if len(index_sets) < 2:
+        return float("nan")
+    h = np.array([np.bincount(labels[np.asarray(ix)], minlength=int(labels.max()) + 1) for ix in index_sets], float)
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    cos = h @ h.T
+    return float(cos[~np.eye(len(h), dtype=bool)].mean())
+
+
+def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
+    """:func:`label_overlap` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
+    from validation.data import partition
+    from validation.federated import client_batch_indices, sample_clients
+
+    parts = partition(np.asarray(labels), cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    idx = client_batch_indices(cfg, parts, sample_clients(cfg, rnd), rnd)
+    return label_overlap(labels, [np.concatenate(steps) for steps in idx])
+
+
+def overlap_table(df: pd.DataFrame, labels: np.ndarray, rnd: int = 1) -> pd.DataFrame:
+    """One row per run of ``df`` (harness rows) with more than one client averaged: its configuration
+    columns, ``label_overlap`` of its round-``rnd`` batches and its measured correlations (``__all__``)."""
+    from validation.config import RunConfig
+
+    rows = df[(df.layer == ALL) & (df["round"] == rnd) & (df.n_participating > 1)]
+    cfg_cols = [c for c in RunConfig.__dataclass_fields__ if c in rows]
+    out = []
+    cache: dict[tuple, float] = {}
+    for _, r in rows.iterrows():
+        cfg = RunConfig.from_dict({c: _plain(r[c]) for c in cfg_cols})
+        key = (cfg.n_clients, cfg.participating, cfg.partition, cfg.dirichlet_alpha, cfg.seed, cfg.local_steps,
+               cfg.batch_size)  # the batches do not depend on the rule, rank or scheme
+        if key not in cache:
+            cache[key] = run_label_overlap(cfg, labels, rnd)
+        out.append(cache[key])
+    keep = ["run_id", "scheme", "partition", "rule", "rank", "n_clients", "n_participating", "seed",
+            *(c for c in ("rho_ratio", "rho_out", "rho_gA", "rho_gB") if c in rows)]
+    return rows[keep].assign(label_overlap=out).reset_index(drop=True)
+
+
+def _plain(v):
+    """A DataFrame cell as the RunConfig field it came from (arrays back to tuples, NaN back to None)."""
+    if isinstance(v, np.ndarray):
+        return tuple(v.tolist())
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def pilot_line(table: pd.DataFrame, column: str = "rho_ratio", pilot_max_n: int = 4) -> pd.DataFrame:
+    """Per split: a line ``column ~ a + b * label_overlap`` fitted on the runs with N <= ``pilot_max_n``,
+    and per (split, N) the mean measured ``column`` beside the line's prediction at those runs' overlaps
+    (in-sample for the pilot N, predicted beyond it) and the pilot's plain mean (the constant-rho guess)."""
+    out = []
+    for part, g in table.dropna(subset=[column]).groupby("partition"):
+        pilot = g[g.n_clients <= pilot_max_n]
+        if pilot.label_overlap.nunique() < 2:
+            continue
+        b, a = np.polyfit(pilot.label_overlap, pilot[column], 1)
+        for n, h in g.groupby("n_clients"):
+            out.append({"partition": part, "n_clients": int(n), "runs": len(h), "label_overlap": h.label_overlap.mean(),
+                        "measured": h[column].mean(), "measured_se": h[column].sem(),
+                        "predicted": float(np.mean(a + b * h.label_overlap)), "pilot_mean": pilot[column].mean(),
+                        "intercept": a, "slope": b, "sample": "in" if n <= pilot_max_n else "out"})
+    return pd.DataFrame(out)
