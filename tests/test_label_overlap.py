@@ -46,3 +46,19 @@ def test_pilot_line_predicts_beyond_the_pilot_from_the_overlap_alone():
     assert t.loc[16, "predicted"] == pytest.approx(t.loc[16, "measured"])
     assert t.loc[16, "pilot_mean"] < t.loc[16, "measured"] - 0.02  # the constant guess misses the rise
     assert t.loc[4, "slope"] == pytest.approx(0.1) and t.loc[4, "intercept"] == pytest.approx(-0.03)
+
+
+def test_train_labels_are_the_task_labels_of_each_seed(tmp_path):
+    """The split of a data set without its own eval split depends on the seed; train_labels follows it."""
+    from test_harness_helpers import tiny_bert, tiny_text_dataset
+    from validation.models import train_labels
+
+    model, data = tiny_bert(tmp_path / "m"), tiny_text_dataset(tmp_path / "d", n=40)
+    firsts = []
+    for seed in (0, 1):
+        cfg = synth(model=model, dataset=data, seed=seed, max_length=8)
+        np.testing.assert_array_equal(train_labels(cfg), build_task(cfg).train_labels.numpy())
+        firsts.append(train_labels(cfg))
+    assert not np.array_equal(firsts[0], firsts[1])
+    syn = synth(seed=2)
+    np.testing.assert_array_equal(train_labels(syn), build_task(syn).train_labels.numpy())

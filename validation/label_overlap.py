@@ -1,12 +1,11 @@
-"""How much the clients' batches of a round share labels, and how the measured client correlation follows it.
+"""How much the clients' batches of a round share labels, and whether the client correlation follows it.
 
-The theory takes the client correlation rho as one number. On a label-skewed split it is not: two
-clients whose batches hold the same topics push B the same way, two with different topics do not. With
-Dirichlet(0.5) on BBC and batches of 2 x 4 examples, the clients' batches of a 4-client run share fewer
-labels than those of a 16-client run, and the measured rho rises with N. :func:`label_overlap` is the
-mean pairwise cosine of the clients' label histograms; :func:`overlap_table` puts it beside the
-measured correlations of each run, and :func:`pilot_line` predicts a correlation from the overlap with
-a line fitted on the pilot runs only (N <= ``pilot_max_n``), so the rest of the grid is predicted, not fitted.
+The theory takes the client correlation rho as one number. On a label-skewed split it could depend on
+which topics the clients' batches hold: two clients training on the same topics may push B the same way.
+:func:`label_overlap` is the mean pairwise cosine of the clients' label histograms; :func:`overlap_table`
+puts it beside the measured correlations of each run, and :func:`pilot_line` predicts a correlation from
+the overlap with a line fitted on the pilot runs only (N <= ``pilot_max_n``), so that the rest of the
+grid tests the lead out of sample (notebook 03 runs it on the gradient check).
 """
 
 from __future__ import annotations
@@ -41,22 +40,30 @@ def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
     return label_overlap(labels, [np.concatenate(steps) for steps in idx])
 
 
-def overlap_table(df: pd.DataFrame, labels: np.ndarray, rnd: int = 1) -> pd.DataFrame:
+def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFrame:
     """One row per run of ``df`` (harness rows) with more than one client averaged: its configuration
-    columns, ``label_overlap`` of its round-``rnd`` batches and its measured correlations (``__all__``)."""
+    columns, ``label_overlap`` of its round-``rnd`` batches and its measured correlations (``__all__``).
+    ``labels_for(cfg)``: the run's training labels (default :func:`validation.models.train_labels`; the
+    train/eval split of a data set without its own depends on the seed)."""
     from validation.config import RunConfig
 
+    if labels_for is None:
+        from validation.models import train_labels as labels_for
     rows = df[(df.layer == ALL) & (df["round"] == rnd) & (df.n_participating > 1)]
     cfg_cols = [c for c in RunConfig.__dataclass_fields__ if c in rows]
+    labels: dict[tuple, np.ndarray] = {}
+    overlaps: dict[tuple, float] = {}
     out = []
-    cache: dict[tuple, float] = {}
     for _, r in rows.iterrows():
         cfg = RunConfig.from_dict({c: _plain(r[c]) for c in cfg_cols})
-        key = (cfg.n_clients, cfg.participating, cfg.partition, cfg.dirichlet_alpha, cfg.seed, cfg.local_steps,
+        data = (cfg.model, cfg.dataset, cfg.max_examples, cfg.seed, cfg.synth_examples)
+        key = (*data, cfg.n_clients, cfg.participating, cfg.partition, cfg.dirichlet_alpha, cfg.local_steps,
                cfg.batch_size)  # the batches do not depend on the rule, rank or scheme
-        if key not in cache:
-            cache[key] = run_label_overlap(cfg, labels, rnd)
-        out.append(cache[key])
+        if key not in overlaps:
+            if data not in labels:
+                labels[data] = np.asarray(labels_for(cfg))
+            overlaps[key] = run_label_overlap(cfg, labels[data], rnd)
+        out.append(overlaps[key])
     keep = ["run_id", "scheme", "partition", "rule", "rank", "n_clients", "n_participating", "seed",
             *(c for c in ("rho_ratio", "rho_out", "rho_gA", "rho_gB") if c in rows)]
     return rows[keep].assign(label_overlap=out).reset_index(drop=True)

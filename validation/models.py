@@ -28,7 +28,7 @@ from validation.config import RunConfig
 from validation.data import RawData, load_raw, make_synthetic, split_train_eval
 from validation.synthetic_net import SyntheticNet, synthetic_weights
 
-__all__ = ["Task", "TextClassifier", "SyntheticNet", "synthetic_weights", "resolve_model_path",
+__all__ = ["Task", "train_labels", "TextClassifier", "SyntheticNet", "synthetic_weights", "resolve_model_path",
            "load_text_backbone", "build_task", "find_targets", "default_targets"]
 
 
@@ -138,19 +138,37 @@ def _subsample(n: int, cap: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 3]).permutation(n)[:cap])
 
 
+def _train_eval_split(raw: RawData, max_examples: int | None, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``keep`` (the examples kept of ``raw``) and, for a data set without its own eval split, the seeded
+    train indices into ``keep`` (``None``: the data set's own split, all of ``keep`` is training data)."""
+    keep = _subsample(len(raw), max_examples, seed)
+    return keep, (None if raw.eval_labels is not None else split_train_eval(len(keep), 0.2, seed)[0])
+
+
+def train_labels(cfg: RunConfig) -> np.ndarray:
+    """The training labels :func:`build_task` gives ``cfg`` (for text data without tokenising or loading
+    a model: client splits and batches follow from them)."""
+    if cfg.model == "synthetic":
+        return build_task(cfg).train_labels.numpy()
+    raw = load_raw(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column)
+    keep, tr = _train_eval_split(raw, cfg.max_examples, cfg.seed)
+    labels = raw.labels[keep]
+    return labels if tr is None else labels[tr]
+
+
 def _tensors(raw: RawData, tok, max_length: int, max_examples: int | None, seed: int):
     def enc(texts: list[str]) -> dict[str, torch.Tensor]:
         b = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
         return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
-    keep = _subsample(len(raw), max_examples, seed)
+    keep, tr = _train_eval_split(raw, max_examples, seed)
     texts = [raw.texts[i] for i in keep]
     labels = raw.labels[keep]
     if raw.eval_labels is not None:
         ev_keep = _subsample(len(raw.eval_labels), max_examples, seed)
         return (enc(texts), torch.as_tensor(labels), enc([raw.eval_texts[i] for i in ev_keep]),
                 torch.as_tensor(raw.eval_labels[ev_keep]), len(raw.label_names))
-    tr, ev = split_train_eval(len(labels), 0.2, seed)
+    ev = np.setdiff1d(np.arange(len(labels)), tr)
     all_in = enc(texts)
     lab = torch.as_tensor(labels)
     return ({k: v[tr] for k, v in all_in.items()}, lab[tr], {k: v[ev] for k, v in all_in.items()}, lab[ev],
