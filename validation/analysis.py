@@ -16,8 +16,9 @@ All are taken at one round (default 1, the round the theory describes), from the
 rows; the point estimate at a grid point is the root mean square over seeds of the ``__all__``
 value, ``sqrt(mean over seeds of sum over layers of v^2)``: the estimate of ``sqrt(E ||.||^2)``, the
 quantity the theory predicts (a seed-mean of norms is smaller by ``1/sqrt(1 + CV^2)``, which biases a
-slope wherever the spread over seeds changes along the axis, as it does from N = 1 to N = 16). The CI is a percentile bootstrap that resamples seeds and layers with
-replacement, the same draw for every grid point of a fit (paired). Diverged runs are excluded.
+slope wherever the spread over seeds changes along the axis, as it does from N = 1 to N = 16). The CI
+is a percentile bootstrap that resamples seeds and layers with replacement, the same draw for every grid
+point of a fit (paired). Diverged runs are excluded.
 Predictions use the layer sizes and, under Adam, the measured increment scales (see ``_scales``).
 Runs whose clients train different ranks (``client_ranks``) are left out here; their exponents in N
 are in :mod:`validation.hetero_analysis`.
