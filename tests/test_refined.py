@@ -79,3 +79,36 @@ def test_pilot_table_takes_the_rms_of_norms_and_the_mean_of_scales():
     for c in ("adapter_rms", "update_fro", "grad_A_end", "grad_B_end", "grad_B"):
         assert t[c].iloc[0] == pytest.approx(math.sqrt(12.5))
     assert t.inc_B_rms.iloc[0] == pytest.approx(1.5) and t.gamma.iloc[0] == 4.0
+
+
+def test_label_skew_share_lowers_the_pairwise_correlation_as_one_over_k_minus_one(small_grid):
+    """A zero-sum skew part of variance share s correlates -1/(K-1) between clients: the pairwise rho at
+    K clients is rho_f - s/(K-1); with one client nothing changes; s = 0 leaves rho as it was."""
+    p = fit_refined(small_grid, pilot_max_n=2)
+    assert p.rho_skew == 0.0 and np.allclose(p.rho_at([1, 2, 16]), p.rho)
+    from dataclasses import replace
+
+    q = replace(p, f_in=0.0, rho_f=0.04, rho_skew=0.09)
+    assert np.allclose(q.rho_at([1, 2, 4, 16]), [0.04, 0.04 - 0.09, 0.04 - 0.03, 0.04 - 0.006])
+    got = predict_points(q, "update_fro", "lora", [4], [16], [16], 16.0)[0]
+    want = predicted_norm("update_fro", "lora", regime="adam-refined", scheme=q.scheme, rank=4, n_clients=16, alpha=16.0,
+                          rho=0.034, d=q.d, k=q.k, s_A=1 / math.sqrt(3 * q.k), s_B=q.s_B["lora"],
+                          tau=math.sqrt(q.tau2x2[4]), x_norm2=1.0, f_in=0.0, phi=q.phi, lam=q.lam)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_skewed_split_takes_its_unskewed_correlation_from_the_iid_pilot(small_grid):
+    """A copy of the grid labelled Dirichlet whose correlations are 0.05 lower: its pilot (N = 2) gives
+    s = (K-1) (rho_iid - rho_K) = 0.05, and the model reproduces the skewed pilot's own correlation."""
+    skewed = small_grid.assign(partition="dirichlet")
+    for col in ("rho_ratio", "rho_out", "rho_gA", "rho_gB"):
+        skewed[col] = skewed[col] - 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = refined_fits(pd.concat([small_grid, skewed], ignore_index=True), pilot_max_n=2)
+    iid, dirichlet = params[("ffa", "adamw", "iid", "update_fro")], params[("ffa", "adamw", "dirichlet", "update_fro")]
+    assert iid.rho_skew == 0.0
+    assert dirichlet.rho_f == pytest.approx(iid.rho_f) and dirichlet.rho_skew == pytest.approx(0.05)
+    pilot = skewed[(skewed.layer == "__all__") & (skewed.n_clients == 2)]
+    pair = dirichlet.rho_f - dirichlet.rho_skew / (2 - 1)
+    assert pair == pytest.approx(pilot.rho_ratio.mean())

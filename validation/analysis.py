@@ -170,7 +170,10 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
-    (:func:`_projected_rho_column`). Groups with too little pilot data are left out with a warning."""
+    (:func:`_projected_rho_column`). A label-skewed split (not ``"iid"``) whose scheme also has IID runs
+    takes the correlation without skew from the IID pilot and its skew share from its own pilot
+    (``unskewed_rho`` of :func:`validation.refined.fit_refined`). Groups with too little pilot data are
+    left out with a warning."""
     from validation.refined import fit_refined
 
     need = {"grad_B", "gamma", "inc_B_rms", "inc_A_rms", "rho_ratio", "rho_out", "rho_gA", "rho_gB", "d_out", "k_in"}
@@ -183,13 +186,17 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
     if "partition" not in ok:
         ok = ok.assign(partition="?")
     out = {}
+    pilot = ok[(ok["layer"] == ALL) & (ok["n_clients"] <= pilot_max_n) & (ok["n_participating"] > 1)]
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
+        iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
         for q in QUANTITY_COLUMNS:
             if q in _zero_forms(key[0], key[1]):
                 continue
+            col = _projected_rho_column(q, key[0])
+            unskewed = float(iid[col].mean()) if key[2] != "iid" and iid[col].notna().any() else None
             try:
-                out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,),
-                                             rho_column=_projected_rho_column(q, key[0]))
+                out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
+                                             unskewed_rho=unskewed)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out

@@ -17,6 +17,13 @@ rank dependence. Which parameter comes from what:
 * ``rho_f``: the mean measured Frobenius correlation ``rho_ratio`` of the pilot runs with N > 1; the
   model's correlation of the non-coherent part is then ``(rho_f - f_in phi) / (1 - f_in)`` so that the
   model reproduces the measured Frobenius correlation.
+* ``rho_skew`` (a label-skewed split, when the same grid has IID runs): on a split whose clients' label
+  shares add up to the global ones (Dirichlet), the part of each client's increment that its label skew
+  causes sums to about zero over the clients. That part, a share ``s`` of the increment's variance, then
+  correlates -1/(K-1) between two clients and cancels in the average: the pairwise correlation at K
+  clients is ``rho_f - s/(K-1)`` with ``rho_f`` the correlation without skew. ``rho_f`` is taken from the
+  IID pilot runs of the same scheme (the same batches, no skew) and ``s = (K-1) (rho_f - rho_K)`` from the
+  skewed pilot runs, so the pilot's own correlation is reproduced and N = 16 is predicted.
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
@@ -66,18 +73,27 @@ class RefinedParams:
     rms_log_residual: float  # of the pilot fit, over the fitted quantities
     quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS)  # whose pilot shapes were fitted
     rho_column: str = "rho_ratio"  # the measured correlation it reproduces
+    rho_skew: float = 0.0  # s: variance share of a zero-sum label-skew part (0: none, or no IID runs)
 
     @property
     def rho(self) -> float:
-        """The model's correlation of the non-coherent part of B (reproduces ``rho_f``)."""
+        """The model's correlation of the non-coherent part of B without label skew (reproduces ``rho_f``)."""
         return (self.rho_f - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else 0.0
+
+    def rho_at(self, k):
+        """:attr:`rho` at ``k`` clients averaged (a number or an array): the skew part lowers the pairwise
+        correlation by ``rho_skew / (k - 1)`` (nothing with one client)."""
+        k = np.asarray(k, dtype=float)
+        pair = self.rho_f - self.rho_skew / np.maximum(k - 1.0, 1.0) * (k > 1)
+        return (pair - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else np.zeros_like(k)
 
     def describe(self) -> str:
         """One line: the estimates and where each comes from."""
+        skew = f", label-skew share s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else ""
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
-                f"rms log residual {self.rms_log_residual:.3f}); rho={self.rho_f:+.4f} (pilot {self.rho_column}) -> "
-                f"model rho={self.rho:+.4f}; "
+                f"rms log residual {self.rms_log_residual:.3f}); rho={self.rho_f:+.4f} (pilot {self.rho_column}"
+                f"{', of the IID runs' if self.rho_skew else ''}) -> model rho={self.rho:+.4f}{skew}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
                 f"s_dA={_fmt(self.s_dA)} (pilot increments)")
 
@@ -107,7 +123,7 @@ def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, al
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
     s_da = p.s_dA.get(rule, 0.0) or p.s_B[rule]
     f = moment_function(quantity, p.scheme, REFINED_REGIME)
-    m = f(gamma, p.d, p.k, r, kk, p.rho, s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
+    m = f(gamma, p.d, p.k, r, kk, p.rho_at(kk), s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
           *weight_sums(kk))
     return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
 
@@ -142,7 +158,8 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
-                quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio") -> RefinedParams:
+                quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
+                unskewed_rho: float | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -150,7 +167,10 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     ``quantities``: the quantities whose pilot shapes are fitted; ``rho_column``: the measured client
     correlation the model reproduces (``rho_ratio``, or a quantity's projected one: ``rho_out``,
     ``rho_gA``, ``rho_gB``). The shares are kept in [0, 1/2]: a share above one half would make the
-    "client noise" smaller than the structure it is supposed to be noise around. Raises ValueError when the pilot part has too little to fit (fewer than two ranks or no N > 1)."""
+    "client noise" smaller than the structure it is supposed to be noise around. ``unskewed_rho``: for a
+    label-skewed split, the same correlation measured on IID pilot runs (see ``rho_skew`` in the module
+    docstring); ``None`` takes the split's own pilot correlation at every N. Raises ValueError when the
+    pilot part has too little to fit (fewer than two ranks or no N > 1)."""
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -161,13 +181,15 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
     s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
     s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
-    rho_f = float(a.loc[a.n_clients > 1, rho_column].mean())
+    pairs = a[a.n_participating > 1]
+    rho_f = float(pairs[rho_column].mean()) if unskewed_rho is None else float(unskewed_rho)
+    skew = 0.0 if unskewed_rho is None else float(np.mean((pairs.n_participating - 1) * (rho_f - pairs[rho_column])))
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
 
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
         return RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
-                             tuple(meas), rho_column)
+                             tuple(meas), rho_column, skew)
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
@@ -181,7 +203,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def loss(x: np.ndarray) -> float:
         p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
-        if not -0.99 < p.rho < 1:
+        if not all(-0.99 < v < 1 for v in np.atleast_1d(p.rho_at(np.array([2.0, 1e9])))):
             return 1e6
         total = 0.0
         for q, y in meas.items():
