@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sfed_theory.predict import predicted_norm
 from test_harness_helpers import synth
@@ -112,3 +113,25 @@ def test_skewed_split_takes_its_unskewed_correlation_from_the_iid_pilot(small_gr
     pilot = skewed[(skewed.layer == "__all__") & (skewed.n_clients == 2)]
     pair = dirichlet.rho_f - dirichlet.rho_skew / (2 - 1)
     assert pair == pytest.approx(pilot.rho_ratio.mean())
+
+
+@pytest.mark.parametrize("k", [4, 16])
+def test_zero_sum_skew_model_against_monte_carlo(k):
+    """Clients x_i = c + s_i + e_i with a common part (share a), a zero-sum skew part (share s: the s_i
+    add up to 0 over the clients) and independent noise. The harness's ratio estimate of rho is
+    a - s/(K-1) and the average's squared norm is m2 (a + (1 - a - s)/K): the skew cancels."""
+    from validation.metrics import gram, ratio_rho
+
+    rng = np.random.default_rng(k)
+    a, s, dim, draws = 0.04, 0.09, 4000, 200
+    rhos, shrink = [], []
+    for _ in range(draws):
+        c = rng.normal(size=dim) * math.sqrt(a)
+        z = rng.normal(size=(k, dim))
+        skew = math.sqrt(k / (k - 1)) * (z - z.mean(0)) * math.sqrt(s)
+        x = c + skew + rng.normal(size=(k, dim)) * math.sqrt(1 - a - s)
+        rhos.append(ratio_rho(gram(torch.as_tensor(x)), np.full(k, 1 / k)))
+        shrink.append(np.sum(x.mean(0) ** 2) / np.mean(np.sum(x ** 2, 1)))
+    se = lambda v: 5 * np.std(v) / math.sqrt(draws) + 1e-4  # noqa: E731
+    assert np.mean(rhos) == pytest.approx(a - s / (k - 1), abs=se(rhos))
+    assert np.mean(shrink) == pytest.approx(a + (1 - a - s) / k, abs=se(shrink))
