@@ -321,7 +321,7 @@ display(Markdown(
     f"tolerance): even the true slopes would be within {TOLERANCE} of its measured ones for only about "
     f"{by_q.loc['grad_A', 'exact-model ceiling']:.0%} of them, and inside-the-CI is the informative number there. Over "
     f"all slopes that ceiling is {agree.set_index('prediction').loc['refined', 'ceiling_share']:.0%}."))
-print("\n".join(p.describe() for p in list(params.values())[:4]))
+print("\n".join(p.describe() for p in params.values() if p.scheme == "ffa"))
 
 # %% [markdown]
 # Does the probe's source matter? The probe is drawn from the training set, so at N = 16 the clients
@@ -336,11 +336,14 @@ probe_fits = probe_source_fits(grad, experiments.load("gradient_check_heldout", 
 probe_fits.pivot_table(index=["partition", "quantity", "rule"], columns="probe", values="measured").round(3)
 
 # %% [markdown]
-# The measured client correlation grows with N under the Dirichlet split (`measured` below), which no
-# model here assumes. One lead: clients whose batches hold the same topics push B the same way.
-# `label_overlap` is the mean pairwise cosine of the clients' batch label histograms (known before
-# training); a line fitted on the N = 4 runs only predicts the correlation at N = 16 from it. On this
-# task it does not: the overlap barely changes with N and hardly correlates with rho within N.
+# The measured client correlation grows with N under the Dirichlet split (`measured` below). The refined
+# model explains it by a zero-sum label-skew share: the clients' label shares add up to the global ones,
+# so the part of their increments that the skew causes cancels in the average and correlates -1/(K-1)
+# pairwise; its rho without skew comes from the IID pilot and its skew share from the Dirichlet pilot
+# (`rho_skew` in the parameters above). An alternative lead, checked here and refuted: clients whose
+# batches hold the same topics push B the same way. `label_overlap` is the mean pairwise cosine of the
+# clients' batch label histograms (known before training); a line fitted on the N = 4 runs only does not
+# predict the correlation at N = 16: the overlap barely changes with N and hardly correlates with rho.
 
 # %%
 from validation.label_overlap import overlap_table, pilot_line  # noqa: E402
