@@ -114,7 +114,7 @@ def _n_layers(df: pd.DataFrame) -> pd.Series:
     return per
 
 
-def with_predictions(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
+def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | None = None) -> pd.DataFrame:
     """Round-``rnd`` seed-mean rows with ``pred_<q>_rho0``, ``pred_<q>_rhohat`` and, where the refined
     model can be fitted (AdamW, pilot runs with N <= 4), ``pred_<q>_refined`` columns (unscaled).
 
@@ -123,10 +123,12 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1) -> pd.DataFrame:
     parameters estimated from the pilot runs only (:func:`validation.analysis.refined_fits`), a real
     out-of-sample prediction at N = 16. Per-layer predictions times sqrt(number of layers) (the
     ``__all__`` norm sums squares over the layers, which share one shape in the default model).
+    ``fit_on``: the results the refined model is fitted on (default ``df``): pass the whole multi-split
+    set when ``df`` is one skewed split, so that its correlation without skew comes from the IID pilot.
     """
     rows = round_rows(df, rnd)
     n_layers = int(_n_layers(df[df["round"] == rnd]).median()) if (df["layer"] != ALL).any() else 1
-    refined = _refined_params(df, rnd)
+    refined = _refined_params(df if fit_on is None else fit_on, rnd)
     out = []
     for _, r in rows.iterrows():
         rec = r.to_dict()
@@ -190,9 +192,10 @@ def _tidy_log_axis(axis, decades: float = 1.0) -> None:
 
 
 def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str, xlabel: str, linefmt: str,
-                  formats, rnd: int = 1, quantities=("grad_A", "grad_B"), theory: bool = True) -> list[Path]:
+                  formats, rnd: int = 1, quantities=("grad_A", "grad_B"), theory: bool = True,
+                  fit_on: pd.DataFrame | None = None) -> list[Path]:
     style.apply()
-    pred = with_predictions(df, rnd)
+    pred = with_predictions(df, rnd, fit_on)
     tag = "refined" if pred[[f"pred_{q}_refined" for q in quantities]].notna().all().all() else "rhohat"
     scales = fit_scales(pred, tag)
     rules = _rules(pred)
@@ -249,22 +252,26 @@ def _describe(df: pd.DataFrame) -> str:
             f"{seeds} seed{'s' if seeds > 1 else ''}")
 
 
-def fig_main(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1) -> list[Path]:
-    """Main figure: aggregated update norm and adapter output against N, one line per r, per rule."""
+def fig_main(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
+             fit_on: pd.DataFrame | None = None) -> list[Path]:
+    """Main figure: aggregated update norm and adapter output against N, one line per r, per rule
+    (``fit_on``: see :func:`with_predictions`)."""
     return _sweep_figure(df, out_dir, "fig_main_update_vs_clients", "n_participating", "rank", "clients N",
-                         "r={}", formats, rnd, quantities=("update_fro", "adapter_output"))
+                         "r={}", formats, rnd, quantities=("update_fro", "adapter_output"), fit_on=fit_on)
 
 
-def fig_a_grad_vs_rank(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1) -> list[Path]:
+def fig_a_grad_vs_rank(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
+                       fit_on: pd.DataFrame | None = None) -> list[Path]:
     """(a) adapter gradient norms against rank r, one line per N, one panel per rule."""
     return _sweep_figure(df, out_dir, "fig_a_grad_vs_rank", "rank", "n_participating", "rank r", "N={}",
-                         formats, rnd)
+                         formats, rnd, fit_on=fit_on)
 
 
-def fig_b_grad_vs_clients(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1) -> list[Path]:
+def fig_b_grad_vs_clients(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
+                          fit_on: pd.DataFrame | None = None) -> list[Path]:
     """(b) adapter gradient norms against clients N, one line per r, one panel per rule."""
     return _sweep_figure(df, out_dir, "fig_b_grad_vs_clients", "n_participating", "rank", "clients N",
-                         "r={}", formats, rnd)
+                         "r={}", formats, rnd, fit_on=fit_on)
 
 
 def fig_c_loss_curves(df: pd.DataFrame, out_dir, formats=("png", "pdf")) -> list[Path]:
@@ -307,14 +314,15 @@ def fig_c_loss_curves(df: pd.DataFrame, out_dir, formats=("png", "pdf")) -> list
     return style.save(fig, out_dir, "fig_c_loss_curves", formats)
 
 
-def fig_d_pred_vs_meas(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1) -> list[Path]:
+def fig_d_pred_vs_meas(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
+                       fit_on: pd.DataFrame | None = None) -> list[Path]:
     """(d) predicted against measured norms, log-log, y = x, points coloured by rule.
 
     One panel per quantity (columns) so that the fitted per-quantity constant cannot make
     different quantities line up; rows: theory at rho = 0 and at the measured rho_hat.
     """
     style.apply()
-    pred = with_predictions(df, rnd)
+    pred = with_predictions(df, rnd, fit_on)
     rules = _rules(pred)
     qs = list(QUANTITIES)
     rows = {"rho0": r"canonical, $\rho=0$", "rhohat": "canonical at each\npoint's measured\n" + r"$\hat\rho$ (follows data)"}

@@ -59,11 +59,11 @@ class Figure:
 
         norms = lambda: E.default_slice(results["gradient_check"])  # noqa: E731  FFA, Dirichlet, AdamW
         fns: dict[str, Callable[..., list[Path]]] = {
-            "main": lambda: E.fig_main(norms(), out, formats),
-            "a": lambda: E.fig_a_grad_vs_rank(norms(), out, formats),
-            "b": lambda: E.fig_b_grad_vs_clients(norms(), out, formats),
+            "main": lambda: E.fig_main(norms(), out, formats, fit_on=results["gradient_check"]),
+            "a": lambda: E.fig_a_grad_vs_rank(norms(), out, formats, fit_on=results["gradient_check"]),
+            "b": lambda: E.fig_b_grad_vs_clients(norms(), out, formats, fit_on=results["gradient_check"]),
             "c": lambda: E.fig_c_loss_curves(results["curves"], out, formats),
-            "d": lambda: E.fig_d_pred_vs_meas(norms(), out, formats),
+            "d": lambda: E.fig_d_pred_vs_meas(norms(), out, formats, fit_on=results["gradient_check"]),
             "e": lambda: T.fig_e_moment_heatmap(out, formats=formats),
             "f": lambda: T.fig_f_rho(out, formats=formats),
             "g": lambda: C.fig_convergence(results["convergence"], out, formats),
