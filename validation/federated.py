@@ -56,7 +56,7 @@ from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
            "sample_clients", "measure_round", "probe_point", "ProbePoint", "client_batches", "client_batch_indices",
-           "client_scaling",
+           "client_parts", "split_labels", "client_scaling",
            "MEASURED_COLUMNS", "ADAPTIVE_COLUMNS", "HETERO_COLUMNS"]
 
 # every measured column of a row (a run that diverges in round 1 still gets them, as NaN)
@@ -255,8 +255,12 @@ def client_batches(cfg: RunConfig, task: Task, parts: list[np.ndarray], clients:
 
 def client_parts(cfg: RunConfig, task: Task) -> list[np.ndarray]:
     """The clients' training-example indices: the seeded IID/Dirichlet split every driver of a run uses."""
-    return partition(task.train_labels.numpy(), cfg.n_clients, cfg.partition,
-                     concentration=cfg.dirichlet_alpha, seed=cfg.seed)
+    return split_labels(cfg, task.train_labels.numpy())
+
+
+def split_labels(cfg: RunConfig, labels: np.ndarray) -> list[np.ndarray]:
+    """:func:`client_parts` from the training labels alone (no task needed)."""
+    return partition(np.asarray(labels), cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
 
 
 def fixed_batches(cfg: RunConfig, task: Task, device: torch.device) -> tuple[dict, torch.Tensor, dict, torch.Tensor]:

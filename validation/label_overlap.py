@@ -32,11 +32,9 @@ def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
 
 def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
     """:func:`label_overlap` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
-    from validation.data import partition
-    from validation.federated import client_batch_indices, sample_clients
+    from validation.federated import client_batch_indices, sample_clients, split_labels
 
-    parts = partition(np.asarray(labels), cfg.n_clients, cfg.partition, concentration=cfg.dirichlet_alpha, seed=cfg.seed)
-    idx = client_batch_indices(cfg, parts, sample_clients(cfg, rnd), rnd)
+    idx = client_batch_indices(cfg, split_labels(cfg, labels), sample_clients(cfg, rnd), rnd)
     return label_overlap(labels, [np.concatenate(steps) for steps in idx])
 
 
