@@ -12,7 +12,7 @@ from test_harness_helpers import synth
 from validation.analysis import fit_exponents, format_report
 from validation.cli import main
 from validation.config import GridConfig
-from validation.grid import is_complete, load_results, result_path, run_grid
+from validation.grid import is_complete, load_results, result_path, run_grid, write_run
 from validation.plots import coordinate_check
 
 
@@ -47,6 +47,18 @@ def test_resume_skips_finished_and_ignores_half_written(tmp_path, monkeypatch):
     assert calls == [third.run_id]
     assert len(res.skipped) == 2 and res.written == [third.run_id]
     assert load_results(tmp_path)["run_id"].nunique() == 3
+
+
+def test_runs_that_predate_a_field_load_with_its_default(tmp_path):
+    # a run written before probe_from existed has no such column; next to a newer run it would be NaN
+    write_run(pd.DataFrame({"run_id": ["old"], "grad_B": [1.0]}), tmp_path / "old.parquet")
+    write_run(pd.DataFrame({"run_id": ["new"], "grad_B": [2.0], "probe_from": ["heldout"], "adaptive_ema": [0.9]}),
+              tmp_path / "new.parquet")
+    df = load_results(tmp_path).set_index("run_id")
+    assert df.loc["old", "probe_from"] == "train" and df.loc["new", "probe_from"] == "heldout"
+    assert df.loc["old", "adaptive_ema"] == 0.5 and df.loc["new", "adaptive_ema"] == 0.9
+    write_run(pd.DataFrame({"run_id": ["a"]}), tmp_path / "solo" / "a.parquet")
+    assert load_results(tmp_path / "solo").probe_from.tolist() == ["train"]
 
 
 def test_divergence_is_flagged_and_grid_continues(tmp_path):

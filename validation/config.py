@@ -18,7 +18,8 @@ from sfed_theory import RULES
 from sfed_theory.hetero_rules import mix_ranks
 
 __all__ = ["RunConfig", "GridConfig", "SAME_AS_RSLORA_AT_N1", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
-           "HARNESS_RULES", "HETERO_ONLY_RULES", "ADAPTIVE_RULE", "parse_overrides"]
+           "HARNESS_RULES", "HETERO_ONLY_RULES", "ADAPTIVE_RULE", "parse_overrides",
+           "LATER_FIELD_DEFAULTS"]
 
 ADAPTIVE_RULE = "sfed-adaptive"
 # the theory's fixed rules plus the harness-only adaptive rule (its gamma depends on the run's
@@ -31,6 +32,7 @@ SAME_AS_RSLORA_AT_N1: tuple[str, ...] = ("sfed", "sfed-general", ADAPTIVE_RULE)
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
 _HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None, "probe_from": "train"}
+LATER_FIELD_DEFAULTS = _HASH_DEFAULTS  # the same fields: rows of runs that predate one ran with its default
 
 # "svd" (FlexLoRA's SVD redistribution) only with client_ranks; "fedsa" only without
 SCHEMES: tuple[str, ...] = ("fedit", "fedsa", "ffa", "exact", "svd")

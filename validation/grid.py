@@ -19,10 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from validation.config import GridConfig, RunConfig
+from validation.config import LATER_FIELD_DEFAULTS, GridConfig, RunConfig
 from validation.federated import run
 
-__all__ = ["GridResult", "run_grid", "load_results", "result_path", "is_complete", "write_run"]
+__all__ = ["GridResult", "run_grid", "load_results", "result_path", "is_complete", "write_run",
+           "fill_later_fields"]
 
 _MARK = b"sfed_complete"
 
@@ -108,4 +109,12 @@ def load_results(out: str | Path) -> pd.DataFrame:
             warnings.warn(f"ignoring incomplete results file {p}", stacklevel=2)
     if not frames:
         return pd.DataFrame()
-    return pd.concat(frames, ignore_index=True)
+    return fill_later_fields(pd.concat(frames, ignore_index=True))
+
+
+def fill_later_fields(rows: pd.DataFrame) -> pd.DataFrame:
+    """Runs written before a config field of ``LATER_FIELD_DEFAULTS`` existed hold no value for it (no column,
+    or NaN once concatenated with newer runs); they ran with its default, so that is filled in."""
+    fill = {k: v for k, v in LATER_FIELD_DEFAULTS.items() if v is not None}
+    out = rows.assign(**{k: v for k, v in fill.items() if k not in rows})
+    return out.fillna({k: v for k, v in fill.items() if k in rows})
