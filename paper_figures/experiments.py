@@ -13,6 +13,8 @@ run x round x layer, config columns included) with its provenance in ``<results>
   for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 9 / 3 seeds: (i), (k).
 * ``gradient_check_heldout``: the same at r = 16 (FFA, AdamW) with the probe drawn from held-out
   examples no client trains on, against the stored check's training-set probe: (n).
+* ``gradient_check_small_lr``: the check for FFA at a 4x smaller learning rate: is the end-of-round
+  gradient's nonlinearity (``validation.end_gradient``) a matter of the step's size? (notebook 03)
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
@@ -45,8 +47,8 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
            "results_path", "load", "load_manifest", "harness_pin", "main"]
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
-                                "gradient_check_sgd", "gradient_check_heldout", "lr_transfer", "hetero_ranks",
-                                "hetero_lr")
+                                "gradient_check_sgd", "gradient_check_heldout", "gradient_check_small_lr",
+                                "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"
