@@ -52,6 +52,7 @@ class Figure:
     def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
         from paper_figures import convergence_figs as C
         from paper_figures import empirical_figs as E
+        from paper_figures import end_gradient_figs as EG
         from paper_figures import gradient_figs as G
         from paper_figures import hetero_figs as H
         from paper_figures import lr_transfer as L
@@ -80,6 +81,8 @@ class Figure:
             "l": lambda: H.fig_hetero_ranks(results["hetero_ranks"], out, formats),
             "m": lambda: H.fig_hetero_lr(results["hetero_lr"], out, formats),
             "n": lambda: G.fig_probe_source(results["gradient_check"], results["gradient_check_heldout"], out, formats),
+            "o": lambda: EG.fig_end_gradient({"lr 1e-3": results["gradient_check"],
+                                              "lr 2.5e-4": results["gradient_check_small_lr"]}, out, formats),
         }
         return fns[self.key]()
 
@@ -106,6 +109,9 @@ FIGURES: tuple[Figure, ...] = (
            "clients of ranks (4, 16, 64): final eval accuracy vs learning rate per rule, tuned optima"),
     Figure("n", "fig_probe_source", "gradient_check_heldout",
            "output and gradient norms vs N with the probe from the training set or from held-out examples",
+           also=("gradient_check",)),
+    Figure("o", "fig_end_gradient", "gradient_check_small_lr",
+           "end-of-round dL/dB over its start vs N (two learning rates) and the floor an affine model allows",
            also=("gradient_check",)),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
@@ -153,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="figures", help="output folder (default figures/)")
     ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
                     help="stored results folder (default: the committed results/)")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to n)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to o)")
     ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
     ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")

@@ -37,8 +37,8 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
     keys = [f.key for f in make_figures.FIGURES]
-    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n"]
-    assert len(expected) == 2 * len(keys) == 30  # main + (a)..(n), PNG and PDF
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o"]
+    assert len(expected) == 2 * len(keys) == 32  # main + (a)..(o), PNG and PDF
     assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
                                           "fig_normcheck.pdf", "fig_lr_transfer.png", "fig_hetero_lr.pdf"}
     written = sorted(out.iterdir())
@@ -198,8 +198,8 @@ def test_committed_results_with_extra_axes_are_complete_and_pinned(experiment):
         experiments.load_grid(experiment, "cpu")
 
 
-@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "gradient_check_heldout", "lr_transfer",
-                                        "hetero_lr"])
+@pytest.mark.parametrize("experiment", ["gradient_check", "gradient_check_sgd", "gradient_check_heldout",
+                                        "gradient_check_small_lr", "lr_transfer", "hetero_lr"])
 def test_committed_results_of_the_spec_runner_are_complete_and_pinned(experiment):
     """Results stored by the one runner: every cell of the grid file, the harness commit they were made
     with (clean), the wall time, and nothing else."""
