@@ -390,7 +390,7 @@ drops.round(3)
 # %%
 fixed = fixed_gamma_test(grad, n_boot=N_BOOT)
 display(Markdown(
-    f"SFed drops beyond the affine bound (95% CI above 1/3): **{int(drops.rules_out_affine.sum())} of {len(drops)}** "
+    f"SFed drops beyond the affine bound (95% CI above 1/3): **{int(drops.above_affine_bound.sum())} of {len(drops)}** "
     f"pairs, all at r = 64, where R falls from {drops.R_from.max():.2f} at N = 1 to "
     f"{drops[drops.n_to == 16].R_to.min():.2f} at N = 16. At a fixed gamma the excess of the N = 1 to 4 drop over "
     f"4x the 4 to 16 drop is positive in {int((fixed.excess > 0).sum())} of {len(fixed)} cells, but no single CI "

@@ -14,7 +14,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
 * ``gradient_check_heldout``: the same at r = 16 (FFA, AdamW) with the probe drawn from held-out
   examples no client trains on, against the stored check's training-set probe: (n).
 * ``gradient_check_small_lr``: the check for FFA at a 4x smaller learning rate: is the end-of-round
-  gradient's nonlinearity (``validation.end_gradient``) a matter of the step's size? (notebook 03)
+  gradient's nonlinearity (``validation.end_gradient``) a matter of the step's size? Figure (o), notebook 03
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
