@@ -59,7 +59,8 @@ def fig_end_gradient(runs: dict[str, pd.DataFrame], out: Path, formats=("png", "
         ax.set_xlabel("clients N")
     handles = [Line2D([], [], color=c, label=f"r = {k}") for k, c in _RANK_COLORS.items()]
     handles += [Line2D([], [], color="0.3", ls=styles[n], label=_lr_label(d)) for n, d in runs.items()]
-    handles += [Line2D([], [], color="0.3", marker="_", ls="", ms=8, label="lowest R an affine model allows (from R at the smaller N)")]
+    handles += [Line2D([], [], color="0.3", marker="_", ls="", ms=8,
+                       label="lowest R an affine model allows (from R at the smaller N)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=6)
     counts = "; ".join(f"{_lr_label(runs[n])}: {int(d.above_affine_bound.sum())}/{len(d)}" for n, d in drops.items())
     fig.suptitle("End-of-round dL/dB over its start, FFA, AdamW, one round. SFed drops above the affine bound "
