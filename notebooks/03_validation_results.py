@@ -361,30 +361,17 @@ pd.concat([pilot_line(overlaps, c).assign(column=c) for c in ("rho_ratio", "rho_
 # increments that do not follow gamma and noise that averages, lets R drop by at most
 # `(c - 1)/(c + 1)` = 1/3 between an SFed cell and the one with 4x the clients
 # (`sfed_theory.affine_bound`, derived in sympy); at a fixed gamma it makes the drop from N = 1 to 4
-# four times the drop from 4 to 16. The figure shows R; the tables set the drops beside both.
+# four times the drop from 4 to 16. Figure (o) shows R at this learning rate (solid) and at a 4x smaller
+# one (dashed); the tables set the drops beside both bounds.
 
 # %%
-import matplotlib.pyplot as plt  # noqa: E402
+from paper_figures.end_gradient_figs import fig_end_gradient  # noqa: E402
+from validation.end_gradient import fixed_gamma_test, sfed_drops  # noqa: E402
 
-from validation.end_gradient import end_gradient_ratios, fixed_gamma_test, sfed_drops  # noqa: E402
-
-ratios = end_gradient_ratios(grad)
-fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), sharey=True)
+small = experiments.load("gradient_check_small_lr", results_dir)
+p = fig_end_gradient({"lr 1e-3": grad, "lr 2.5e-4": small}, fig_dir, formats=("png",), n_boot=N_BOOT)[0]
+display(Image(filename=str(p), width=800))
 drops = sfed_drops(grad, n_boot=N_BOOT)
-colors = {4: "C0", 16: "C1", 64: "C2"}
-for ax, rule in zip(axes, ("lora", "rslora", "sfed")):
-    for (part, rank), g in ratios[ratios.rule == rule].groupby(["partition", "rank"]):
-        ax.plot(g.n_clients, g.R, marker="o", color=colors[rank], ls="-" if part == "iid" else "--",
-                label=f"r={rank} {part}")
-    ax.set(xscale="log", title=rule, xlabel="clients N", xticks=[1, 4, 16], xticklabels=["1", "4", "16"])
-    ax.axhline(1, color="grey", lw=0.8)
-for _, d in drops[drops.partition == "iid"].iterrows():  # the lowest R an affine model allows after each step
-    axes[2].plot(d.n_to, d.R_from - d.affine_bound, marker="_", ms=14, color=colors[d["rank"]])
-axes[0].set_ylabel("R = E|dL/dB end|^2 / E|dL/dB start|^2")
-axes[2].plot([], [], marker="_", ls="", color="k", label="affine floor (IID)")
-axes[2].legend(fontsize=7)
-plt.tight_layout()
-plt.show()
 drops.round(3)
 
 # %%
@@ -403,7 +390,6 @@ fixed.round(3)
 # 9 seeds; its predictions were written in the grid file before the runs):
 
 # %%
-small = experiments.load("gradient_check_small_lr", results_dir)
 small_drops = sfed_drops(small, n_boot=N_BOOT)
 print(f"SFed drops above the bound: {int(small_drops.above_affine_bound.sum())} of {len(small_drops)}")
 small_drops.round(3)
