@@ -34,7 +34,7 @@ import sfed_theory
 from paper_figures import style
 
 __all__ = ["QUANTITIES", "REQUIRED_COLUMNS", "default_slice", "check_columns", "theory_scales", "round_rows", "with_predictions",
-           "fit_scales",
+           "refined_params", "fit_scales",
            "fig_main", "fig_a_grad_vs_rank", "fig_b_grad_vs_clients", "fig_c_loss_curves", "fig_d_pred_vs_meas"]
 
 ALL = "__all__"
@@ -114,7 +114,7 @@ def _n_layers(df: pd.DataFrame) -> pd.Series:
     return per
 
 
-def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | None = None) -> pd.DataFrame:
+def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | dict | None = None) -> pd.DataFrame:
     """Round-``rnd`` seed-mean rows with ``pred_<q>_rho0``, ``pred_<q>_rhohat`` and, where the refined
     model can be fitted (AdamW, pilot runs with N <= 4), ``pred_<q>_refined`` columns (unscaled).
 
@@ -124,11 +124,13 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | None
     out-of-sample prediction at N = 16. Per-layer predictions times sqrt(number of layers) (the
     ``__all__`` norm sums squares over the layers, which share one shape in the default model).
     ``fit_on``: the results the refined model is fitted on (default ``df``): pass the whole multi-split
-    set when ``df`` is one skewed split, so that its correlation without skew comes from the IID pilot.
+    set when ``df`` is one skewed split, so that its correlation without skew comes from the IID pilot;
+    or the parameters already fitted on them (:func:`refined_params`), so that figures drawn from one
+    results set share one fit.
     """
     rows = round_rows(df, rnd)
     n_layers = int(_n_layers(df[df["round"] == rnd]).median()) if (df["layer"] != ALL).any() else 1
-    refined = _refined_params(df if fit_on is None else fit_on, rnd)
+    refined = fit_on if isinstance(fit_on, dict) else refined_params(df if fit_on is None else fit_on, rnd)
     out = []
     for _, r in rows.iterrows():
         rec = r.to_dict()
@@ -148,7 +150,7 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | None
     return pd.DataFrame(out)
 
 
-def _refined_params(df: pd.DataFrame, rnd: int) -> dict:
+def refined_params(df: pd.DataFrame, rnd: int = 1) -> dict:
     """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted)."""
     import warnings
 
@@ -193,7 +195,7 @@ def _tidy_log_axis(axis, decades: float = 1.0) -> None:
 
 def _sweep_figure(df: pd.DataFrame, out_dir, stem: str, xcol: str, linecol: str, xlabel: str, linefmt: str,
                   formats, rnd: int = 1, quantities=("grad_A", "grad_B"), theory: bool = True,
-                  fit_on: pd.DataFrame | None = None) -> list[Path]:
+                  fit_on: pd.DataFrame | dict | None = None) -> list[Path]:
     style.apply()
     pred = with_predictions(df, rnd, fit_on)
     tag = "refined" if pred[[f"pred_{q}_refined" for q in quantities]].notna().all().all() else "rhohat"
@@ -253,7 +255,7 @@ def _describe(df: pd.DataFrame) -> str:
 
 
 def fig_main(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
-             fit_on: pd.DataFrame | None = None) -> list[Path]:
+             fit_on: pd.DataFrame | dict | None = None) -> list[Path]:
     """Main figure: aggregated update norm and adapter output against N, one line per r, per rule
     (``fit_on``: see :func:`with_predictions`)."""
     return _sweep_figure(df, out_dir, "fig_main_update_vs_clients", "n_participating", "rank", "clients N",
@@ -261,14 +263,14 @@ def fig_main(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
 
 
 def fig_a_grad_vs_rank(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
-                       fit_on: pd.DataFrame | None = None) -> list[Path]:
+                       fit_on: pd.DataFrame | dict | None = None) -> list[Path]:
     """(a) adapter gradient norms against rank r, one line per N, one panel per rule."""
     return _sweep_figure(df, out_dir, "fig_a_grad_vs_rank", "rank", "n_participating", "rank r", "N={}",
                          formats, rnd, fit_on=fit_on)
 
 
 def fig_b_grad_vs_clients(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
-                          fit_on: pd.DataFrame | None = None) -> list[Path]:
+                          fit_on: pd.DataFrame | dict | None = None) -> list[Path]:
     """(b) adapter gradient norms against clients N, one line per r, one panel per rule."""
     return _sweep_figure(df, out_dir, "fig_b_grad_vs_clients", "n_participating", "rank", "clients N",
                          "r={}", formats, rnd, fit_on=fit_on)
@@ -315,7 +317,7 @@ def fig_c_loss_curves(df: pd.DataFrame, out_dir, formats=("png", "pdf")) -> list
 
 
 def fig_d_pred_vs_meas(df: pd.DataFrame, out_dir, formats=("png", "pdf"), rnd: int = 1,
-                       fit_on: pd.DataFrame | None = None) -> list[Path]:
+                       fit_on: pd.DataFrame | dict | None = None) -> list[Path]:
     """(d) predicted against measured norms, log-log, y = x, points coloured by rule.
 
     One panel per quantity (columns) so that the fitted per-quantity constant cannot make

@@ -29,13 +29,14 @@ _PANELS = {"rho0": r"canonical, $\rho = 0$", "rho_hat": "canonical at each point
            "refined": "refined, parameters from N <= 4 only"}
 
 
-def slope_fits(df: pd.DataFrame, n_boot: int = 400) -> pd.DataFrame:
-    """All slope fits of a gradient-check results set (quiet: warnings about skipped fits dropped)."""
+def slope_fits(df: pd.DataFrame, n_boot: int = 400, refined: dict | None = None) -> pd.DataFrame:
+    """All slope fits of a gradient-check results set (quiet: warnings about skipped fits dropped);
+    ``refined``: the refined model's parameters if already fitted on ``df`` (default: fitted here)."""
     from validation.analysis import fit_exponents
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fit_exponents(df, n_boot=n_boot)
+        return fit_exponents(df, n_boot=n_boot, refined=True if refined is None else refined)
 
 
 def fig_gradient_check(fits: pd.DataFrame, out: Path, formats=("png", "pdf"), stem: str = "fig_gradient_check",

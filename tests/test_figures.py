@@ -55,6 +55,13 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
         assert f"({fig.key})" in printed, f"no progress line for figure {fig.key}"
 
 
+def test_figures_of_one_build_share_one_refined_fit(tmp_path, monkeypatch):
+    calls = []  # the fit itself takes ~20 s: an empty one (no refined lines) is enough to count the calls
+    monkeypatch.setattr(empirical_figs, "refined_params", lambda df, rnd=1: calls.append(len(df)) or {})
+    make_figures.build(tmp_path, RESULTS, keys=["main", "a", "b", "d"], formats=("png",), verbose=False)
+    assert len(calls) == 1 and calls[0] == len(experiments.load("gradient_check", RESULTS))
+
+
 def test_committed_main_figure_for_readme_exists():
     p = make_figures.DOCS_COPY
     assert p.is_file(), f"{p} missing; run `sfed-figures --update-docs`"
