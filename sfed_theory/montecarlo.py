@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sfed_theory.assumptions import REGIMES, SCHEMES
-from sfed_theory.schemes import QUANTITIES, base_scheme, check_names
+from sfed_theory.schemes import CLIENT_PROJECTIONS, QUANTITIES, base_scheme, check_names
 
 __all__ = ["ModelParams", "Estimate", "simulate", "simulate_loop", "applicable_quantities"]
 
@@ -173,6 +173,20 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         out["grad_A"] = gam**2 * np.sum((np.swapaxes(b_f, 1, 2) @ probe) ** 2, axis=(1, 2))
     if "grad_B" in quantities:
         out["grad_B"] = gam**2 * np.sum((probe @ np.swapaxes(a_f, 1, 2)) ** 2, axis=(1, 2))
+    if "output_client" in quantities:  # p-weighted mean over the client c of its own update's output
+        own_y = gam * np.einsum("scdr,scr->scd", b_i, np.broadcast_to(a_i, (s, kk, r, k)) @ x)
+        out["output_client"] = np.einsum("sc,sc->s", p, np.sum(own_y**2, axis=2))
+    if "grad_A_client" in quantities:
+        out["grad_A_client"] = gam**2 * np.einsum("sc,sc->s", p, np.sum(
+            (np.swapaxes(b_i, 2, 3) @ probe[:, None]) ** 2, axis=(2, 3)))
+    if "grad_B_client" in quantities or "grad_B_increment" in quantities:
+        d_i = np.broadcast_to(a_i, (s, kk, r, k)) - a_init  # the A increments
+        if "grad_B_client" in quantities:
+            out["grad_B_client"] = gam**2 * np.einsum("sc,sc->s", p, np.sum(
+                (probe[:, None] @ np.swapaxes(d_i, 2, 3)) ** 2, axis=(2, 3)))
+        if "grad_B_increment" in quantities:
+            d_bar = np.einsum("sc,scrk->srk", p, d_i)
+            out["grad_B_increment"] = gam**2 * np.sum((probe @ np.swapaxes(d_bar, 1, 2)) ** 2, axis=(1, 2))
     if "aggregation_error" in quantities:
         out["aggregation_error"] = np.sum((dw - dw_exact) ** 2, axis=(1, 2))
     if "loss_change" in quantities:
@@ -225,11 +239,11 @@ def simulate(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, 
 def simulate_loop(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, n_samples: int = 2_000,
                   seed: int = 0) -> dict[str, Estimate]:
     """Reference sampler: a plain Python loop over samples and clients (for the benchmark); the
-    canonical regimes only."""
+    canonical regimes and the aggregate's quantities only (not the client projections)."""
     if regime == "adam-refined" or base_scheme(scheme) != scheme:
         raise ValueError("simulate_loop covers the canonical regimes 'adam' and 'sgd' with one broadcast A init; "
                          "use simulate for 'adam-refined' and the '-indep' schemes")
-    qs = _check(scheme, regime, None)
+    qs = tuple(q for q in _check(scheme, regime, None) if q not in CLIENT_PROJECTIONS)  # the aggregate's own
     rng = np.random.default_rng(seed)
     x = _probe_x(params, seed)
     kk, n = params.n_averaged, params.n_clients

@@ -13,7 +13,7 @@ import sympy as sp
 from sfed_theory.assumptions import REGIMES, SCHEMES, SYM
 from sfed_theory.wick import FIXED_CLIENT, Idx, IndexFactory, Mat, Term, frobenius_inner
 
-__all__ = ["QUANTITIES", "QUANTITY_TEXT", "check_names", "client_B", "client_A", "update", "factors", "build"]
+__all__ = ["QUANTITIES", "QUANTITY_TEXT", "CLIENT_PROJECTIONS", "check_names", "client_B", "client_A", "update", "factors", "build"]
 
 QUANTITY_TEXT: dict[str, str] = {
     "adapter_output": "E||y||^2, y = dW x (aggregated adapter output for a probe input x)",
@@ -23,7 +23,15 @@ QUANTITY_TEXT: dict[str, str] = {
     "aggregation_error": "E||dW - dW_exact||_F^2 (product of averages minus average of products)",
     "loss_change": "E<G, dW> (first-order loss change; SGD: G = sum_i p_i G_i, or G_c for FedSA; "
                    "adam-refined: the probe gradient G = g x^T)",
+    # one client's contribution to a quantity that is linear in the averaged increments (client c fixed;
+    # the p-weighted mean over c), beside the average's: their ratio is the correlation the harness
+    # measures for that quantity (rho_out, rho_gA, rho_gB), see validation.refined
+    "output_client": "E||y_c||^2, y_c = gamma B_c A_c x (one client's own update applied to x)",
+    "grad_A_client": "E||gamma B_c^T G_end||^2 (one client's B in dL/dA, at the aggregated adapter's probe gradient)",
+    "grad_B_client": "E||gamma G_end D_c^T||^2 (one client's A increment in dL/dB, at the aggregated adapter)",
+    "grad_B_increment": "E||gamma G_end Dbar^T||^2 (the clients' mean A increment in dL/dB, at the aggregated adapter)",
 }
+CLIENT_PROJECTIONS: tuple[str, ...] = ("output_client", "grad_A_client", "grad_B_client", "grad_B_increment")
 QUANTITIES: tuple[str, ...] = tuple(QUANTITY_TEXT)
 
 
@@ -38,6 +46,12 @@ def check_names(quantity: str, scheme: str, regime: str) -> None:
     if quantity == "aggregation_error" and base_scheme(scheme) == "fedsa":
         raise ValueError("aggregation_error compares a global update with the exact average of products; "
                          "FedSA-LoRA keeps B local, so it is defined for schemes ffa, fedit, exact only")
+    if quantity in CLIENT_PROJECTIONS and base_scheme(scheme) not in ("ffa", "fedit"):
+        raise ValueError(f"{quantity} is one client's contribution to a quantity of the averaged adapter; it is "
+                         "defined for schemes ffa and fedit (FedSA's clients are the same random model as FedIT's)")
+    if quantity in ("grad_B_client", "grad_B_increment") and not _a_moves(scheme, regime):
+        raise ValueError(f"{quantity} projects the clients' A increments, which exist only where A trains "
+                         "(not under FFA, nor in the one-step 'sgd' regime)")
     if quantity == "loss_change" and regime == "adam":
         raise ValueError("loss_change is defined in the 'sgd' and 'adam-refined' regimes only (under 'adam' the "
                          "model's increments are independent of the gradient, so E<G, dW> = 0 by assumption)")
@@ -127,6 +141,28 @@ def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
     return _bbar(regime, scheme), _abar(scheme, regime)
 
 
+def _probe_at_end(scheme: str, regime: str) -> Mat:
+    """The probe's gradient wrt W at the aggregated adapter (d x k)."""
+    probe = _probe_gradient()
+    if regime == "adam-refined":  # after the step the output gradient moved by lambda times the output change
+        x = Mat.vector_x()
+        probe = probe + (update(scheme, regime) @ x @ x.T).scale(SYM.lam)
+    return probe
+
+
+def _client_projection(quantity: str, scheme: str, regime: str) -> Mat:
+    """One client's (or, for ``grad_B_increment``, the clients' mean) contribution of CLIENT_PROJECTIONS."""
+    c = FIXED_CLIENT
+    if quantity == "output_client":
+        return (client_B(regime, c, scheme) @ client_A(scheme, regime, c) @ Mat.vector_x()).scale(SYM.gamma)
+    probe = _probe_at_end(scheme, regime)
+    if quantity == "grad_A_client":
+        return (client_B(regime, c, scheme).T @ probe).scale(SYM.gamma)
+    if quantity == "grad_B_client":
+        return (probe @ Mat.field("D", c).T).scale(SYM.gamma)
+    return (probe @ Mat.client_average(lambda i: Mat.field("D", i), "r", "k").T).scale(SYM.gamma)
+
+
 def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     """The scalar random quantity (before expectation) as a list of index terms."""
     check_names(quantity, scheme, regime)
@@ -141,11 +177,12 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
         return frobenius_inner(dw, dw, fac)
     if quantity in ("grad_A", "grad_B"):
         b, a = factors(scheme, regime)
-        probe = _probe_gradient()
-        if regime == "adam-refined":  # after the step the output gradient moved by lambda times the output change
-            probe = probe + (update(scheme, regime) @ x @ x.T).scale(SYM.lam)
+        probe = _probe_at_end(scheme, regime)
         grad = (b.T @ probe if quantity == "grad_A" else probe @ a.T).scale(SYM.gamma)
         return frobenius_inner(grad, grad, fac)
+    if quantity in CLIENT_PROJECTIONS:
+        part = _client_projection(quantity, scheme, regime)
+        return frobenius_inner(part, part, fac)
     if quantity == "aggregation_error":
         err = update(scheme, regime) - _exact(scheme, regime)
         return frobenius_inner(err, err, fac)
