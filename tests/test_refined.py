@@ -135,3 +135,76 @@ def test_zero_sum_skew_model_against_monte_carlo(k):
     se = lambda v: 5 * np.std(v) / math.sqrt(draws) + 1e-4  # noqa: E731
     assert np.mean(rhos) == pytest.approx(a - s / (k - 1), abs=se(rhos))
     assert np.mean(shrink) == pytest.approx(a + (1 - a - s) / k, abs=se(shrink))
+
+
+def _sampled_contributions(p, column: str, rule: str, rank: int, k_avg: int, alpha: float, samples: int, seed: int):
+    """Draw the refined model (FFA for rho_out/rho_gA, FedIT for rho_gB) and return each sample's clients'
+    contributions (samples, K, -1) as the harness forms them (metrics.client_contributions)."""
+    from validation.refined import _gamma
+
+    rng = np.random.default_rng(seed)
+    d, k, r, kk = p.d, p.k, rank, k_avg
+    s_a, s_b, s_da, tau = 1 / math.sqrt(3 * k), p.s_B[rule], p.s_dA[rule], math.sqrt(p.tau2x2[rank])
+    gam, rho = _gamma(rule, alpha, r, kk), float(p.rho_at(kk))
+    x = np.zeros(k)
+    x[0] = 1.0  # ||x||^2 = 1, as predict_points takes it
+
+    def correlated(*shape):
+        return math.sqrt(rho) * rng.standard_normal((samples, 1, *shape)) + \
+            math.sqrt(1 - rho) * rng.standard_normal((samples, kk, *shape))
+
+    a = s_a * rng.standard_normal((samples, 1, r, k))
+    g = tau * rng.standard_normal((samples, 1, d))
+    u = -math.sqrt(p.phi) * g / tau + math.sqrt(1 - p.phi) * rng.standard_normal((samples, kk, d))
+    coherent = math.sqrt(p.f_in) * s_b / s_a * u[..., None] * (a @ x)[:, :, None, :]
+    b = coherent + math.sqrt(1 - p.f_in) * s_b * correlated(d, r)
+    a_i = a + s_da * correlated(r, k) if column == "rho_gB" else np.broadcast_to(a, b.shape[:2] + (r, k))
+    dw = gam * b.mean(1) @ a_i.mean(1)
+    probe = (g[:, 0, :, None] + p.lam * (dw @ x)[:, :, None]) * x  # (g + lam dW x) x^T
+    if column == "rho_out":
+        return (gam * (b @ a_i) @ x).reshape(samples, kk, -1)
+    if column == "rho_gA":
+        return (np.swapaxes(b, 2, 3) @ probe[:, None]).reshape(samples, kk, -1)
+    return (probe[:, None] @ np.swapaxes(a_i - a, 2, 3)).reshape(samples, kk, -1)
+
+
+@pytest.mark.parametrize(("column", "scheme"), [("rho_out", "ffa"), ("rho_gA", "ffa"), ("rho_gB", "fedit")])
+def test_model_correlation_is_the_harness_estimate_on_sampled_contributions(column, scheme):
+    """The model's value of a projected correlation, (K E||mean||^2 / E||one||^2 - 1) / (K - 1) from two
+    derived closed forms, against the harness's ratio estimate (validation.metrics.ratio_rho) of the
+    Gram matrix of contributions sampled from the same model, pooled over samples (Grams add). The
+    parameters make the projection differ from the increments' correlation, so returning rho fails."""
+    from dataclasses import replace
+
+    from validation.metrics import ratio_rho
+    from validation.refined import RefinedParams, _model_correlation, predicted_correlation
+
+    p = RefinedParams(scheme, "iid", f_in=0.4, phi=0.5, rho_f=0.0, lam=0.8, tau2x2={3: 0.7}, s_B={"lora": 0.9},
+                      s_dA={"lora": 0.6}, d=6, k=5, pilot_max_n=4, n_pilot_points=0, rms_log_residual=0.0,
+                      rho_column=column, rho_model=0.1)
+    kk = 3
+    c = _sampled_contributions(p, column, "lora", 3, kk, 8.0, samples=40_000, seed=5)
+    pooled = np.einsum("sif,sjf->ij", c, c)
+    measured = ratio_rho(pooled, np.full(kk, 1 / kk))
+    model = float(predicted_correlation(p, "lora", [3], [kk], 8.0)[0])
+    assert model == pytest.approx(float(_model_correlation(p, column, "lora", np.array([3.0]), np.array([3.0]), 8.0,
+                                                           p.rho_at(kk))[0]))
+    assert abs(model - measured) < 0.02
+    assert abs(model - p.rho) > 0.05  # the check can tell the projection from the increments' correlation
+    with pytest.raises(ValueError, match="two clients"):
+        predicted_correlation(replace(p), "lora", [3], [1], 8.0)
+
+
+def test_fit_reproduces_the_pilot_projected_correlation(small_grid):
+    """With a projected correlation the non-coherent rho is solved so that the model's own value of that
+    correlation, averaged over the pilot points, is the measured one (or the gap says by how much not)."""
+    from validation.refined import predicted_correlation
+
+    p = fit_refined(small_grid, pilot_max_n=2, quantities=("grad_A",), rho_column="rho_gA")
+    assert p.rho_model is not None and math.isfinite(p.rho_gap)
+    pilot = small_grid[(small_grid.layer == "__all__") & (small_grid.n_clients == 2)]
+    cells = pilot.groupby(["rule", "rank"], as_index=False).alpha.mean()
+    model = np.mean([predicted_correlation(p, row.rule, [row.rank], [2], row.alpha)[0] for row in cells.itertuples()])
+    assert model - pilot.rho_gA.mean() == pytest.approx(p.rho_gap, abs=1e-6)
+    frobenius = fit_refined(small_grid, pilot_max_n=2, quantities=("grad_A",), rho_column="rho_ratio")
+    assert frobenius.rho_model is None and frobenius.rho_gap == 0.0

@@ -14,16 +14,29 @@ rank dependence. Which parameter comes from what:
 * ``tau2x2`` per rank: the probe gradient's size ``tau^2 ||x||^2 = sum_l ||G_l||_F^2 / (L d)`` seen through
   that rank's A, from dL/dB at the round's START (B = 0: measured before any training, identical at
   every N for a rank and seed): ``grad_B^2 / (gamma^2 r s_A^2 L d)``, pilot mean.
-* ``rho_f``: the mean measured Frobenius correlation ``rho_ratio`` of the pilot runs with N > 1; the
-  model's correlation of the non-coherent part is then ``(rho_f - f_in phi) / (1 - f_in)`` so that the
-  model reproduces the measured Frobenius correlation.
+* ``rho_f``: the mean measured correlation of the pilot runs with N > 1. For the Frobenius ``rho_ratio``
+  the model's correlation of the non-coherent part is ``(rho_f - f_in phi) / (1 - f_in)``, the value at
+  which the model's increments have that correlation. A projected correlation (``rho_out``, ``rho_gA``,
+  ``rho_gB``) is not the increments' correlation: the projection on the loss gradient sees the shared
+  component over all d output coordinates, and dL/dA's contributions are taken at the probe gradient
+  after the round, which carries the average of all clients' steps. For these the model's own value of
+  the measured correlation is derived (one client's contribution against the clients' mean, both
+  closed forms of :mod:`sfed_theory.schemes`; the harness's ratio estimate with equal weights is
+  ``(K E||mean||^2 / E||one||^2 - 1) / (K - 1)``) and the non-coherent correlation ``rho_model`` is
+  solved, for each (f_in, phi, lam) the fit tries, so that the model's correlation at the pilot points
+  equals the measured one; a gap left where no correlation in range reaches it is penalised in the
+  fit and reported (``rho_gap``). The model then predicts the correlation at N = 16 (it changes with
+  K through the aggregated step in the probe gradient): :func:`predicted_correlation`.
 * ``rho_skew`` (a label-skewed split, when the same grid has IID runs): on a split whose clients' label
   shares add up to the global ones (Dirichlet), the part of each client's increment that its label skew
   causes sums to about zero over the clients. That part, a share ``s`` of the increment's variance, then
   correlates -1/(K-1) between two clients and cancels in the average: the pairwise correlation at K
   clients is ``rho_f - s/(K-1)`` with ``rho_f`` the correlation without skew. ``rho_f`` is taken from the
   IID pilot runs of the same scheme (the same batches, no skew) and ``s = (K-1) (rho_f - rho_K)`` from the
-  skewed pilot runs, so the pilot's own correlation is reproduced and N = 16 is predicted.
+  skewed pilot runs, so the pilot's own correlation is reproduced and N = 16 is predicted. For a
+  projected correlation the same holds in the model's units: the unskewed ``rho_model`` is solved on the
+  IID pilot's measured value, and ``s`` so that the model's correlation at ``rho_model - s/(K-1)``
+  reproduces the skewed pilot's.
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
@@ -35,7 +48,7 @@ value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -44,13 +57,19 @@ from scipy.optimize import minimize
 
 from validation.metrics import ALL
 
-__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "RefinedParams", "fit_refined", "predict_points",
-           "predicted_slope"]
+__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "PROJECTED_MOMENTS", "RefinedParams", "fit_refined",
+           "predict_points", "predicted_correlation", "predicted_slope"]
 
 REFINED_REGIME = "adam-refined"
 PILOT_MAX_N = 4
 QUANTITY_COLUMNS = {"adapter_output": "adapter_rms", "update_fro": "update_fro", "grad_A": "grad_A_end",
                     "grad_B": "grad_B_end"}
+PROJECTED_MOMENTS = {"rho_out": ("output_client", "adapter_output"), "rho_gA": ("grad_A_client", "grad_A"),
+                     "rho_gB": ("grad_B_client", "grad_B_increment")}
+"""A measured projected correlation -> (one client's contribution, the clients' mean contribution)."""
+RHO_GAP_WEIGHT = 1e3
+"""Weight of the squared gap between the model's and the measured pilot correlation in the fit's loss
+(squared log residuals of about 0.05 each): a gap of 0.01 costs as much as the whole shape misfit."""
 
 
 @dataclass(frozen=True)
@@ -74,18 +93,25 @@ class RefinedParams:
     quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS)  # whose pilot shapes were fitted
     rho_column: str = "rho_ratio"  # the measured correlation it reproduces
     rho_skew: float = 0.0  # s: variance share of a zero-sum label-skew part (0: none, or no IID runs)
+    rho_model: float | None = None  # solved non-coherent correlation (projected rho_column); None: Frobenius
+    rho_gap: float = 0.0  # model minus measured pilot correlation left after the solve (0: reproduced)
 
     @property
     def rho(self) -> float:
         """The model's correlation of the non-coherent part of B without label skew (reproduces ``rho_f``)."""
+        if self.rho_model is not None:
+            return self.rho_model
         return (self.rho_f - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else 0.0
 
     def rho_at(self, k):
         """:attr:`rho` at ``k`` clients averaged (a number or an array): the skew part lowers the pairwise
-        correlation by ``rho_skew / (k - 1)`` (nothing with one client)."""
+        correlation by ``rho_skew / (k - 1)`` (nothing with one client); for a projected correlation in the
+        model's own units, for the Frobenius one in the measured units."""
         k = np.asarray(k, dtype=float)
-        pair = self.rho_f - self.rho_skew / np.maximum(k - 1.0, 1.0) * (k > 1)
-        return (pair - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else np.zeros_like(k)
+        skew = self.rho_skew / np.maximum(k - 1.0, 1.0) * (k > 1)
+        if self.rho_model is not None:
+            return self.rho_model - skew
+        return (self.rho_f - skew - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else np.zeros_like(k)
 
     def describe(self) -> str:
         """One line: the estimates and where each comes from."""
@@ -93,7 +119,9 @@ class RefinedParams:
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
                 f"rms log residual {self.rms_log_residual:.3f}); rho={self.rho_f:+.4f} (pilot {self.rho_column}"
-                f"{', of the IID runs' if self.rho_skew else ''}) -> model rho={self.rho:+.4f}{skew}; "
+                f"{', of the IID runs' if self.rho_skew else ''}) -> model rho={self.rho:+.4f}"
+                f"{' (solved: the model reproduces the projected correlation)' if self.rho_model is not None else ''}"
+                f"{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}{skew}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
                 f"s_dA={_fmt(self.s_dA)} (pilot increments)")
 
@@ -114,18 +142,62 @@ def _fmt(m: dict) -> str:
 def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
     """``sqrt(E[quantity])`` of the refined model at grid points (rank, N, K clients averaged); gamma
     from the rule at K, as the harness sets it. Ranks without a pilot ``tau2x2`` use the pilot mean."""
+    r, n, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ns, ks))
+    m = _moment(p, quantity, p.scheme, rule, r, kk, alpha, p.rho_at(kk))
+    return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
+
+
+def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, kk: np.ndarray, alpha,
+            rho) -> np.ndarray:
+    """The derived ``E[quantity]`` of ``scheme`` at points (rank ``r``, K ``kk``; ``rule`` one name or one
+    per point) and the model correlation ``rho`` (broadcast against the points)."""
     from sfed_theory.predict import moment_function, weight_sums
 
-    r, n, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ns, ks))
-    gamma = np.array([_gamma(rule, alpha, int(a), int(b)) for a, b in zip(r, kk)])
+    rules = np.broadcast_to(np.asarray(rule, dtype=object), r.shape)
+    alphas = np.broadcast_to(np.asarray(alpha, dtype=float), r.shape)
+    gamma = np.array([_gamma(str(u), float(al), int(a), int(b)) for u, al, a, b in zip(rules, alphas, r, kk)])
     t_mean = float(np.mean(list(p.tau2x2.values())))
     tau = np.sqrt([p.tau2x2.get(int(a), t_mean) for a in r])
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
-    s_da = p.s_dA.get(rule, 0.0) or p.s_B[rule]
-    f = moment_function(quantity, p.scheme, REFINED_REGIME)
-    m = f(gamma, p.d, p.k, r, kk, p.rho_at(kk), s_a, p.s_B[rule], s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam,
-          *weight_sums(kk))
-    return np.sqrt(np.maximum(np.broadcast_to(m, r.shape), 0.0))
+    s_b = np.array([p.s_B[str(u)] for u in rules])
+    s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
+    f = moment_function(quantity, scheme, REFINED_REGIME)
+    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, *weight_sums(kk))
+
+
+def _client_scheme(scheme: str) -> str:
+    """The scheme whose closed forms give ``scheme``'s client contributions: FedSA's clients are FedIT's
+    random model, and the harness projects them at the shared adapter (Bbar, Abar) as FedIT's."""
+    return "fedit" if scheme.startswith("fedsa") else scheme
+
+
+def _mean_scheme(column: str, scheme: str) -> str:
+    """Where A trains, the mean of the clients' own updates (``rho_out``) is exact aggregation's update."""
+    base = _client_scheme(scheme)
+    return "exact" if column == "rho_out" and base != "ffa" else base
+
+
+def _model_correlation(p: RefinedParams, column: str, rules, r: np.ndarray, kk: np.ndarray, alpha,
+                       rho) -> np.ndarray:
+    """The harness's ratio estimate (equal weights) of ``column`` in the model at correlation ``rho``."""
+    one_q, mean_q = PROJECTED_MOMENTS[column]
+    one = _moment(p, one_q, _client_scheme(p.scheme), rules, r, kk, alpha, rho)
+    mean = _moment(p, mean_q, _mean_scheme(column, p.scheme), rules, r, kk, alpha, rho)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (kk * mean / one - 1.0) / (kk - 1.0)
+
+
+def predicted_correlation(p: RefinedParams, rule: str, ranks, ks, alpha: float) -> np.ndarray:
+    """The model's value of the correlation it was fitted to reproduce (``p.rho_column``) at ``ks``
+    clients averaged (> 1): for a projected correlation the derived ratio at ``p.rho_at(ks)``, which
+    changes with K; for the Frobenius one the increments' correlation ``f_in phi + (1 - f_in) rho_at``."""
+    r, kk = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (ranks, ks))
+    r, kk = np.broadcast_arrays(r, kk)
+    if np.any(kk < 2):
+        raise ValueError("a pairwise correlation needs at least two clients averaged")
+    if p.rho_column not in PROJECTED_MOMENTS:
+        return p.f_in * p.phi + (1.0 - p.f_in) * p.rho_at(kk)
+    return _model_correlation(p, p.rho_column, rule, r, kk, alpha, p.rho_at(kk))
 
 
 @lru_cache(maxsize=4096)
@@ -187,9 +259,17 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
 
+    pair_pts = t[t.n_participating > 1]
+    projected = rho_column in PROJECTED_MOMENTS
+    own_target = float(pairs[rho_column].mean())
+
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
-        return RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
-                             tuple(meas), rho_column, skew)
+        p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
+                          tuple(meas), rho_column, 0.0 if projected else skew)
+        if not projected:
+            return p
+        rho0, s, gap = _solve_correlation(p, pair_pts, rho_f, None if unskewed_rho is None else own_target)
+        return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap)
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
@@ -203,9 +283,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def loss(x: np.ndarray) -> float:
         p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
-        if not all(-0.99 < v < 1 for v in np.atleast_1d(p.rho_at(np.array([2.0, 1e9])))):
+        if not math.isfinite(p.rho_gap) or not all(-0.99 < v < 1 for v in np.atleast_1d(p.rho_at(np.array([2.0, 1e9])))):
             return 1e6
-        total = 0.0
+        total = RHO_GAP_WEIGHT * len(pair_pts) * p.rho_gap**2
         for q, y in meas.items():
             r = y - np.log(np.maximum(predicted(p, q), 1e-300))
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
@@ -216,8 +296,54 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
                 for s in starts), key=lambda r: r.fun)
     f, ph = _shares(best.x[:2])
-    rms = float(np.sqrt(best.fun / max(1, sum(v.size for v in meas.values()))))
-    return params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))), rms)
+    fitted = params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))))
+    shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
+    return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / max(1, sum(v.size for v in meas.values())))))
+
+
+_NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
+
+
+def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, target: float, skewed_target: float | None,
+                       ) -> tuple[float, float, float]:
+    """``(rho_model, s, gap)``: the non-coherent correlation at which the model's projected correlation,
+    averaged over the pilot points ``pts`` (N > 1), equals ``target`` (the unskewed measured one), then the
+    skew share ``s`` at which it equals ``skewed_target`` at ``rho_model - s/(K-1)`` (0 when None); ``gap``:
+    model minus measured correlation left where no value in range reaches the target."""
+    from scipy.optimize import brentq
+
+    kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
+    one_q, mean_q = PROJECTED_MOMENTS[p.rho_column]
+    args = (pts.rule.to_numpy(object), r, kk, pts.alpha.to_numpy(float), _NODES[:, None])
+    vander = np.vander(_NODES, 4, increasing=True)
+    shape = (_NODES.size, len(pts))  # a moment free of rho comes back with the points' shape only
+    c_one = np.linalg.solve(vander, np.broadcast_to(_moment(p, one_q, _client_scheme(p.scheme), *args), shape))
+    c_mean = np.linalg.solve(vander, np.broadcast_to(_moment(p, mean_q, _mean_scheme(p.rho_column, p.scheme), *args),
+                                                     shape))
+
+    def corr(rho: np.ndarray) -> float:
+        pw = np.vander(np.atleast_1d(rho), 4, increasing=True).T  # (4, points)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            v = (kk * np.sum(c_mean * pw, 0) / np.sum(c_one * pw, 0) - 1.0) / (kk - 1.0)
+        return float(np.mean(v)) if np.all(np.isfinite(v)) else math.nan
+
+    lo, hi = -1.0 / (kk.max() - 1.0) + 1e-6, 1.0 - 1e-6  # the clients' covariance stays positive definite
+
+    def root(fn, a: float, b: float) -> tuple[float, float]:
+        fa, fb = fn(a), fn(b)
+        if not (np.isfinite(fa) and np.isfinite(fb)):
+            return (a + b) / 2, math.inf
+        if fa * fb <= 0:
+            return brentq(fn, a, b, xtol=1e-9), 0.0
+        return (a, fa) if abs(fa) < abs(fb) else (b, fb)
+
+    rho0, gap = root(lambda v: corr(np.full(kk.shape, v)) - target, lo, hi)
+    if skewed_target is None or not math.isfinite(gap):
+        return rho0, 0.0, gap
+    k1 = kk - 1.0
+    s_lo, s_hi = float(np.max(k1 * (rho0 - hi))), float(np.min(k1 * (rho0 - lo)))
+    s, gap = root(lambda v: corr(rho0 - v / k1) - skewed_target, s_lo, s_hi)
+    return rho0, s, gap
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
