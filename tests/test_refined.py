@@ -208,3 +208,22 @@ def test_fit_reproduces_the_pilot_projected_correlation(small_grid):
     assert model - pilot.rho_gA.mean() == pytest.approx(p.rho_gap, abs=1e-6)
     frobenius = fit_refined(small_grid, pilot_max_n=2, quantities=("grad_A",), rho_column="rho_ratio")
     assert frobenius.rho_model is None and frobenius.rho_gap == 0.0
+
+
+def test_a_pilot_with_two_client_counts_fits_its_own_k_law(small_grid):
+    """Pilot N in {1, 2, 4}: rho_K = rho - s/(K-1) through the per-K means, in the measured units for the
+    Frobenius correlation and in the model's for a projected one (whose model value then matches the
+    measured mean at each pilot K, or the gap says by how much not)."""
+    from validation.refined import predicted_correlation
+
+    pilot = small_grid[(small_grid.layer == "__all__") & (small_grid.n_clients.isin([2, 4]))]
+    means = pilot.groupby("n_clients").rho_ratio.mean()
+    p = fit_refined(small_grid, pilot_max_n=4, quantities=("update_fro",))
+    assert [p.rho_f - p.rho_skew / (k - 1) for k in (2, 4)] == pytest.approx(list(means), abs=1e-12)
+    assert p.rho_skew != 0.0
+    q = fit_refined(small_grid, pilot_max_n=4, quantities=("grad_A",), rho_column="rho_gA")
+    assert q.rho_gap == 0.0  # reachable on this grid: the model reproduces both pilot means
+    for k in (2, 4):
+        cells = pilot[pilot.n_clients == k].groupby(["rule", "rank"], as_index=False).alpha.mean()
+        model = np.mean([predicted_correlation(q, c.rule, [c.rank], [k], c.alpha)[0] for c in cells.itertuples()])
+        assert model == pytest.approx(pilot[pilot.n_clients == k].rho_gA.mean(), abs=1e-6)

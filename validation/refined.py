@@ -36,7 +36,9 @@ rank dependence. Which parameter comes from what:
   skewed pilot runs, so the pilot's own correlation is reproduced and N = 16 is predicted. For a
   projected correlation the same holds in the model's units: the unskewed ``rho_model`` is solved on the
   IID pilot's measured value, and ``s`` so that the model's correlation at ``rho_model - s/(K-1)``
-  reproduces the skewed pilot's.
+  reproduces the skewed pilot's. A pilot with two client counts above one (N = 2 and 4) needs no IID
+  runs: each split's own ``rho_K = rho - s/(K-1)`` is fitted to its per-K correlations (in the model's
+  units for a projected one, with ``s`` of either sign: a correlation may also fall with K).
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
@@ -241,8 +243,10 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     ``rho_gA``, ``rho_gB``). The shares are kept in [0, 1/2]: a share above one half would make the
     "client noise" smaller than the structure it is supposed to be noise around. ``unskewed_rho``: for a
     label-skewed split, the same correlation measured on IID pilot runs (see ``rho_skew`` in the module
-    docstring); ``None`` takes the split's own pilot correlation at every N. Raises ValueError when the
-    pilot part has too little to fit (fewer than two ranks or no N > 1)."""
+    docstring); ``None`` takes the split's own pilot correlation at every N. A pilot with two or more
+    client counts above one (N = 2 and 4) instead gives the split its own K-law, ``rho_K = rho - s/(K-1)``
+    fitted to its per-K means (``unskewed_rho`` is then not used). Raises ValueError when the pilot part
+    has too little to fit (fewer than two ranks or no N > 1)."""
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -254,21 +258,24 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
     s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
     pairs = a[a.n_participating > 1]
-    rho_f = float(pairs[rho_column].mean()) if unskewed_rho is None else float(unskewed_rho)
-    skew = 0.0 if unskewed_rho is None else float(np.mean((pairs.n_participating - 1) * (rho_f - pairs[rho_column])))
+    targets = {int(k): float(v) for k, v in pairs.groupby("n_participating")[rho_column].mean().items()}
+    if len(targets) >= 2:  # the split's own K-law: rho_K = rho_f - s/(K-1)
+        rho_f, skew = _k_law(list(targets), list(targets.values()))
+    else:
+        rho_f = float(pairs[rho_column].mean()) if unskewed_rho is None else float(unskewed_rho)
+        skew = 0.0 if unskewed_rho is None else float(np.mean((pairs.n_participating - 1) * (rho_f - pairs[rho_column])))
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
 
     pair_pts = t[t.n_participating > 1]
     projected = rho_column in PROJECTED_MOMENTS
-    own_target = float(pairs[rho_column].mean())
 
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
                           tuple(meas), rho_column, 0.0 if projected else skew)
         if not projected:
             return p
-        rho0, s, gap = _solve_correlation(p, pair_pts, rho_f, None if unskewed_rho is None else own_target)
+        rho0, s, gap = _solve_correlation(p, pair_pts, targets, unskewed_rho)
         return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap)
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
@@ -304,12 +311,20 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 _NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
 
 
-def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, target: float, skewed_target: float | None,
+def _k_law(ks, values) -> tuple[float, float]:
+    """``(rho_inf, s)``: least squares of ``values = rho_inf - s/(K - 1)`` over two or more client counts."""
+    slope, intercept = np.polyfit(1.0 / (np.asarray(ks, dtype=float) - 1.0), np.asarray(values, dtype=float), 1)
+    return float(intercept), float(-slope)
+
+
+def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, float], unskewed: float | None,
                        ) -> tuple[float, float, float]:
-    """``(rho_model, s, gap)``: the non-coherent correlation at which the model's projected correlation,
-    averaged over the pilot points ``pts`` (N > 1), equals ``target`` (the unskewed measured one), then the
-    skew share ``s`` at which it equals ``skewed_target`` at ``rho_model - s/(K-1)`` (0 when None); ``gap``:
-    model minus measured correlation left where no value in range reaches the target."""
+    """``(rho_model, s, gap)`` for a projected correlation. At each pilot K the non-coherent correlation
+    rho_K is solved so that the model's correlation, averaged over that K's points of ``pts``, equals the
+    measured mean ``targets[K]``. Two or more K: ``rho_K = rho_model - s/(K-1)`` by least squares (the
+    split's own K-law). One K: ``rho_model`` solved on ``unskewed`` (the IID pilot's value) and
+    ``s = (K-1)(rho_model - rho_K)``, or ``rho_model = rho_K`` and ``s = 0`` without it. ``gap``: model minus
+    measured correlation left where no value in range reaches a target (the largest in size)."""
     from scipy.optimize import brentq
 
     kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
@@ -321,29 +336,30 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, target: float, skewe
     c_mean = np.linalg.solve(vander, np.broadcast_to(_moment(p, mean_q, _mean_scheme(p.rho_column, p.scheme), *args),
                                                      shape))
 
-    def corr(rho: np.ndarray) -> float:
-        pw = np.vander(np.atleast_1d(rho), 4, increasing=True).T  # (4, points)
+    def corr(rho: float, on: np.ndarray) -> float:
+        pw = rho ** np.arange(4)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = (kk * np.sum(c_mean * pw, 0) / np.sum(c_one * pw, 0) - 1.0) / (kk - 1.0)
+            v = (kk[on] * np.sum(c_mean[:, on] * pw, 0) / np.sum(c_one[:, on] * pw, 0) - 1.0) / (kk[on] - 1.0)
         return float(np.mean(v)) if np.all(np.isfinite(v)) else math.nan
 
-    lo, hi = -1.0 / (kk.max() - 1.0) + 1e-6, 1.0 - 1e-6  # the clients' covariance stays positive definite
-
-    def root(fn, a: float, b: float) -> tuple[float, float]:
-        fa, fb = fn(a), fn(b)
+    def solve(target: float, on: np.ndarray) -> tuple[float, float]:
+        a, b = -1.0 / (kk[on].max() - 1.0) + 1e-6, 1.0 - 1e-6  # the clients' covariance stays positive definite
+        fa, fb = corr(a, on) - target, corr(b, on) - target
         if not (np.isfinite(fa) and np.isfinite(fb)):
             return (a + b) / 2, math.inf
         if fa * fb <= 0:
-            return brentq(fn, a, b, xtol=1e-9), 0.0
+            return brentq(lambda v: corr(v, on) - target, a, b, xtol=1e-9), 0.0
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
-    rho0, gap = root(lambda v: corr(np.full(kk.shape, v)) - target, lo, hi)
-    if skewed_target is None or not math.isfinite(gap):
-        return rho0, 0.0, gap
-    k1 = kk - 1.0
-    s_lo, s_hi = float(np.max(k1 * (rho0 - hi))), float(np.min(k1 * (rho0 - lo)))
-    s, gap = root(lambda v: corr(rho0 - v / k1) - skewed_target, s_lo, s_hi)
-    return rho0, s, gap
+    per_k = {k: solve(v, kk == k) for k, v in sorted(targets.items())}
+    gap = max((g for _, g in per_k.values()), key=abs)
+    if len(per_k) >= 2:
+        return (*_k_law(list(per_k), [v for v, _ in per_k.values()]), gap)
+    (k, (rho_k, _)), = per_k.items()
+    if unskewed is None:
+        return rho_k, 0.0, gap
+    rho0, gap0 = solve(unskewed, np.ones(kk.shape, bool))
+    return rho0, (k - 1.0) * (rho0 - rho_k), max(gap, gap0, key=abs)
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
