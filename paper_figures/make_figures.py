@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from paper_figures import experiments
 from validation.config import parse_overrides  # torch-free
 
@@ -51,6 +53,7 @@ class Figure:
 
     def draw(self, results: dict, out: Path, formats: tuple[str, ...]) -> list[Path]:
         from paper_figures import convergence_figs as C
+        from paper_figures import correlation_figs as CF
         from paper_figures import empirical_figs as E
         from paper_figures import end_gradient_figs as EG
         from paper_figures import gradient_figs as G
@@ -84,26 +87,38 @@ class Figure:
             "n": lambda: G.fig_probe_source(results["gradient_check"], results["gradient_check_heldout"], out, formats),
             "o": lambda: EG.fig_end_gradient({"lr 1e-3": results["gradient_check"],
                                               "lr 2.5e-4": results["gradient_check_small_lr"]}, out, formats),
+            "p": lambda: CF.fig_client_correlation(_with_two_clients(results), out, formats, refined=_refined(results)),
         }
         return fns[self.key]()
 
 
+def _with_two_clients(results: dict) -> pd.DataFrame:
+    """The gradient check with its N = 2 pilot runs, when those are among ``results``."""
+    extra = results.get("gradient_check_two_clients")
+    return results["gradient_check"] if extra is None else pd.concat([results["gradient_check"], extra],
+                                                                      ignore_index=True)
+
+
 def _refined(results: dict) -> dict:
-    """The refined model fitted once on the gradient check, shared by every figure drawn from ``results``
-    (the fit takes ~20 s; main, a, b, d and i all use it)."""
+    """The refined model fitted once on the gradient check's pilot (N <= 4, with the N = 2 runs), shared by
+    every figure drawn from ``results`` (main, a, b, d, i and p all use it)."""
     if "_refined_gradient_check" not in results:
         from paper_figures.empirical_figs import refined_params
 
-        results["_refined_gradient_check"] = refined_params(results["gradient_check"])
+        results["_refined_gradient_check"] = refined_params(_with_two_clients(results))
     return results["_refined_gradient_check"]
 
 
 FIGURES: tuple[Figure, ...] = (
-    Figure("main", MAIN_FIGURE, "gradient_check", "aggregated update norm and adapter output vs N, per rule"),
-    Figure("a", "fig_a_grad_vs_rank", "gradient_check", "adapter gradient norms vs rank, one line per N, per rule"),
-    Figure("b", "fig_b_grad_vs_clients", "gradient_check", "adapter gradient norms vs N, one line per rank, per rule"),
+    Figure("main", MAIN_FIGURE, "gradient_check", "aggregated update norm and adapter output vs N, per rule",
+           also=("gradient_check_two_clients",)),
+    Figure("a", "fig_a_grad_vs_rank", "gradient_check", "adapter gradient norms vs rank, one line per N, per rule",
+           also=("gradient_check_two_clients",)),
+    Figure("b", "fig_b_grad_vs_clients", "gradient_check", "adapter gradient norms vs N, one line per rank, per rule",
+           also=("gradient_check_two_clients",)),
     Figure("c", "fig_c_loss_curves", "curves", "train loss / eval accuracy per round at high rank, per rule"),
-    Figure("d", "fig_d_pred_vs_meas", "gradient_check", "predicted vs measured norms (log-log, y = x)"),
+    Figure("d", "fig_d_pred_vs_meas", "gradient_check", "predicted vs measured norms (log-log, y = x)",
+           also=("gradient_check_two_clients",)),
     Figure("e", "fig_e_moment_heatmap", None, "theory: adapter output moment over (N, r) per rule"),
     Figure("f", "fig_f_rho_gamma", None, "theory: client correlation rho vs optimal gamma and moment"),
     Figure("g", "fig_convergence", "convergence",
@@ -111,7 +126,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("h", "fig_normcheck", "normcheck",
            "measured vs predicted slope of the update norm in N and r, per rule and split"),
     Figure("i", "fig_gradient_check", "gradient_check",
-           "AdamW: measured vs predicted slopes of the four norms (canonical, refined out of sample)"),
+           "AdamW: measured vs predicted slopes of the four norms (canonical, refined out of sample)",
+           also=("gradient_check_two_clients",)),
     Figure("j", "fig_lr_transfer", "lr_transfer", "final eval loss vs learning rate per rule, N and r; optima"),
     Figure("k", "fig_gradient_check_sgd", "gradient_check_sgd", "SGD: measured vs predicted slopes of the four norms"),
     Figure("l", "fig_hetero_ranks", "hetero_ranks",
@@ -123,6 +139,9 @@ FIGURES: tuple[Figure, ...] = (
            also=("gradient_check",)),
     Figure("o", "fig_end_gradient", "gradient_check_small_lr",
            "end-of-round dL/dB over its start vs N (two learning rates) and the floor an affine model allows",
+           also=("gradient_check",)),
+    Figure("p", "fig_client_correlation", "gradient_check_two_clients",
+           "the clients' correlations vs K (2, 4, 16), the 1/(K-1) and 1/K laws fixed at K = 2, 4, the refined model",
            also=("gradient_check",)),
 )
 _BY_KEY = {f.key: f for f in FIGURES}

@@ -37,8 +37,8 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
     keys = [f.key for f in make_figures.FIGURES]
-    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o"]
-    assert len(expected) == 2 * len(keys) == 32  # main + (a)..(o), PNG and PDF
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p"]
+    assert len(expected) == 2 * len(keys) == 34  # main + (a)..(p), PNG and PDF
     assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
                                           "fig_normcheck.pdf", "fig_lr_transfer.png", "fig_hetero_lr.pdf"}
     written = sorted(out.iterdir())
@@ -59,7 +59,9 @@ def test_figures_of_one_build_share_one_refined_fit(tmp_path, monkeypatch):
     calls = []  # the fit itself takes ~20 s: an empty one (no refined lines) is enough to count the calls
     monkeypatch.setattr(empirical_figs, "refined_params", lambda df, rnd=1: calls.append(len(df)) or {})
     make_figures.build(tmp_path, RESULTS, keys=["main", "a", "b", "d"], formats=("png",), verbose=False)
-    assert len(calls) == 1 and calls[0] == len(experiments.load("gradient_check", RESULTS))
+    pilot_rows = len(experiments.load("gradient_check", RESULTS)) + len(experiments.load("gradient_check_two_clients",
+                                                                                          RESULTS))
+    assert len(calls) == 1 and calls[0] == pilot_rows  # the N = 2 runs join the pilot
 
 
 def test_committed_main_figure_for_readme_exists():

@@ -43,8 +43,8 @@ def correlation_by_k(df: pd.DataFrame, *, round: int = 1) -> pd.DataFrame:
 
 
 def k_law_predictions(table: pd.DataFrame, pilot_ks: tuple[int, int], predict_ks) -> pd.DataFrame:
-    """Each law of :data:`K_LAWS` through the means at the two ``pilot_ks``, evaluated at ``predict_ks``:
-    tidy ``(scheme, partition, column, law, K, predicted, rho_inf, s)``. Groups lacking a pilot K are
+    """Each law of :data:`K_LAWS` through the means at the two ``pilot_ks``, evaluated at ``predict_ks``
+    (any real K >= 2): tidy ``(scheme, partition, column, law, K, predicted, rho_inf, s)``, K as a float. Groups lacking a pilot K are
     left out; ``table`` is :func:`correlation_by_k`'s."""
     k1, k2 = pilot_ks
     if k1 == k2 or min(pilot_ks) < 2:
@@ -58,6 +58,6 @@ def k_law_predictions(table: pd.DataFrame, pilot_ks: tuple[int, int], predict_ks
             s = -(m[k2] - m[k1]) / (f(k2) - f(k1))
             rho_inf = m[k1] + s * f(k1)
             for k in predict_ks:
-                rows.append({**dict(zip(("scheme", "partition", "column"), key)), "law": law, "K": int(k),
+                rows.append({**dict(zip(("scheme", "partition", "column"), key)), "law": law, "K": float(k),
                              "predicted": float(rho_inf - s * f(k)), "rho_inf": float(rho_inf), "s": float(s)})
     return pd.DataFrame(rows, columns=["scheme", "partition", "column", "law", "K", "predicted", "rho_inf", "s"])
