@@ -227,3 +227,16 @@ def test_a_pilot_with_two_client_counts_fits_its_own_k_law(small_grid):
         cells = pilot[pilot.n_clients == k].groupby(["rule", "rank"], as_index=False).alpha.mean()
         model = np.mean([predicted_correlation(q, c.rule, [c.rank], [k], c.alpha)[0] for c in cells.itertuples()])
         assert model == pytest.approx(pilot[pilot.n_clients == k].rho_gA.mean(), abs=1e-6)
+
+
+def test_a_fit_keeps_the_client_covariance_valid_at_every_k(small_grid):
+    """rho_K >= -1/(K-1) at every K the model may predict (else its moments at large K turn negative)."""
+    from dataclasses import replace
+
+    from validation.refined import _valid_correlation
+
+    p = fit_refined(small_grid, pilot_max_n=4, quantities=("grad_A",), rho_column="rho_gA")
+    assert _valid_correlation(p)
+    assert not _valid_correlation(replace(p, rho_model=-0.1, rho_skew=0.0))  # invalid from K = 12 on
+    assert _valid_correlation(replace(p, rho_model=0.0, rho_skew=0.5))  # -0.5/(K-1) >= -1/(K-1)
+    assert not _valid_correlation(replace(p, rho_model=0.0, rho_skew=1.5))

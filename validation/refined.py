@@ -290,7 +290,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def loss(x: np.ndarray) -> float:
         p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
-        if not math.isfinite(p.rho_gap) or not all(-0.99 < v < 1 for v in np.atleast_1d(p.rho_at(np.array([2.0, 1e9])))):
+        if not math.isfinite(p.rho_gap) or not _valid_correlation(p):
             return 1e6
         total = RHO_GAP_WEIGHT * len(pair_pts) * p.rho_gap**2
         for q, y in meas.items():
@@ -306,6 +306,16 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     fitted = params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / max(1, sum(v.size for v in meas.values())))))
+
+
+_VALID_KS = np.array([2.0, 3.0, 4.0, 8.0, 16.0, 64.0, 1e9])
+
+
+def _valid_correlation(p: RefinedParams) -> bool:
+    """The model is a random model at every K it may predict: K clients with pairwise correlation rho_K
+    have a positive semi-definite covariance iff -1/(K-1) <= rho_K < 1."""
+    rho = np.atleast_1d(p.rho_at(_VALID_KS))
+    return bool(np.all((rho >= -1.0 / (_VALID_KS - 1.0)) & (rho < 1.0)))
 
 
 _NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
