@@ -333,8 +333,10 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
     rho_K is solved so that the model's correlation, averaged over that K's points of ``pts``, equals the
     measured mean ``targets[K]``. Two or more K: ``rho_K = rho_model - s/(K-1)`` by least squares (the
     split's own K-law). One K: ``rho_model`` solved on ``unskewed`` (the IID pilot's value) and
-    ``s = (K-1)(rho_model - rho_K)``, or ``rho_model = rho_K`` and ``s = 0`` without it. ``gap``: model minus
-    measured correlation left where no value in range reaches a target (the largest in size)."""
+    ``s = (K-1)(rho_model - rho_K)``, or ``rho_model = rho_K`` and ``s = 0`` without it. The model must be
+    a random model at every K: ``rho_model >= 0`` (so a negative correlation is a zero-sum part,
+    ``-s/(K-1)``, refitted with ``rho_model = 0``) and ``s <= 1 + rho_model`` (K = 2). ``gap``: model minus
+    measured correlation left at the pilot K's (the largest in size)."""
     from scipy.optimize import brentq
 
     kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
@@ -361,15 +363,23 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
             return brentq(lambda v: corr(v, on) - target, a, b, xtol=1e-9), 0.0
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
-    per_k = {k: solve(v, kk == k) for k, v in sorted(targets.items())}
-    gap = max((g for _, g in per_k.values()), key=abs)
+    per_k = {k: solve(v, kk == k)[0] for k, v in sorted(targets.items())}
+    ks, rhos = np.array(list(per_k), dtype=float), np.array(list(per_k.values()))
     if len(per_k) >= 2:
-        return (*_k_law(list(per_k), [v for v, _ in per_k.values()]), gap)
-    (k, (rho_k, _)), = per_k.items()
-    if unskewed is None:
-        return rho_k, 0.0, gap
-    rho0, gap0 = solve(unskewed, np.ones(kk.shape, bool))
-    return rho0, (k - 1.0) * (rho0 - rho_k), max(gap, gap0, key=abs)
+        rho0, s = _k_law(ks, rhos)
+    elif unskewed is not None:
+        rho0, s = solve(unskewed, np.ones(kk.shape, bool))[0], math.nan
+    else:
+        rho0, s = rhos[0], 0.0
+    # a random model at every K needs rho_inf >= 0 (a negative correlation is then a zero-sum part,
+    # -s/(K-1)) and rho_2 = rho0 - s >= -1
+    rho0 = max(rho0, 0.0)
+    if len(per_k) >= 2 or math.isnan(s) or rhos[0] < 0:
+        w = 1.0 / (ks - 1.0)
+        s = float(np.sum(w * (rho0 - rhos)) / np.sum(w * w))
+    s = min(s, 1.0 + rho0)
+    gaps = [corr(rho0 - s / (k - 1.0), kk == k) - targets[k] for k in per_k]
+    return rho0, s, max(gaps, key=abs) if all(map(math.isfinite, gaps)) else math.inf
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
