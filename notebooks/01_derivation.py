@@ -226,6 +226,25 @@ print("E||dL/dA||^2 (lambda = 0) =", sp.factor(grad_a))
 print("first-order loss change E<G, dW> =", closed_form("loss_change", "ffa", "adam-refined"))
 
 # %% [markdown]
+# The harness measures, per round, the correlation of the clients' contributions to dL/dA (`rho_gA`). In
+# the model that correlation is not `rho`: it follows from one client's contribution `gamma B_c^T G_end`
+# against the clients' mean, both derived by the same engine, as
+# `(K E||mean||^2 / E||one||^2 - 1) / (K - 1)` (the harness's ratio estimate with equal weights). Without
+# curvature and input-coherent share it is `rho`; with them the shared direction lifts it:
+
+# %%
+one = closed_form("grad_A_client", "ffa", "adam-refined")
+mean = closed_form("grad_A", "ffa", "adam-refined")
+k_avg = sp.Symbol("K", positive=True)
+equal_k = {power_sum(m): k_avg ** (1 - m) for m in range(2, 9)}
+model_rho = (k_avg * mean / one - 1) / (k_avg - 1)
+print("canonical limit (f_in = 0, lambda = 0):",
+      sp.simplify(model_rho.subs(equal_k).subs({SYM.f_in: 0, SYM.lam: 0})))
+at = {SYM.d: 384, SYM.k: 384, SYM.r: 16, SYM.rho: 0, SYM.f_in: sp.Rational(1, 40), SYM.phi: sp.Rational(1, 20),
+      SYM.lam: 0, SYM.gamma: 1, SYM.s_A: 1, SYM.s_B: 1, SYM.tau: 1, SYM.X2: 1, k_avg: 4}
+print("rho = 0, f_in = 0.025, phi = 0.05, d = 384: rho_gA =", float(model_rho.subs(equal_k).subs(at)))
+
+# %% [markdown]
 # ## 9. One broadcast A init, or one per client
 #
 # peft, Flower and the harness broadcast one A init to every client. If every client drew its own A
