@@ -82,7 +82,7 @@ class RefinedParams:
     partition: str
     f_in: float
     phi: float
-    rho_f: float  # measured Frobenius correlation (pilot mean)
+    rho_f: float  # measured correlation of rho_column: pilot mean, IID pilot's, or the pilot K-law's intercept
     lam: float
     tau2x2: dict[int, float]  # per rank
     s_B: dict[str, float]  # per rule
@@ -94,9 +94,10 @@ class RefinedParams:
     rms_log_residual: float  # of the pilot fit, over the fitted quantities
     quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS)  # whose pilot shapes were fitted
     rho_column: str = "rho_ratio"  # the measured correlation it reproduces
-    rho_skew: float = 0.0  # s: variance share of a zero-sum label-skew part (0: none, or no IID runs)
+    rho_skew: float = 0.0  # s of rho_K = rho - s/(K-1): a zero-sum part (0: none, or no second pilot K / IID runs)
     rho_model: float | None = None  # solved non-coherent correlation (projected rho_column); None: Frobenius
     rho_gap: float = 0.0  # model minus measured pilot correlation left after the solve (0: reproduced)
+    pilot_ks: tuple[int, ...] = ()  # the client counts > 1 of the pilot (two or more: the split's own K-law)
 
     @property
     def rho(self) -> float:
@@ -117,11 +118,14 @@ class RefinedParams:
 
     def describe(self) -> str:
         """One line: the estimates and where each comes from."""
-        skew = f", label-skew share s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else ""
+        own_law = len(self.pilot_ks) >= 2
+        source = (f"K-law intercept of the pilot at K = {','.join(map(str, self.pilot_ks))}" if own_law
+                  else "of the IID pilot" if self.rho_skew else "pilot mean")
+        skew = (f", s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else "")
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
-                f"rms log residual {self.rms_log_residual:.3f}); rho={self.rho_f:+.4f} (pilot {self.rho_column}"
-                f"{', of the IID runs' if self.rho_skew else ''}) -> model rho={self.rho:+.4f}"
+                f"rms log residual {self.rms_log_residual:.3f}); measured {self.rho_column}={self.rho_f:+.4f} "
+                f"({source}) -> model rho={self.rho:+.4f}"
                 f"{' (solved: the model reproduces the projected correlation)' if self.rho_model is not None else ''}"
                 f"{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}{skew}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
@@ -132,6 +136,7 @@ class RefinedParams:
         d = asdict(self)
         d["rho"] = self.rho
         d["quantities"] = ",".join(self.quantities)
+        d["pilot_ks"] = ",".join(map(str, self.pilot_ks))
         for key in ("tau2x2", "s_B", "s_dA"):
             d[key] = _fmt(getattr(self, key))
         return d
@@ -167,10 +172,14 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, *weight_sums(kk))
 
 
+_PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
+"""Schemes whose projected correlations the model derives -> the scheme of the closed forms: FedSA's clients
+are FedIT's random model, and the harness projects them at the shared adapter (Bbar, Abar) as FedIT's.
+Others (exact aggregation, the ``-indep`` inits) keep the Frobenius mapping of a projected correlation."""
+
+
 def _client_scheme(scheme: str) -> str:
-    """The scheme whose closed forms give ``scheme``'s client contributions: FedSA's clients are FedIT's
-    random model, and the harness projects them at the shared adapter (Bbar, Abar) as FedIT's."""
-    return "fedit" if scheme.startswith("fedsa") else scheme
+    return _PROJECTION_SCHEMES[scheme]
 
 
 def _mean_scheme(column: str, scheme: str) -> str:
@@ -268,15 +277,15 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     groups = list(t.groupby("rule"))
 
     pair_pts = t[t.n_participating > 1]
-    projected = rho_column in PROJECTED_MOMENTS
+    projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
 
     def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
                           tuple(meas), rho_column, 0.0 if projected else skew)
         if not projected:
-            return p
+            return replace(p, pilot_ks=tuple(targets))
         rho0, s, gap = _solve_correlation(p, pair_pts, targets, unskewed_rho)
-        return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap)
+        return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap, pilot_ks=tuple(targets))
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
@@ -363,23 +372,31 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
             return brentq(lambda v: corr(v, on) - target, a, b, xtol=1e-9), 0.0
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
-    per_k = {k: solve(v, kk == k)[0] for k, v in sorted(targets.items())}
+    solved = {k: solve(v, kk == k) for k, v in sorted(targets.items())}
+    per_k = {k: v for k, (v, _) in solved.items()}
     ks, rhos = np.array(list(per_k), dtype=float), np.array(list(per_k.values()))
+    unreached = [g for _, g in solved.values()]
     if len(per_k) >= 2:
         rho0, s = _k_law(ks, rhos)
     elif unskewed is not None:
-        rho0, s = solve(unskewed, np.ones(kk.shape, bool))[0], math.nan
+        rho0, g0 = solve(unskewed, np.ones(kk.shape, bool))
+        s = math.nan
+        unreached.append(g0)  # the IID value the skew share is measured against
     else:
         rho0, s = rhos[0], 0.0
-    # a random model at every K needs rho_inf >= 0 (a negative correlation is then a zero-sum part,
+    if not all(map(math.isfinite, unreached)):
+        return rho0, 0.0, math.inf
+    # a random model at every K needs 0 <= rho_inf < 1 (a negative correlation is then a zero-sum part,
     # -s/(K-1)) and rho_2 = rho0 - s >= -1
-    rho0 = max(rho0, 0.0)
+    rho0 = min(max(rho0, 0.0), 1.0 - 1e-6)
     if len(per_k) >= 2 or math.isnan(s) or rhos[0] < 0:
         w = 1.0 / (ks - 1.0)
         s = float(np.sum(w * (rho0 - rhos)) / np.sum(w * w))
     s = min(s, 1.0 + rho0)
     gaps = [corr(rho0 - s / (k - 1.0), kk == k) - targets[k] for k in per_k]
-    return rho0, s, max(gaps, key=abs) if all(map(math.isfinite, gaps)) else math.inf
+    if not all(map(math.isfinite, gaps)):
+        return rho0, s, math.inf
+    return rho0, s, max([*gaps, *(g for g in unreached[len(per_k):])], key=abs)
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
