@@ -13,7 +13,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
   for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 9 / 3 seeds: (i), (k).
 * ``gradient_check_heldout``: the same at r = 16 (FFA, AdamW) with the probe drawn from held-out
   examples no client trains on, against the stored check's training-set probe: (n).
-* ``gradient_check_small_lr``: the check for FFA at a 4x smaller learning rate: is the end-of-round
+* ``gradient_check_small_lr``: the check at a 4x smaller learning rate (FFA, FedIT, FedSA): is the end-of-round
   gradient's nonlinearity (``validation.end_gradient``) a matter of the step's size? Figure (o), notebook 03
 * ``gradient_check_two_clients``: the check at N = 2 (9 seeds), a second pilot point: how a projected
   client correlation changes with K, and the refined model's pilot with N in {1, 2, 4}: figure (p).
