@@ -406,8 +406,8 @@ display(Markdown(
 fixed.round(3)
 
 # %% [markdown]
-# The same at a 4x smaller learning rate (`results/gradient_check_small_lr.parquet`, FFA and FedIT,
-# 9 seeds; its predictions were written in the grid file before the runs):
+# The same at a 4x smaller learning rate (`results/gradient_check_small_lr.parquet`, FFA, FedIT and
+# FedSA, 9 seeds; the drops are FFA's; its predictions were written in the grid file before the runs):
 
 # %%
 small_drops = sfed_drops(small, n_boot=N_BOOT)
