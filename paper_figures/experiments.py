@@ -15,6 +15,8 @@ run x round x layer, config columns included) with its provenance in ``<results>
   examples no client trains on, against the stored check's training-set probe: (n).
 * ``gradient_check_small_lr``: the check at a 4x smaller learning rate (FFA, FedIT, FedSA): is the end-of-round
   gradient's nonlinearity (``validation.end_gradient``) a matter of the step's size? Figure (o), notebook 03
+* ``gradient_check_large_probe``: the same cells with a 4x larger probe (128 examples): is dL/dA's wide CI
+  the probe's sampling noise? Figure (q).
 * ``gradient_check_two_clients``: the check at N = 2 (9 seeds), a second pilot point: how a projected
   client correlation changes with K, and the refined model's pilot with N in {1, 2, 4}: figure (p).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
@@ -50,7 +52,7 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
                                 "gradient_check_sgd", "gradient_check_heldout", "gradient_check_small_lr",
-                                "gradient_check_two_clients", "lr_transfer", "hetero_ranks", "hetero_lr")
+                                "gradient_check_two_clients", "gradient_check_large_probe", "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"
