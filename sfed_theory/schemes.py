@@ -13,7 +13,8 @@ import sympy as sp
 from sfed_theory.assumptions import REGIMES, SCHEMES, SYM
 from sfed_theory.wick import FIXED_CLIENT, Idx, IndexFactory, Mat, Term, frobenius_inner
 
-__all__ = ["QUANTITIES", "QUANTITY_TEXT", "CLIENT_PROJECTIONS", "check_names", "client_B", "client_A", "update", "factors", "build"]
+__all__ = ["QUANTITIES", "QUANTITY_TEXT", "CLIENT_PROJECTIONS", "check_names", "client_B", "client_A", "update",
+           "factors", "build"]
 
 QUANTITY_TEXT: dict[str, str] = {
     "adapter_output": "E||y||^2, y = dW x (aggregated adapter output for a probe input x)",

@@ -44,8 +44,8 @@ def correlation_by_k(df: pd.DataFrame, *, round: int = 1) -> pd.DataFrame:
 
 def k_law_predictions(table: pd.DataFrame, pilot_ks: tuple[int, int], predict_ks) -> pd.DataFrame:
     """Each law of :data:`K_LAWS` through the means at the two ``pilot_ks``, evaluated at ``predict_ks``
-    (any real K >= 2): tidy ``(scheme, partition, column, law, K, predicted, rho_inf, s)``, K as a float. Groups lacking a pilot K are
-    left out; ``table`` is :func:`correlation_by_k`'s."""
+    (any real K >= 2): tidy ``(scheme, partition, column, law, K, predicted, rho_inf, s)``, K as a float.
+    Groups lacking a pilot K are left out; ``table`` is :func:`correlation_by_k`'s."""
     k1, k2 = pilot_ks
     if k1 == k2 or min(pilot_ks) < 2:
         raise ValueError(f"two different pilot client counts >= 2 are needed, got {pilot_ks}")

@@ -314,7 +314,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     f, ph = _shares(best.x[:2])
     fitted = params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
-    return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / max(1, sum(v.size for v in meas.values())))))
+    n_points = max(1, sum(v.size for v in meas.values()))
+    return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
 
 
 _VALID_KS = np.array([2.0, 3.0, 4.0, 8.0, 16.0, 64.0, 1e9])
