@@ -6,7 +6,8 @@ against measured slopes (y = x), one panel per prediction, coloured by quantity:
 model at rho = 0, at each point's measured rho (which follows the data by construction), and the
 refined model with its parameters estimated from the pilot runs only (filled: slopes that reach
 N = 16, out of sample; hollow: inside the pilot). Figure (n) draws the norms against N with the probe
-from the training set and from held-out examples (``gradient_check_heldout``).
+from the training set and from held-out examples (``gradient_check_heldout``); figure (q) sets the slopes
+and their CIs side by side for those probes and a 4x larger one (``gradient_check_large_probe``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import pandas as pd
 
 from paper_figures import style
 
-__all__ = ["slope_fits", "fig_gradient_check", "probe_source_fits", "fig_probe_source", "QUANTITY_COLORS"]
+__all__ = ["slope_fits", "fig_gradient_check", "probe_source_fits", "probe_variant_fits", "fig_probe_source",
+           "fig_probe_size", "QUANTITY_COLORS"]
 
 QUANTITY_COLORS = {"update_fro": "#0072B2", "adapter_output": "#009E73", "grad_A": "#D55E00", "grad_B": "#CC79A7"}
 _LABELS = {"update_fro": r"$\|\Delta W\|_F$", "adapter_output": "adapter output", "grad_A": r"$\|\partial L/\partial A\|$",
@@ -86,15 +88,53 @@ def _same_cells(train: pd.DataFrame, heldout: pd.DataFrame) -> pd.DataFrame:
 def probe_source_fits(train: pd.DataFrame, heldout: pd.DataFrame, n_boot: int = 400) -> pd.DataFrame:
     """Slopes in N of the probe-dependent norms with the probe from the training set (``train``: the
     gradient check, restricted to the held-out runs' cells) and from held-out examples; column ``probe``."""
+    return probe_variant_fits(train, {"heldout": heldout}, n_boot=n_boot)
+
+
+def probe_variant_fits(train: pd.DataFrame, variants: dict[str, pd.DataFrame], n_boot: int = 400) -> pd.DataFrame:
+    """Slopes in N (with 95% CIs) of the probe-dependent norms for the gradient check's own probe (``train``,
+    restricted to the first variant's cells) and for each probe variant (name -> runs of the same cells);
+    column ``probe``."""
     from validation.analysis import fit_exponents
 
+    runs = {"train": _same_cells(train, next(iter(variants.values()))), **variants}
     out = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, d in (("train", _same_cells(train, heldout)), ("heldout", heldout)):
+        for name, d in runs.items():
             f = fit_exponents(d, n_boot=n_boot, refined=False)
             out.append(f[(f.wrt == "n_clients") & f.quantity.isin(PROBE_QUANTITIES)].assign(probe=name))
     return pd.concat(out, ignore_index=True)
+
+
+def fig_probe_size(fits: pd.DataFrame, out: Path, formats=("png", "pdf"), stem: str = "fig_probe_size") -> list[Path]:
+    """Figure (q): each probe-dependent norm's slope in N with its 95% CI, per probe variant (side by side),
+    one row per split and one column per quantity; each panel's title gives the median CI width per probe."""
+    from matplotlib.lines import Line2D
+
+    style.apply()
+    probes = list(dict.fromkeys(fits.probe))
+    parts, rules = sorted(fits.partition.unique()), [r for r in style.RULE_ORDER if r in set(fits.rule)]
+    fig, axes = plt.subplots(len(parts), len(PROBE_QUANTITIES), figsize=(style.PAGE_W, 2.0 * len(parts) + 0.6),
+                             squeeze=False, constrained_layout=True)
+    marks = dict(zip(probes, ("o", "s", "^", "D")))
+    for i, part in enumerate(parts):
+        for j, q in enumerate(PROBE_QUANTITIES):
+            ax, f = axes[i, j], fits[(fits.partition == part) & (fits.quantity == q)]
+            for k, probe in enumerate(probes):
+                g = f[f.probe == probe].set_index("rule").reindex(rules)
+                x = np.arange(len(rules)) + (k - (len(probes) - 1) / 2) * 0.22
+                ax.errorbar(x, g.measured, yerr=[g.measured - g.ci_low, g.ci_high - g.measured], fmt=marks[probe],
+                            ms=3, lw=0.8, capsize=1.5, color=QUANTITY_COLORS[q], alpha=1.0 - 0.25 * k)
+            widths = f.assign(w=f.ci_high - f.ci_low).groupby("probe").w.median()
+            ax.set_xticks(range(len(rules)), [style.rule_label(r).split()[0] for r in rules])
+            width_text = " / ".join(f"{widths.get(p, np.nan):.2f}" for p in probes)
+            ax.set_title(f"{_LABELS[q]}, {part}\nmedian CI width {width_text}", fontsize=6)
+        axes[i, 0].set_ylabel("slope in N (95% CI)")
+    handles = [Line2D([], [], color="0.3", marker=marks[p], ls="", label=f"probe: {p}") for p in probes]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=6)
+    fig.suptitle("Slopes in N of the probe-dependent norms by probe (FFA, AdamW, one round, r = 16)", fontsize=8)
+    return style.save(fig, out, stem, formats)
 
 
 def fig_probe_source(train: pd.DataFrame, heldout: pd.DataFrame, out: Path, formats=("png", "pdf"),

@@ -88,8 +88,18 @@ class Figure:
             "o": lambda: EG.fig_end_gradient({"lr 1e-3": results["gradient_check"],
                                               "lr 2.5e-4": results["gradient_check_small_lr"]}, out, formats),
             "p": lambda: CF.fig_client_correlation(_with_two_clients(results), out, formats, refined=_refined(results)),
+            "q": lambda: G.fig_probe_size(_probe_fits(results), out, formats),
         }
         return fns[self.key]()
+
+
+def _probe_fits(results: dict) -> pd.DataFrame:
+    """Slopes in N for the three probes of figure (q): the check's 32 training-set examples, 32 held-out, 128."""
+    from paper_figures import gradient_figs as G
+
+    fits = G.probe_variant_fits(results["gradient_check"], {"held-out, 32": results["gradient_check_heldout"],
+                                                            "training set, 128": results["gradient_check_large_probe"]})
+    return fits.replace({"probe": {"train": "training set, 32"}})
 
 
 def _with_two_clients(results: dict) -> pd.DataFrame:
@@ -143,6 +153,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("p", "fig_client_correlation", "gradient_check_two_clients",
            "the clients' correlations vs K (2, 4, 16), the 1/(K-1) and 1/K laws fixed at K = 2, 4, the refined model",
            also=("gradient_check",)),
+    Figure("q", "fig_probe_size", "gradient_check_large_probe",
+           "slopes in N of the probe-dependent norms with CIs: training-set probe of 32 and 128, held-out probe of 32",
+           also=("gradient_check", "gradient_check_heldout")),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
