@@ -338,6 +338,18 @@ probe_fits = probe_source_fits(grad, experiments.load("gradient_check_heldout", 
 probe_fits.pivot_table(index=["partition", "quantity", "rule"], columns="probe", values="measured").round(3)
 
 # %% [markdown]
+# Does the probe's size set dL/dA's wide CIs? `results/gradient_check_large_probe.parquet` repeats the same
+# cells with 128 probe examples instead of 32 (figure q). If the probe's sampling noise dominated, the CIs of
+# dL/dA's slopes would halve (predicted before the runs: median width ~0.18 instead of 0.36):
+
+# %%
+from paper_figures.gradient_figs import probe_variant_fits  # noqa: E402
+
+sizes = probe_variant_fits(grad, {"training set, 128": experiments.load("gradient_check_large_probe", results_dir)},
+                           n_boot=N_BOOT)
+sizes.assign(ci_width=sizes.ci_high - sizes.ci_low).groupby(["quantity", "probe"]).ci_width.median().unstack().round(3)
+
+# %% [markdown]
 # **How the clients' correlation changes with K.** A zero-sum part of the increments (the clients' label
 # shares add up to the global ones) correlates -1/(K-1) between two clients, so `rho_K = rho_inf - s/(K-1)`;
 # `rho_inf - s/K` is the alternative. Both were fixed on the N = 4 and 16 means before the N = 2 runs,
