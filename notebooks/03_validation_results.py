@@ -295,11 +295,11 @@ display(Markdown(" ".join(txt)))
 # given each measured slope's bootstrap spread: the ceiling the measurement's own noise sets.
 
 # %%
-from validation.analysis import agreement_summary, refined_fits  # noqa: E402
+from validation.analysis import agreement_summary, refined_fits, with_pilot_runs  # noqa: E402
 
 grad = experiments.load("gradient_check", results_dir)
 two_clients = experiments.load("gradient_check_two_clients", results_dir)
-params = refined_fits(pd.concat([grad, two_clients], ignore_index=True), round=ROUND)
+params = refined_fits(with_pilot_runs(grad, two_clients), round=ROUND)
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)
@@ -362,7 +362,7 @@ sizes.assign(ci_width=sizes.ci_high - sizes.ci_low).groupby(["quantity", "probe"
 from paper_figures.correlation_figs import fig_client_correlation  # noqa: E402
 from validation.correlation_law import correlation_by_k, k_law_predictions  # noqa: E402
 
-both = pd.concat([grad, two_clients], ignore_index=True)
+both = with_pilot_runs(grad, two_clients)
 p = fig_client_correlation(both, fig_dir, formats=("png",), refined=params)[0]
 display(Image(filename=str(p), width=800))
 by_k = correlation_by_k(both)

@@ -103,10 +103,10 @@ def _probe_fits(results: dict) -> pd.DataFrame:
 
 
 def _with_two_clients(results: dict) -> pd.DataFrame:
-    """The gradient check with its N = 2 pilot runs, when those are among ``results``."""
-    extra = results.get("gradient_check_two_clients")
-    return results["gradient_check"] if extra is None else pd.concat([results["gradient_check"], extra],
-                                                                      ignore_index=True)
+    """The gradient check with its N = 2 pilot runs at its learning rate, when those are among ``results``."""
+    from validation.analysis import with_pilot_runs
+
+    return with_pilot_runs(results["gradient_check"], results.get("gradient_check_two_clients"))
 
 
 def _refined(results: dict) -> dict:

@@ -59,9 +59,9 @@ def test_figures_of_one_build_share_one_refined_fit(tmp_path, monkeypatch):
     calls = []  # the fit itself takes ~20 s: an empty one (no refined lines) is enough to count the calls
     monkeypatch.setattr(empirical_figs, "refined_params", lambda df, rnd=1: calls.append(len(df)) or {})
     make_figures.build(tmp_path, RESULTS, keys=["main", "a", "b", "d"], formats=("png",), verbose=False)
-    pilot_rows = len(experiments.load("gradient_check", RESULTS)) + len(experiments.load("gradient_check_two_clients",
-                                                                                          RESULTS))
-    assert len(calls) == 1 and calls[0] == pilot_rows  # the N = 2 runs join the pilot
+    check, two = experiments.load("gradient_check", RESULTS), experiments.load("gradient_check_two_clients", RESULTS)
+    pilot_rows = len(check) + int(two.lr.isin(check.lr.unique()).sum())
+    assert len(calls) == 1 and calls[0] == pilot_rows  # the N = 2 runs at the check's learning rate join the pilot
 
 
 def test_committed_main_figure_for_readme_exists():

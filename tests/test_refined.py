@@ -258,3 +258,14 @@ def test_a_negative_correlation_flat_in_k_is_a_zero_sum_part_with_its_gap_report
     q = fit_refined(flat, pilot_max_n=4, quantities=("grad_A",), rho_column="rho_gA")
     assert q.rho == 0.0 and q.rho_skew > 0 and _valid_correlation(q)
     assert abs(q.rho_gap) > 1e-3 and math.isfinite(q.rho_gap)
+
+
+def test_extra_pilot_runs_join_only_at_the_checks_learning_rate():
+    from validation.analysis import with_pilot_runs
+
+    check = pd.DataFrame({"lr": [1e-3, 1e-3], "n_clients": [1, 4]})
+    extra = pd.DataFrame({"lr": [1e-3, 2.5e-4, 2.5e-4], "n_clients": [2, 2, 2]})
+    joined = with_pilot_runs(check, extra)
+    assert list(joined.lr) == [1e-3, 1e-3, 1e-3] and list(joined.n_clients) == [1, 4, 2]
+    assert with_pilot_runs(check, None) is check
+    assert len(with_pilot_runs(check.assign(lr=2.5e-4), extra)) == 4

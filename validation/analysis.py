@@ -37,7 +37,7 @@ from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
 __all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
-           "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
+           "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
     "adapter_output": "adapter_rms",
@@ -164,6 +164,15 @@ def _projected_rho_column(quantity: str, scheme: str) -> str:
 
     return {"adapter_output": "rho_out", "grad_A": "rho_gA",
             "grad_B": "rho_gB" if SCHEME_TRAINS_A[scheme] else "rho_ratio"}.get(quantity, "rho_ratio")
+
+
+def with_pilot_runs(check: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataFrame:
+    """``check``'s runs plus the ``extra`` runs (more client counts for the refined model's pilot, such as
+    ``gradient_check_two_clients``) made at one of ``check``'s learning rates: runs at another step size
+    must not join its pilot."""
+    if extra is None:
+        return check
+    return pd.concat([check, extra[extra.lr.isin(check.lr.unique())]], ignore_index=True)
 
 
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict:
