@@ -279,8 +279,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     pair_pts = t[t.n_participating > 1]
     projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
 
-    def params(f: float, ph: float, lam: float, resid: float = math.nan) -> RefinedParams:
-        p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), resid,
+    def params(f: float, ph: float, lam: float) -> RefinedParams:  # the residual is set once the fit is done
+        p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
                           tuple(meas), rho_column, 0.0 if projected else skew)
         if not projected:
             return replace(p, pilot_ks=tuple(targets))
