@@ -18,12 +18,19 @@ import pandas as pd
 
 from validation.metrics import ALL
 
-__all__ = ["CORRELATION_COLUMNS", "K_LAWS", "correlation_by_k", "k_law_predictions"]
+__all__ = ["CORRELATION_COLUMNS", "K_LAWS", "fit_k_law", "correlation_by_k", "k_law_predictions"]
 
 CORRELATION_COLUMNS: tuple[str, ...] = ("rho_ratio", "rho_out", "rho_gA", "rho_gB")
 K_LAWS = {"1/(K-1)": lambda k: 1.0 / (np.asarray(k, dtype=float) - 1.0),
           "1/K": lambda k: 1.0 / np.asarray(k, dtype=float)}
 """The shape of the K-dependent part: ``rho_K = rho_inf - s * law(K)``."""
+
+
+def fit_k_law(ks, values, law: str = "1/(K-1)") -> tuple[float, float]:
+    """``(rho_inf, s)``: least squares of ``values = rho_inf - s * law(K)`` over two or more client counts
+    (through both points when there are two)."""
+    slope, intercept = np.polyfit(K_LAWS[law](ks), np.asarray(values, dtype=float), 1)
+    return float(intercept), float(-slope)
 
 
 def correlation_by_k(df: pd.DataFrame, *, round: int = 1) -> pd.DataFrame:
@@ -55,8 +62,7 @@ def k_law_predictions(table: pd.DataFrame, pilot_ks: tuple[int, int], predict_ks
         if k1 not in m or k2 not in m:
             continue
         for law, f in K_LAWS.items():
-            s = -(m[k2] - m[k1]) / (f(k2) - f(k1))
-            rho_inf = m[k1] + s * f(k1)
+            rho_inf, s = fit_k_law([k1, k2], [m[k1], m[k2]], law)
             for k in predict_ks:
                 rows.append({**dict(zip(("scheme", "partition", "column"), key)), "law": law, "K": float(k),
                              "predicted": float(rho_inf - s * f(k)), "rho_inf": float(rho_inf), "s": float(s)})

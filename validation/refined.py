@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from validation.correlation_law import fit_k_law
 from validation.metrics import ALL
 
 __all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "PROJECTED_MOMENTS", "RefinedParams", "fit_refined",
@@ -269,7 +270,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     pairs = a[a.n_participating > 1]
     targets = {int(k): float(v) for k, v in pairs.groupby("n_participating")[rho_column].mean().items()}
     if len(targets) >= 2:  # the split's own K-law: rho_K = rho_f - s/(K-1)
-        rho_f, skew = _k_law(list(targets), list(targets.values()))
+        rho_f, skew = fit_k_law(list(targets), list(targets.values()))
     else:
         rho_f = float(pairs[rho_column].mean()) if unskewed_rho is None else float(unskewed_rho)
         skew = 0.0 if unskewed_rho is None else float(np.mean((pairs.n_participating - 1) * (rho_f - pairs[rho_column])))
@@ -331,12 +332,6 @@ def _valid_correlation(p: RefinedParams) -> bool:
 _NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
 
 
-def _k_law(ks, values) -> tuple[float, float]:
-    """``(rho_inf, s)``: least squares of ``values = rho_inf - s/(K - 1)`` over two or more client counts."""
-    slope, intercept = np.polyfit(1.0 / (np.asarray(ks, dtype=float) - 1.0), np.asarray(values, dtype=float), 1)
-    return float(intercept), float(-slope)
-
-
 def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, float], unskewed: float | None,
                        ) -> tuple[float, float, float]:
     """``(rho_model, s, gap)`` for a projected correlation. At each pilot K the non-coherent correlation
@@ -378,7 +373,7 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
     ks, rhos = np.array(list(per_k), dtype=float), np.array(list(per_k.values()))
     unreached = [g for _, g in solved.values()]
     if len(per_k) >= 2:
-        rho0, s = _k_law(ks, rhos)
+        rho0, s = fit_k_law(ks, rhos)
     elif unskewed is not None:
         rho0, g0 = solve(unskewed, np.ones(kk.shape, bool))
         s = math.nan
