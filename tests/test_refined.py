@@ -106,7 +106,7 @@ def test_skewed_split_takes_its_unskewed_correlation_from_the_iid_pilot(small_gr
         skewed[col] = skewed[col] - 0.05
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params = refined_fits(pd.concat([small_grid, skewed], ignore_index=True), pilot_max_n=2)
+        params = refined_fits(pd.concat([small_grid, skewed], ignore_index=True), pilot_max_n=2, correlation_law="k")
     iid, dirichlet = params[("ffa", "adamw", "iid", "update_fro")], params[("ffa", "adamw", "dirichlet", "update_fro")]
     assert iid.rho_skew == 0.0
     assert dirichlet.rho_f == pytest.approx(iid.rho_f) and dirichlet.rho_skew == pytest.approx(0.05)
@@ -269,3 +269,56 @@ def test_extra_pilot_runs_join_only_at_the_checks_learning_rate():
     assert list(joined.lr) == [1e-3, 1e-3, 1e-3] and list(joined.n_clients) == [1, 4, 2]
     assert with_pilot_runs(check, None) is check
     assert len(with_pilot_runs(check.assign(lr=2.5e-4), extra)) == 4
+
+
+def test_label_law_targets_are_reproduced_at_every_k(small_grid):
+    """With ``correlation_at`` (the label law's correlation per K) the model reproduces it at every K, the
+    pilot's and those it predicts: in the measured units for the Frobenius correlation, through the derived
+    projection for a projected one; a K it was not solved at is an error, not a silent extrapolation."""
+    from validation.refined import predicted_correlation
+
+    targets = {2: -0.02, 4: 0.01, 16: 0.03}
+    p = fit_refined(small_grid, pilot_max_n=4, quantities=("update_fro",), correlation_at=targets)
+    assert p.label_law and p.rho_skew == 0.0
+    for k, c in targets.items():
+        assert predicted_correlation(p, "lora", [2], [k], 16.0)[0] == pytest.approx(c, abs=1e-12)
+    q = fit_refined(small_grid, pilot_max_n=4, quantities=("grad_A",), rho_column="rho_gA",
+                    correlation_at={2: 0.3, 4: 0.35, 16: 0.4})
+    assert q.label_law and abs(q.rho_gap) < 1e-9
+    cells = small_grid[(small_grid.layer == "__all__") & (small_grid.n_clients == 4)].groupby(
+        ["rule", "rank"], as_index=False).alpha.mean()
+    for k, c in ((2, 0.3), (4, 0.35), (16, 0.4)):
+        model = np.mean([predicted_correlation(q, row.rule, [row.rank], [k], row.alpha)[0] for row in cells.itertuples()])
+        assert model == pytest.approx(c, abs=1e-6)
+    with pytest.raises(ValueError, match="not at K = \\[8\\]"):
+        predict_points(q, "grad_A", "lora", [2], [8], [8], 16.0)
+    # one client: no pair, the correlation does not enter
+    assert predict_points(q, "grad_A", "lora", [2], [1], [1], 16.0) == pytest.approx(
+        predict_points(replace_rho(q, 0.9), "grad_A", "lora", [2], [1], [1], 16.0))
+
+
+def replace_rho(p, value):
+    from dataclasses import replace
+
+    return replace(p, rho_by_k=tuple((k, value) for k, _ in p.rho_by_k))
+
+
+def test_refined_fits_take_each_k_from_the_label_law_fitted_on_the_pilot(small_grid):
+    """By default the correlations of B's increments come from the label law, fitted on the pilot runs of
+    both splits (the copy labelled Dirichlet is split by labels, so its batches are more concentrated),
+    at every K of the grid (not rho_gB's, which keeps the K-law); an unknown law is an error."""
+    from validation.analysis import label_law_targets
+
+    skewed = small_grid.assign(partition="dirichlet")
+    both = pd.concat([small_grid, skewed], ignore_index=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        params = refined_fits(both, pilot_max_n=2)
+    laws, targets = label_law_targets(both, pilot_max_n=2)
+    assert {c for _, c in laws} == {"rho_ratio", "rho_out", "rho_gA"}
+    for part in ("iid", "dirichlet"):
+        p = params[("ffa", "adamw", part, "update_fro")]
+        assert p.label_law and dict(p.corr_by_k) == pytest.approx(targets[("ffa", part, "rho_ratio")])
+        assert sorted(dict(p.corr_by_k)) == [2, 4]  # every K of the grid, beyond the pilot's N <= 2 too
+    with pytest.raises(ValueError, match="correlation_law"):
+        refined_fits(both, correlation_law="cubic")

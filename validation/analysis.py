@@ -36,7 +36,7 @@ import pandas as pd
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -175,15 +175,49 @@ def with_pilot_runs(check: pd.DataFrame, extra: pd.DataFrame | None) -> pd.DataF
     return pd.concat([check, extra[extra.lr.isin(check.lr.unique())]], ignore_index=True)
 
 
-def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict:
+LABEL_LAW_COLUMNS = ("rho_ratio", "rho_out", "rho_gA")
+"""The correlations of B's increments, which the label law describes (:mod:`validation.label_law`); A's
+first-round increment (``rho_gB``) is a product of two client-specific terms and keeps the K-law."""
+
+
+def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None) -> tuple[dict, dict]:
+    """``(laws, targets)``: the label law of each (scheme, correlation column of
+    :data:`LABEL_LAW_COLUMNS`), fitted on the pilot runs (``n_clients <= pilot_max_n``) of all splits
+    together, and ``targets[(scheme, partition, column)] = {K: c}``, the law's mean correlation over the
+    runs at K clients averaged (any N: the batches' labels are known before training). A column whose
+    pilot cannot identify the law (one split only) has no law and no targets."""
+    from validation.label_law import fit_label_law
+    from validation.label_overlap import overlap_table
+
+    table = overlap_table(df[df.optimizer == "adamw"], labels_for=labels_for)
+    laws, targets = {}, {}
+    for scheme, g in table.groupby("scheme"):
+        for col in LABEL_LAW_COLUMNS:
+            try:
+                law = fit_label_law(g[g.n_clients <= pilot_max_n], col)
+            except ValueError:
+                continue
+            laws[(scheme, col)] = law
+            c = g.assign(law=law.correlation(g.label_cross, g.label_own))
+            for part, h in c.groupby("partition"):
+                targets[(scheme, part, col)] = {int(k): float(v) for k, v in h.groupby("n_participating").law.mean().items()}
+    return laws, targets
+
+
+def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label") -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
-    (:func:`_projected_rho_column`). A label-skewed split (not ``"iid"``) whose scheme also has IID runs
-    takes the correlation without skew from the IID pilot and its skew share from its own pilot
-    (``unskewed_rho`` of :func:`validation.refined.fit_refined`). Groups with too little pilot data are
-    left out with a warning."""
+    (:func:`_projected_rho_column`). How that correlation changes with K: ``correlation_law="label"``
+    takes it at every K from the label law fitted on the pilot (:func:`label_law_targets`) where the law
+    applies and can be fitted; otherwise (and for ``"k"``) a label-skewed split (not ``"iid"``) whose
+    scheme also has IID runs takes the correlation without skew from the IID pilot and its skew share
+    from its own pilot (``unskewed_rho`` of :func:`validation.refined.fit_refined`), or with two pilot K
+    its own K-law. Groups with too little pilot data are left out with a warning."""
     from validation.refined import fit_refined
+
+    if correlation_law not in ("label", "k"):
+        raise ValueError(f"correlation_law must be 'label' or 'k', got {correlation_law!r}")
 
     need = {"grad_B", "gamma", "inc_B_rms", "inc_A_rms", "rho_ratio", "rho_out", "rho_gA", "rho_gB", "d_out", "k_in"}
     if not need <= set(df.columns):
@@ -196,6 +230,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
         ok = ok.assign(partition="?")
     out = {}
     pilot = ok[(ok["layer"] == ALL) & (ok["n_clients"] <= pilot_max_n) & (ok["n_participating"] > 1)]
+    targets = label_law_targets(ok, pilot_max_n)[1] if correlation_law == "label" else {}
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
         for q in QUANTITY_COLUMNS:
@@ -205,7 +240,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> d
             unskewed = float(iid[col].mean()) if key[2] != "iid" and iid[col].notna().any() else None
             try:
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
-                                             unskewed_rho=unskewed)
+                                             unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)))
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out

@@ -5,7 +5,9 @@ which topics the clients' batches hold: two clients training on the same topics 
 :func:`label_overlap` is the mean pairwise cosine of the clients' label histograms; :func:`overlap_table`
 puts it beside the measured correlations of each run, and :func:`pilot_line` predicts a correlation from
 the overlap with a line fitted on the pilot runs only (N <= ``pilot_max_n``), so that the rest of the
-grid tests the lead out of sample (notebook 03 runs it on the gradient check).
+grid tests the lead out of sample (notebook 03 runs it on the gradient check). :func:`label_shares` gives
+the two label statistics the client correlation's label law takes (:mod:`validation.label_law`): how much
+two clients' batches share labels, and how concentrated one client's batch is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pandas as pd
 
 from validation.metrics import ALL
 
-__all__ = ["label_overlap", "run_label_overlap", "overlap_table", "pilot_line"]
+__all__ = ["label_overlap", "label_shares", "run_label_overlap", "run_label_shares", "overlap_table", "pilot_line"]
 
 
 def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
@@ -30,17 +32,40 @@ def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
     return float(cos[~np.eye(len(h), dtype=bool)].mean())
 
 
-def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
-    """:func:`label_overlap` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
+def label_shares(labels: np.ndarray, index_sets: list[np.ndarray]) -> tuple[float, float]:
+    """``(cross, own)`` of the label fractions ``q_i`` of ``labels[index_sets[i]]`` (each sums to 1):
+    ``cross`` the mean over pairs i != j of ``q_i . q_j`` (NaN for one set), ``own`` the mean of
+    ``q_i . q_i`` (1 for a one-label batch, 1/C for an even mix of C labels)."""
+    labels = np.asarray(labels)
+    h = np.array([np.bincount(labels[np.asarray(ix)], minlength=int(labels.max()) + 1) for ix in index_sets], float)
+    q = h / h.sum(axis=1, keepdims=True)
+    g = q @ q.T
+    off = ~np.eye(len(q), dtype=bool)
+    return (float(g[off].mean()) if off.any() else float("nan")), float(np.diag(g).mean())
+
+
+def _round_batches(cfg, labels: np.ndarray, rnd: int) -> list[np.ndarray]:
+    """Each client's training examples of ``cfg``'s round ``rnd``, all local steps together."""
     from validation.federated import client_batch_indices, sample_clients, split_labels
 
     idx = client_batch_indices(cfg, split_labels(cfg, labels), sample_clients(cfg, rnd), rnd)
-    return label_overlap(labels, [np.concatenate(steps) for steps in idx])
+    return [np.concatenate(steps) for steps in idx]
+
+
+def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
+    """:func:`label_overlap` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
+    return label_overlap(labels, _round_batches(cfg, labels, rnd))
+
+
+def run_label_shares(cfg, labels: np.ndarray, rnd: int = 1) -> tuple[float, float]:
+    """:func:`label_shares` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
+    return label_shares(labels, _round_batches(cfg, labels, rnd))
 
 
 def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFrame:
     """One row per run of ``df`` (harness rows) with more than one client averaged: its configuration
-    columns, ``label_overlap`` of its round-``rnd`` batches and its measured correlations (``__all__``).
+    columns, ``label_overlap`` and the :func:`label_shares` ``label_cross`` and ``label_own`` of its
+    round-``rnd`` batches, the number of labels ``n_labels``, and its measured correlations (``__all__``).
     ``labels_for(cfg)``: the run's training labels (default :func:`validation.models.train_labels`; the
     train/eval split of a data set without its own depends on the seed)."""
     from validation.config import RunConfig
@@ -50,21 +75,25 @@ def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFra
     rows = df[(df.layer == ALL) & (df["round"] == rnd) & (df.n_participating > 1)]
     cfg_cols = [c for c in RunConfig.__dataclass_fields__ if c in rows]
     labels: dict[tuple, np.ndarray] = {}
-    overlaps: dict[tuple, float] = {}
+    stats: dict[tuple, tuple[float, float, float, int]] = {}
     out = []
     for _, r in rows.iterrows():
         cfg = RunConfig.from_dict({c: _plain(r[c]) for c in cfg_cols})
         data = (cfg.model, cfg.dataset, cfg.max_examples, cfg.seed, cfg.synth_examples)
         key = (*data, cfg.n_clients, cfg.participating, cfg.partition, cfg.dirichlet_alpha, cfg.local_steps,
                cfg.batch_size)  # the batches do not depend on the rule, rank or scheme
-        if key not in overlaps:
+        if key not in stats:
             if data not in labels:
                 labels[data] = np.asarray(labels_for(cfg))
-            overlaps[key] = run_label_overlap(cfg, labels[data], rnd)
-        out.append(overlaps[key])
+            batches = _round_batches(cfg, labels[data], rnd)
+            stats[key] = (label_overlap(labels[data], batches), *label_shares(labels[data], batches),
+                          int(labels[data].max()) + 1)
+        out.append(stats[key])
     keep = ["run_id", "scheme", "partition", "rule", "rank", "n_clients", "n_participating", "seed",
             *(c for c in ("rho_ratio", "rho_out", "rho_gA", "rho_gB") if c in rows)]
-    return rows[keep].assign(label_overlap=out).reset_index(drop=True)
+    cols = np.array(out, dtype=float).reshape(-1, 4)
+    return rows[keep].assign(label_overlap=cols[:, 0], label_cross=cols[:, 1], label_own=cols[:, 2],
+                             n_labels=cols[:, 3].astype(int)).reset_index(drop=True)
 
 
 def _plain(v):

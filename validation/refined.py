@@ -99,6 +99,13 @@ class RefinedParams:
     rho_model: float | None = None  # solved non-coherent correlation (projected rho_column); None: Frobenius
     rho_gap: float = 0.0  # model minus measured pilot correlation left after the solve (0: reproduced)
     pilot_ks: tuple[int, ...] = ()  # the client counts > 1 of the pilot (two or more: the split's own K-law)
+    corr_by_k: tuple[tuple[int, float], ...] = ()  # the label law's measured-unit correlation per K (else empty)
+    rho_by_k: tuple[tuple[int, float], ...] = ()  # the model's correlation solved from it per K
+
+    @property
+    def label_law(self) -> bool:
+        """Whether the correlation at each K comes from the label law (:mod:`validation.label_law`)."""
+        return bool(self.rho_by_k)
 
     @property
     def rho(self) -> float:
@@ -110,8 +117,11 @@ class RefinedParams:
     def rho_at(self, k):
         """:attr:`rho` at ``k`` clients averaged (a number or an array): the skew part lowers the pairwise
         correlation by ``rho_skew / (k - 1)`` (nothing with one client); for a projected correlation in the
-        model's own units, for the Frobenius one in the measured units."""
+        model's own units, for the Frobenius one in the measured units. Under the label law: the value
+        solved at that K (ValueError for a K it was not solved at; 0 for one client, where no pair exists)."""
         k = np.asarray(k, dtype=float)
+        if self.label_law:
+            return _lookup(dict(self.rho_by_k), k)
         skew = self.rho_skew / np.maximum(k - 1.0, 1.0) * (k > 1)
         if self.rho_model is not None:
             return self.rho_model - skew
@@ -122,6 +132,9 @@ class RefinedParams:
         own_law = len(self.pilot_ks) >= 2
         source = (f"K-law intercept of the pilot at K = {','.join(map(str, self.pilot_ks))}" if own_law
                   else "of the IID pilot" if self.rho_skew else "pilot mean")
+        if self.label_law:
+            source = ("label law, per K: " + ", ".join(f"K={k}: {c:+.4f} -> model {r:+.4f}" for (k, c), (_, r)
+                                                         in zip(self.corr_by_k, self.rho_by_k)))
         skew = (f", s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else "")
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
@@ -138,6 +151,8 @@ class RefinedParams:
         d["rho"] = self.rho
         d["quantities"] = ",".join(self.quantities)
         d["pilot_ks"] = ",".join(map(str, self.pilot_ks))
+        for key in ("corr_by_k", "rho_by_k"):
+            d[key] = _fmt(dict(getattr(self, key)))
         for key in ("tau2x2", "s_B", "s_dA"):
             d[key] = _fmt(getattr(self, key))
         return d
@@ -145,6 +160,13 @@ class RefinedParams:
 
 def _fmt(m: dict) -> str:
     return ",".join(f"{k}:{v:.4g}" for k, v in sorted(m.items()))
+
+
+def _lookup(table: dict[int, float], k: np.ndarray) -> np.ndarray:
+    missing = sorted({int(v) for v in np.atleast_1d(k) if v > 1 and int(v) not in table})
+    if missing:
+        raise ValueError(f"the model's correlation was solved at K = {sorted(table)}, not at K = {missing}")
+    return np.vectorize(lambda v: table[int(v)] if v > 1 else 0.0, otypes=[float])(k)
 
 
 def predict_points(p: RefinedParams, quantity: str, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
@@ -243,7 +265,7 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
-                unskewed_rho: float | None = None) -> RefinedParams:
+                unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -255,8 +277,11 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     label-skewed split, the same correlation measured on IID pilot runs (see ``rho_skew`` in the module
     docstring); ``None`` takes the split's own pilot correlation at every N. A pilot with two or more
     client counts above one (N = 2 and 4) instead gives the split its own K-law, ``rho_K = rho - s/(K-1)``
-    fitted to its per-K means (``unskewed_rho`` is then not used). Raises ValueError when the pilot part
-    has too little to fit (fewer than two ranks or no N > 1)."""
+    fitted to its per-K means (``unskewed_rho`` is then not used). ``correlation_at``: the measured
+    correlation at every K the model is to predict (K > 1), from the label law (:mod:`validation.label_law`,
+    fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
+    K-law is used. Raises ValueError when the pilot part has too little to fit (fewer than two ranks or no
+    N > 1)."""
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -283,6 +308,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     def params(f: float, ph: float, lam: float) -> RefinedParams:  # the residual is set once the fit is done
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
                           tuple(meas), rho_column, 0.0 if projected else skew)
+        if correlation_at is not None:
+            return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(targets)), pair_pts, correlation_at,
+                                   projected)
         if not projected:
             return replace(p, pilot_ks=tuple(targets))
         rho0, s, gap = _solve_correlation(p, pair_pts, targets, unskewed_rho)
@@ -325,8 +353,30 @@ _VALID_KS = np.array([2.0, 3.0, 4.0, 8.0, 16.0, 64.0, 1e9])
 def _valid_correlation(p: RefinedParams) -> bool:
     """The model is a random model at every K it may predict: K clients with pairwise correlation rho_K
     have a positive semi-definite covariance iff -1/(K-1) <= rho_K < 1."""
-    rho = np.atleast_1d(p.rho_at(_VALID_KS))
-    return bool(np.all((rho >= -1.0 / (_VALID_KS - 1.0)) & (rho < 1.0)))
+    ks = np.array([k for k, _ in p.rho_by_k], dtype=float) if p.label_law else _VALID_KS
+    rho = np.atleast_1d(p.rho_at(ks))
+    return bool(np.all((rho >= -1.0 / (ks - 1.0)) & (rho < 1.0)))
+
+
+def _with_label_law(p: RefinedParams, pts: pd.DataFrame, correlation_at: dict[int, float],
+                    projected: bool) -> RefinedParams:
+    """``p`` with its correlation at each K of ``correlation_at`` (measured units) mapped into the model:
+    for the Frobenius correlation ``(c - f_in phi)/(1 - f_in)``, for a projected one solved so that the
+    model's correlation, averaged over the pilot's (rule, rank) points at that K, equals ``c``; ``rho_gap``
+    is the largest shortfall where no correlation in range reaches it."""
+    targets = {int(k): float(v) for k, v in sorted(correlation_at.items()) if k > 1}
+    corr = tuple(targets.items())
+    if not projected:
+        rho = tuple((k, (c - p.f_in * p.phi) / (1.0 - p.f_in)) for k, c in corr)
+        return replace(p, corr_by_k=corr, rho_by_k=rho, rho_model=None)
+    base = pts[pts.n_participating == pts.n_participating.max()]
+    every_k = pd.concat([base.assign(n_participating=k) for k in targets], ignore_index=True)
+    _, solve = _correlation_solver(p, every_k)
+    kk = every_k.n_participating.to_numpy()
+    solved = {k: solve(c, kk == k) for k, c in targets.items()}
+    gap = max((g for _, g in solved.values()), key=abs)
+    rho = tuple((k, float(v)) for k, (v, _) in solved.items())
+    return replace(p, corr_by_k=corr, rho_by_k=rho, rho_model=rho[-1][1], rho_gap=gap)
 
 
 _NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
@@ -342,6 +392,41 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
     a random model at every K: ``rho_model >= 0`` (so a negative correlation is a zero-sum part,
     ``-s/(K-1)``, refitted with ``rho_model = 0``) and ``s <= 1 + rho_model`` (K = 2). ``gap``: model minus
     measured correlation left at the pilot K's (the largest in size)."""
+    kk = pts.n_participating.to_numpy(float)
+    corr, solve = _correlation_solver(p, pts)
+    solved = {k: solve(v, kk == k) for k, v in sorted(targets.items())}
+    per_k = {k: v for k, (v, _) in solved.items()}
+    ks, rhos = np.array(list(per_k), dtype=float), np.array(list(per_k.values()))
+    unreached = [g for _, g in solved.values()]
+    if len(per_k) >= 2:
+        rho0, s = fit_k_law(ks, rhos)
+    elif unskewed is not None:
+        rho0, g0 = solve(unskewed, np.ones(kk.shape, bool))
+        s = math.nan
+        unreached.append(g0)  # the IID value the skew share is measured against
+    else:
+        rho0, s = rhos[0], 0.0
+    if not all(map(math.isfinite, unreached)):
+        return rho0, 0.0, math.inf
+    # a random model at every K needs 0 <= rho_inf < 1 (a negative correlation is then a zero-sum part,
+    # -s/(K-1)) and rho_2 = rho0 - s >= -1
+    rho0 = min(max(rho0, 0.0), 1.0 - 1e-6)
+    if len(per_k) >= 2 or math.isnan(s) or rhos[0] < 0:
+        w = 1.0 / (ks - 1.0)
+        s = float(np.sum(w * (rho0 - rhos)) / np.sum(w * w))
+    s = min(s, 1.0 + rho0)
+    gaps = [corr(rho0 - s / (k - 1.0), kk == k) - targets[k] for k in per_k]
+    if not all(map(math.isfinite, gaps)):
+        return rho0, s, math.inf
+    return rho0, s, max([*gaps, *(g for g in unreached[len(per_k):])], key=abs)
+
+
+def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
+    """``(corr, solve)`` over the points ``pts`` (rule, rank, alpha, n_participating): ``corr(rho, on)`` the
+    model's correlation ``p.rho_column`` at non-coherent correlation rho, averaged over the points ``on``
+    (NaN where undefined); ``solve(target, on)`` -> ``(rho, gap)``, the rho in the range where the clients'
+    covariance stays positive definite at which it equals ``target`` (gap 0), else the nearer end and its
+    miss (inf where undefined)."""
     from scipy.optimize import brentq
 
     kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
@@ -368,31 +453,7 @@ def _solve_correlation(p: RefinedParams, pts: pd.DataFrame, targets: dict[int, f
             return brentq(lambda v: corr(v, on) - target, a, b, xtol=1e-9), 0.0
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
-    solved = {k: solve(v, kk == k) for k, v in sorted(targets.items())}
-    per_k = {k: v for k, (v, _) in solved.items()}
-    ks, rhos = np.array(list(per_k), dtype=float), np.array(list(per_k.values()))
-    unreached = [g for _, g in solved.values()]
-    if len(per_k) >= 2:
-        rho0, s = fit_k_law(ks, rhos)
-    elif unskewed is not None:
-        rho0, g0 = solve(unskewed, np.ones(kk.shape, bool))
-        s = math.nan
-        unreached.append(g0)  # the IID value the skew share is measured against
-    else:
-        rho0, s = rhos[0], 0.0
-    if not all(map(math.isfinite, unreached)):
-        return rho0, 0.0, math.inf
-    # a random model at every K needs 0 <= rho_inf < 1 (a negative correlation is then a zero-sum part,
-    # -s/(K-1)) and rho_2 = rho0 - s >= -1
-    rho0 = min(max(rho0, 0.0), 1.0 - 1e-6)
-    if len(per_k) >= 2 or math.isnan(s) or rhos[0] < 0:
-        w = 1.0 / (ks - 1.0)
-        s = float(np.sum(w * (rho0 - rhos)) / np.sum(w * w))
-    s = min(s, 1.0 + rho0)
-    gaps = [corr(rho0 - s / (k - 1.0), kk == k) - targets[k] for k in per_k]
-    if not all(map(math.isfinite, gaps)):
-        return rho0, s, math.inf
-    return rho0, s, max([*gaps, *(g for g in unreached[len(per_k):])], key=abs)
+    return corr, solve
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
