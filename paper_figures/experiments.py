@@ -19,6 +19,9 @@ run x round x layer, config columns included) with its provenance in ``<results>
   the probe's sampling noise? Figure (q).
 * ``gradient_check_two_clients``: the check at N = 2 (9 seeds), a second pilot point: how a projected
   client correlation changes with K, and the refined model's pilot with N in {1, 2, 4}: figure (p).
+* ``gradient_check_strong_skew``: FFA at r = 16 on a Dirichlet(0.1) split, N in {2, 4, 8, 16}: the label law
+  of the client correlation (:mod:`validation.label_law`) and the refined model, both fitted on the stored
+  check's Dirichlet(0.5) pilot, predict a stronger skew and an unseen K (predictions in the grid file): (p).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
@@ -52,7 +55,8 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
 
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
                                 "gradient_check_sgd", "gradient_check_heldout", "gradient_check_small_lr",
-                                "gradient_check_two_clients", "gradient_check_large_probe", "lr_transfer", "hetero_ranks", "hetero_lr")
+                                "gradient_check_two_clients", "gradient_check_large_probe", "gradient_check_strong_skew",
+                                "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"
