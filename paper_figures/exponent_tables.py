@@ -1,0 +1,68 @@
+"""The gradient checks' stored exponent tables, regenerated from the stored results.
+
+``results/<check>_exponents.csv``: one row per slope (scheme, split, rule, quantity, axis, fixed value)
+with its bootstrap CI and every prediction (:func:`validation.analysis.fit_exponents`), over the check's own
+grid (N in {1, 4, 16}, r in {4, 16, 64});
+``results/<check>_refined_params.csv``: the refined model's parameters behind ``predicted_refined``,
+fitted on the check's pilot with its N = 2 runs at the same learning rate
+(:func:`validation.analysis.with_pilot_runs`). Deterministic given ``n_boot`` and the seed::
+
+    python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from paper_figures.experiments import DEFAULT_RESULTS, load
+
+__all__ = ["PILOT_RUNS", "exponent_table", "write_tables", "main"]
+
+PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
+              "gradient_check_sgd": None}
+"""Each check -> the experiment whose runs join its pilot at its learning rate (None: no refined model)."""
+
+
+def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
+    """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`)."""
+    from validation.analysis import fit_exponents, refined_fits, with_pilot_runs
+
+    if check not in PILOT_RUNS:
+        raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
+    df = load(check, results)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extra = PILOT_RUNS[check]
+        params = refined_fits(with_pilot_runs(df, load(extra, results))) if extra else {}
+        return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
+
+
+def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000) -> list[Path]:
+    """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
+    fits, params = exponent_table(check, results, n_boot)
+    out = [results / f"{check}_exponents.csv"]
+    fits.to_csv(out[0], index=False)
+    if params:
+        out.append(results / f"{check}_refined_params.csv")
+        pd.DataFrame([p.to_row() for p in params.values()]).to_csv(out[1], index=False)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m paper_figures.exponent_tables", description=__doc__.split("\n")[0])
+    ap.add_argument("--checks", nargs="+", default=["gradient_check", "gradient_check_small_lr"], choices=list(PILOT_RUNS))
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    ap.add_argument("--n-boot", type=int, default=1000)
+    ns = ap.parse_args(argv)
+    for check in ns.checks:
+        for path in write_tables(check, ns.results, ns.n_boot):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,34 @@
+"""The stored exponent tables: slopes over the check's own grid, the refined model fitted with its pilot runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from paper_figures import exponent_tables
+from test_harness_helpers import synth
+from validation.federated import run
+
+
+@pytest.fixture(scope="module")
+def check_and_pilot() -> tuple[pd.DataFrame, pd.DataFrame]:
+    def grid(ns):
+        return pd.concat([run(synth(rule=rule, n_clients=n, rank=r, seed=s, rounds=1, partition="iid"))
+                          for rule in ("lora", "sfed") for n in ns for r in (2, 4) for s in (0, 1)], ignore_index=True)
+
+    return grid((1, 4, 8)), grid((2,))
+
+
+def test_slopes_are_over_the_checks_grid_and_the_pilot_includes_the_extra_runs(check_and_pilot, monkeypatch, tmp_path):
+    check, two = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check": check,
+                                                                        "gradient_check_two_clients": two}[name])
+    paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20)
+    fits, params = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    in_n = fits[fits.wrt == "n_clients"]
+    assert set(in_n.points) == {"1,4,8"}  # the N = 2 runs do not enter a measured slope ...
+    assert set(fits[fits.wrt == "rank"].fixed) == {"N=1", "N=4", "N=8"}
+    assert set(params.pilot_ks.astype(str)) == {"2,4"}  # ... only the refined model's pilot
+    assert fits.predicted_refined.notna().any()
+    with pytest.raises(ValueError, match="unknown check"):
+        exponent_tables.exponent_table("scaling", tmp_path)
