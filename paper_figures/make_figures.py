@@ -89,6 +89,7 @@ class Figure:
                                               "lr 2.5e-4": results["gradient_check_small_lr"]}, out, formats),
             "p": lambda: CF.fig_client_correlation(_with_two_clients(results), out, formats, refined=_refined(results)),
             "q": lambda: G.fig_probe_size(_probe_fits(results), out, formats),
+            "r": lambda: CF.fig_label_law(_with_two_clients(results), results["gradient_check_strong_skew"], out, formats),
         }
         return fns[self.key]()
 
@@ -151,11 +152,14 @@ FIGURES: tuple[Figure, ...] = (
            "end-of-round dL/dB over its start vs N (two learning rates) and the floor an affine model allows",
            also=("gradient_check",)),
     Figure("p", "fig_client_correlation", "gradient_check_two_clients",
-           "the clients' correlations vs K (2, 4, 16), the 1/(K-1) and 1/K laws fixed at K = 2, 4, the refined model",
+           "the clients' correlations vs K (2, 4, 16), the 1/(K-1) and 1/K laws fixed at K = 2, 4, the label law, the refined model",
            also=("gradient_check",)),
     Figure("q", "fig_probe_size", "gradient_check_large_probe",
            "slopes in N of the probe-dependent norms with CIs: training-set probe of 32 and 128, held-out probe of 32",
            also=("gradient_check", "gradient_check_heldout")),
+    Figure("r", "fig_label_law", "gradient_check_strong_skew",
+           "the label law of the client correlation fitted on the pilot, against a Dirichlet(0.1) split and K = 8",
+           also=("gradient_check", "gradient_check_two_clients")),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
