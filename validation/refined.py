@@ -39,6 +39,11 @@ rank dependence. Which parameter comes from what:
   reproduces the skewed pilot's. A pilot with two client counts above one (N = 2 and 4) needs no IID
   runs: each split's own ``rho_K = rho - s/(K-1)`` is fitted to its per-K correlations (in the model's
   units for a projected one, with ``s`` of either sign: a correlation may also fall with K).
+* ``corr_by_k`` (the label law, the default of :func:`validation.analysis.refined_fits` for B's increments):
+  the measured correlation at every K of the grid is the label law's (:mod:`validation.label_law`, fitted on
+  the pilot runs of all splits together, evaluated on each K's batch labels, which are known before any
+  training), and the model's correlation is solved at each K to reproduce it (``rho_by_k``); the K-laws
+  above are then not used.
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
