@@ -51,6 +51,7 @@ class LabelLaw:
         return (self.b + np.asarray(cross, float)) / (self.b + np.asarray(own, float) + self.n)
 
     def describe(self) -> str:
+        """One line: the law and its fitted parameters."""
         return (f"{self.column} = (b + cross)/(b + own + n): b={self.b:+.4f}, n={self.n:.4f} "
                 f"({self.n_runs} runs, rms residual {self.rms_residual:.3f})")
 

@@ -297,13 +297,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
     s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
     s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
-    pairs = a[a.n_participating > 1]
-    targets = {int(k): float(v) for k, v in pairs.groupby("n_participating")[rho_column].mean().items()}
-    if len(targets) >= 2:  # the split's own K-law: rho_K = rho_f - s/(K-1)
-        rho_f, skew = fit_k_law(list(targets), list(targets.values()))
-    else:
-        rho_f = float(pairs[rho_column].mean()) if unskewed_rho is None else float(unskewed_rho)
-        skew = 0.0 if unskewed_rho is None else float(np.mean((pairs.n_participating - 1) * (rho_f - pairs[rho_column])))
+    targets, rho_f, skew = _pilot_correlation(a[a.n_participating > 1], rho_column, unskewed_rho)
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
 
@@ -350,6 +344,19 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
+
+
+def _pilot_correlation(pairs: pd.DataFrame, column: str, unskewed: float | None) -> tuple[dict[int, float], float, float]:
+    """``(per-K means, rho_f, s)`` of the measured ``column`` over the pilot runs with K > 1: with two or more
+    K the split's own K-law ``rho_K = rho_f - s/(K-1)``; with one, ``rho_f`` its mean (``s = 0``) or the IID
+    pilot's ``unskewed`` value with ``s`` from the skewed runs."""
+    targets = {int(k): float(v) for k, v in pairs.groupby("n_participating")[column].mean().items()}
+    if len(targets) >= 2:
+        rho_f, skew = fit_k_law(list(targets), list(targets.values()))
+        return targets, float(rho_f), float(skew)
+    if unskewed is None:
+        return targets, float(pairs[column].mean()), 0.0
+    return targets, float(unskewed), float(np.mean((pairs.n_participating - 1) * (unskewed - pairs[column])))
 
 
 _VALID_KS = np.array([2.0, 3.0, 4.0, 8.0, 16.0, 64.0, 1e9])
