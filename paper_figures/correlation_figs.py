@@ -17,7 +17,7 @@ import pandas as pd
 
 from paper_figures import style
 
-__all__ = ["PANELS", "LAW_COLUMNS", "fig_client_correlation", "refined_correlations", "label_law_check",
+__all__ = ["PANELS", "fig_client_correlation", "refined_correlations", "label_law_check",
            "fig_label_law"]
 
 PANELS: dict[str, tuple[str, str, str]] = {  # column -> (scheme, refined quantity, label)
@@ -27,7 +27,6 @@ PANELS: dict[str, tuple[str, str, str]] = {  # column -> (scheme, refined quanti
     "rho_gB": ("fedit", "grad_B", "A increments on dL/dB, FedIT"),
 }
 _LAW_STYLE = {"1/(K-1)": "--", "1/K": ":"}
-LAW_COLUMNS = ("rho_ratio", "rho_out", "rho_gA")  # the correlations of B's increments (validation.analysis)
 _KS = (2, 4, 16)
 
 
@@ -98,11 +97,13 @@ def _split_name(runs: pd.DataFrame) -> pd.Series:
 
 def label_law_check(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame | None = None, scheme: str = "ffa",
                     pilot_max_n: int = 4) -> pd.DataFrame:
-    """Per (split, K, column of :data:`LAW_COLUMNS`): the measured mean correlation (and its SE over runs)
+    """Per (split, K, column of :data:`validation.analysis.LABEL_LAW_COLUMNS`): the measured mean correlation
+    (and its SE over runs)
     beside the label law's mean over the same runs' batches, the law fitted on the pilot (N <=
     ``pilot_max_n``) of ``pilot_runs``' splits together; ``test_runs`` (other splits) are predicted by that
     law. ``sample``: ``in`` (a pilot K of a fitted split) or ``out``; ``split``: the partition, with its
     Dirichlet concentration when ``test_runs`` are given (``partition`` alone otherwise)."""
+    from validation.analysis import LABEL_LAW_COLUMNS
     from validation.label_law import fit_label_law, law_table
     from validation.label_overlap import overlap_table
 
@@ -115,7 +116,7 @@ def label_law_check(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame | None = N
     pilot = table(pilot_runs)
     test = table(test_runs) if test_runs is not None else None
     out = []
-    for col in LAW_COLUMNS:
+    for col in LABEL_LAW_COLUMNS:
         try:
             law = fit_label_law(pilot[pilot.n_clients <= pilot_max_n], col)
         except ValueError:
@@ -141,8 +142,10 @@ def fig_label_law(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame, out: Path, 
     splits = sorted(t.split.unique())
     colors = dict(zip(splits, ("#0072B2", "#D55E00", "#009E73", "#CC79A7")))
     ks = sorted(t.n_participating.unique())
-    fig, axes = plt.subplots(1, len(LAW_COLUMNS), figsize=(style.PAGE_W, 2.4), squeeze=False, constrained_layout=True)
-    for ax, col in zip(axes[0], LAW_COLUMNS):
+    from validation.analysis import LABEL_LAW_COLUMNS
+
+    fig, axes = plt.subplots(1, len(LABEL_LAW_COLUMNS), figsize=(style.PAGE_W, 2.4), squeeze=False, constrained_layout=True)
+    for ax, col in zip(axes[0], LABEL_LAW_COLUMNS):
         for split in splits:
             g = t[(t.column == col) & (t.split == split)].sort_values("n_participating")
             c = colors[split]
@@ -156,7 +159,7 @@ def fig_label_law(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame, out: Path, 
         ax.xaxis.set_minor_formatter(NullFormatter())
     axes[0, 0].set_ylabel("pairwise correlation (FFA)", fontsize=7)
     handles = [*(Line2D([], [], color=colors[s], marker="o", ms=3, label=s) for s in splits),
-               Line2D([], [], color="0.3", ls="-", label="label law (b + cross)/(b + own + n), fitted on the pilot"),
+               Line2D([], [], color="0.3", ls="-", label="label law (b + cross)/(b + own + n repeat), fitted on the pilot"),
                Line2D([], [], color="0.3", marker="o", mfc="none", ls="", ms=3, label="measured, pilot (in sample)"),
                Line2D([], [], color="0.3", marker="o", ls="", ms=3, label="measured, predicted (out of sample)")]
     fig.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=6, frameon=False)

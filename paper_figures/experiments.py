@@ -21,7 +21,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
   client correlation changes with K, and the refined model's pilot with N in {1, 2, 4}: figure (p).
 * ``gradient_check_strong_skew``: FFA at r = 16 on a Dirichlet(0.1) split, N in {2, 4, 8, 16}: the label law
   of the client correlation (:mod:`validation.label_law`) and the refined model, both fitted on the stored
-  check's Dirichlet(0.5) pilot, predict a stronger skew and an unseen K (predictions in the grid file): (p).
+  check's Dirichlet(0.5) pilot, predict a stronger skew and an unseen K (predictions in the grid file): (r).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).

@@ -16,40 +16,49 @@ from validation.metrics import ratio_rho
 
 def test_label_shares_by_hand():
     labels = np.array([0, 0, 1, 1, 2])
-    # fractions (1,0,0), (0,1,0), (1/2,1/2,0): own (1 + 1 + 1/2)/3; pairs 0, 1/2, 1/2
-    cross, own = label_shares(labels, [np.array([0, 1]), np.array([2, 3]), np.array([0, 2])])
-    assert own == pytest.approx(2.5 / 3) and cross == pytest.approx(1 / 3)
-    cross, own = label_shares(labels, [np.array([0, 2, 4]), np.array([1, 3, 4])])  # the same even mix
+    # fractions (1,0,0), (0,1,0), (1/2,1/2,0): own (1 + 1 + 1/2)/3; pairs 0, 1/2, 1/2; no example drawn twice
+    cross, own, repeat = label_shares(labels, [np.array([0, 1]), np.array([2, 3]), np.array([0, 2])])
+    assert own == pytest.approx(2.5 / 3) and cross == pytest.approx(1 / 3) and repeat == 1.0
+    cross, own, repeat = label_shares(labels, [np.array([0, 2, 4]), np.array([1, 3, 4])])  # the same even mix
     assert cross == pytest.approx(1 / 3) and own == pytest.approx(1 / 3)
-    cross, own = label_shares(labels, [np.array([0, 1])])
+    # example 0 drawn three times in four draws: m sum w^2 = 4 (9 + 1)/16; the other client 1
+    cross, own, repeat = label_shares(labels, [np.array([0, 0, 0, 1]), np.array([2, 3, 4, 4])])
+    assert repeat == pytest.approx((2.5 + 4 * (1 + 1 + 4) / 16) / 2) and own == pytest.approx((1 + 0.5) / 2)
+    cross, own, repeat = label_shares(labels, [np.array([0, 1])])
     assert math.isnan(cross) and own == 1.0
 
 
-def _client_gradients(batches, beta, gamma, sigma2, dim, rng):
-    """Each client's mean example gradient, an example's being its label's direction plus noise, with
-    label directions of Gram ``beta J + gamma I`` (``dim`` coordinates, exact Gram only on average)."""
-    c = 1 + max(max(b) for b in batches)
+def _client_gradients(draws, labels, beta, gamma, sigma2, dim, rng):
+    """Each client's mean gradient over its draws (example ids; one id may be drawn twice), an example's
+    gradient being its label's direction plus that example's own noise, with label directions of Gram
+    ``beta J + gamma I`` (``dim`` coordinates, exact Gram only on average)."""
+    c = 1 + int(labels.max())
     chol = np.linalg.cholesky(beta * np.ones((c, c)) + gamma * np.eye(c))
     v = chol @ rng.standard_normal((c, dim)) / math.sqrt(dim)
-    return np.stack([v[b].mean(0) + rng.standard_normal(dim) * math.sqrt(sigma2 / (len(b) * dim)) for b in batches])
+    noise = rng.standard_normal((len(labels), dim)) * math.sqrt(sigma2 / dim)
+    return np.stack([(v[labels[d]] + noise[d]).mean(0) for d in draws])
 
 
 @pytest.mark.parametrize("beta", [-0.1, 0.3])
 def test_law_is_the_harness_estimate_of_the_class_gradient_model(beta):
-    """The closed form against Monte Carlo of the model it is derived from, estimated as the harness does."""
+    """The closed form against Monte Carlo of the model it is derived from, estimated as the harness does,
+    with examples drawn twice (their noise repeats) as the harness's batches may."""
     rng = np.random.default_rng(1)
     gamma, sigma2, m = 1.0, 1.0, 8
-    batches = [[0] * 8, [0] * 6 + [1] * 2, [0] * 4 + [1] * 4, [1] * 5 + [2] * 3, [0, 1] * 4, [3, 4] * 4]
-    q = np.array([np.bincount(b, minlength=5) / m for b in batches])  # label 4 keeps beta >= -1/5 meaningful
-    g = q @ q.T
-    cross, own = g[~np.eye(6, dtype=bool)].mean(), np.diag(g).mean()
+    groups = [[0] * 8, [0] * 6 + [1] * 2, [0] * 4 + [1] * 4, [1] * 5 + [2] * 3, [0, 1] * 4, [3, 4] * 4]
+    labels = np.concatenate([np.array(g) for g in groups])  # label 4 keeps beta >= -1/5 meaningful
+    ids = np.split(np.arange(len(labels)), np.cumsum([len(g) for g in groups])[:-1])
+    draws = [ix if i % 2 else np.concatenate([ix[:2], ix[:2], ix[:4]]) for i, ix in enumerate(ids)]  # repeats
+    cross, own, repeat = label_shares(labels, draws)
+    assert repeat > 1.2
     law = LabelLaw(beta / gamma, sigma2 / (m * gamma), "rho_ratio", 0, 0.0)
-    est = [ratio_rho((x := _client_gradients(batches, beta, gamma, sigma2, 4000, rng)) @ x.T, np.full(6, 1 / 6))
+    est = [ratio_rho((x := _client_gradients(draws, labels, beta, gamma, sigma2, 4000, rng)) @ x.T, np.full(6, 1 / 6))
            for _ in range(40)]
-    assert np.mean(est) == pytest.approx(float(law.correlation(cross, own)), abs=0.01)
-    # and not the law with the noise counted once per client instead of per example
+    assert np.mean(est) == pytest.approx(float(law.correlation(cross, own, repeat)), abs=0.01)
+    # not the law that ignores the repeated draws, nor the one with the noise counted once per client
+    assert abs(np.mean(est) - float(law.correlation(cross, own))) > 0.02
     wrong = LabelLaw(beta / gamma, sigma2 / gamma, "rho_ratio", 0, 0.0)
-    assert abs(np.mean(est) - float(wrong.correlation(cross, own))) > 0.1
+    assert abs(np.mean(est) - float(wrong.correlation(cross, own, repeat))) > 0.1
 
 
 def _table(b, n, rng, noise=0.0):
@@ -79,5 +88,8 @@ def test_fit_keeps_the_label_directions_real_and_refuses_what_it_cannot_identify
     rng = np.random.default_rng(0)
     t = _table(-0.5, 0.7, rng)  # b = -0.5 < -1/5: no five directions have that Gram
     assert fit_label_law(t, "rho_ratio").b >= -0.2 - 1e-12
-    with pytest.raises(ValueError, match="label concentration"):
-        fit_label_law(t[t.partition == "iid"].assign(label_own=0.3), "rho_ratio")
+    with pytest.raises(ValueError, match="two splits"):
+        fit_label_law(t[t.partition == "iid"], "rho_ratio")
+    flat = t.assign(label_own=0.3, label_cross=0.2)  # two splits, but nothing tells b from n
+    with pytest.raises(ValueError, match="not identified"):
+        fit_label_law(flat, "rho_ratio")

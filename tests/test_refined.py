@@ -322,3 +322,19 @@ def test_refined_fits_take_each_k_from_the_label_law_fitted_on_the_pilot(small_g
         assert sorted(dict(p.corr_by_k)) == [2, 4]  # every K of the grid, beyond the pilot's N <= 2 too
     with pytest.raises(ValueError, match="correlation_law"):
         refined_fits(both, correlation_law="cubic")
+
+
+def test_label_law_applies_only_where_its_premises_hold(small_grid):
+    """Equal weights and full participation (else the K-law, with a warning), the round asked for, and at
+    least one K > 1 to reproduce."""
+    from validation.analysis import label_law_targets
+
+    both = pd.concat([small_grid, small_grid.assign(partition="dirichlet")], ignore_index=True)
+    assert label_law_targets(both, pilot_max_n=2)[0]
+    assert label_law_targets(both, pilot_max_n=2, rnd=2) == ({}, {})  # no runs of that round: no law
+    with pytest.warns(UserWarning, match="full participation"):
+        assert label_law_targets(both.assign(weighted=True), pilot_max_n=2) == ({}, {})
+    with pytest.warns(UserWarning, match="full participation"):
+        assert label_law_targets(both.assign(n_participating=1), pilot_max_n=2) == ({}, {})
+    with pytest.raises(ValueError, match="some K > 1"):
+        fit_refined(small_grid, pilot_max_n=4, quantities=("update_fro",), correlation_at={1: 0.2})

@@ -180,16 +180,28 @@ LABEL_LAW_COLUMNS = ("rho_ratio", "rho_out", "rho_gA")
 first-round increment (``rho_gB``) is a product of two client-specific terms and keeps the K-law."""
 
 
-def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None) -> tuple[dict, dict]:
+def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, rnd: int = 1) -> tuple[dict, dict]:
     """``(laws, targets)``: the label law of each (scheme, correlation column of
-    :data:`LABEL_LAW_COLUMNS`), fitted on the pilot runs (``n_clients <= pilot_max_n``) of all splits
-    together, and ``targets[(scheme, partition, column)] = {K: c}``, the law's mean correlation over the
-    runs at K clients averaged (any N: the batches' labels are known before training). A column whose
-    pilot cannot identify the law (one split only) has no law and no targets."""
+    :data:`LABEL_LAW_COLUMNS`), fitted on the pilot runs (``n_clients <= pilot_max_n``) of round ``rnd`` of
+    all splits together, and ``targets[(scheme, partition, column)] = {K: c}``, the law's mean correlation
+    over the runs at K clients averaged (any N: the batches' draws are known before training, and no
+    measured correlation beyond the pilot enters). Empty, with a warning, where the law does not apply: a
+    column whose pilot cannot identify it (one split only), runs with weighted aggregation or partial
+    participation (the law takes equal weights, and a K would mix several N), or labels that cannot be
+    loaded."""
     from validation.label_law import fit_label_law
     from validation.label_overlap import overlap_table
 
-    table = overlap_table(df[df.optimizer == "adamw"], labels_for=labels_for)
+    runs = df[(df.optimizer == "adamw") & (df["round"] == rnd)]
+    partial = runs.n_participating < runs.n_clients
+    if partial.any() or ("weighted" in runs and runs.weighted.astype(bool).any()):
+        warnings.warn("the label law takes equal weights and full participation: the K-law is used", stacklevel=2)
+        return {}, {}
+    try:
+        table = overlap_table(runs, labels_for=labels_for, rnd=rnd)
+    except (OSError, ValueError, ImportError) as e:
+        warnings.warn(f"no label law (the runs' labels cannot be read: {e}): the K-law is used", stacklevel=2)
+        return {}, {}
     laws, targets = {}, {}
     for scheme, g in table.groupby("scheme"):
         for col in LABEL_LAW_COLUMNS:
@@ -198,7 +210,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None) -
             except ValueError:
                 continue
             laws[(scheme, col)] = law
-            c = g.assign(law=law.correlation(g.label_cross, g.label_own))
+            c = g.assign(law=law.correlation(g.label_cross, g.label_own, g.label_repeat))
             for part, h in c.groupby("partition"):
                 targets[(scheme, part, col)] = {int(k): float(v) for k, v in h.groupby("n_participating").law.mean().items()}
     return laws, targets
@@ -230,7 +242,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
         ok = ok.assign(partition="?")
     out = {}
     pilot = ok[(ok["layer"] == ALL) & (ok["n_clients"] <= pilot_max_n) & (ok["n_participating"] > 1)]
-    targets = label_law_targets(ok, pilot_max_n)[1] if correlation_law == "label" else {}
+    targets = label_law_targets(ok, pilot_max_n, rnd=round)[1] if correlation_law == "label" else {}
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
         for q in QUANTITY_COLUMNS:

@@ -32,16 +32,21 @@ def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
     return float(cos[~np.eye(len(h), dtype=bool)].mean())
 
 
-def label_shares(labels: np.ndarray, index_sets: list[np.ndarray]) -> tuple[float, float]:
-    """``(cross, own)`` of the label fractions ``q_i`` of ``labels[index_sets[i]]`` (each sums to 1):
-    ``cross`` the mean over pairs i != j of ``q_i . q_j`` (NaN for one set), ``own`` the mean of
-    ``q_i . q_i`` (1 for a one-label batch, 1/C for an even mix of C labels)."""
+def label_shares(labels: np.ndarray, index_sets: list[np.ndarray]) -> tuple[float, float, float]:
+    """``(cross, own, repeat)`` of the clients' draws ``index_sets[i]`` (example indices, one per draw, an
+    example drawn twice counted twice): with ``q_i`` the label fractions of client i's draws (each sums
+    to 1), ``cross`` the mean over pairs i != j of ``q_i . q_j`` (NaN for one set), ``own`` the mean of
+    ``q_i . q_i`` (1 for a one-label batch, 1/C for an even mix of C labels), and ``repeat`` the mean of
+    ``m_i sum_e w_ie^2`` with ``w_ie`` example e's share of client i's m_i draws (1 when no example is drawn
+    twice; an example's noise is the same each time it is drawn)."""
     labels = np.asarray(labels)
-    h = np.array([np.bincount(labels[np.asarray(ix)], minlength=int(labels.max()) + 1) for ix in index_sets], float)
+    draws = [np.asarray(ix) for ix in index_sets]
+    h = np.array([np.bincount(labels[ix], minlength=int(labels.max()) + 1) for ix in draws], float)
     q = h / h.sum(axis=1, keepdims=True)
     g = q @ q.T
     off = ~np.eye(len(q), dtype=bool)
-    return (float(g[off].mean()) if off.any() else float("nan")), float(np.diag(g).mean())
+    repeat = np.mean([np.sum(np.unique(ix, return_counts=True)[1] ** 2) / len(ix) for ix in draws])
+    return (float(g[off].mean()) if off.any() else float("nan")), float(np.diag(g).mean()), float(repeat)
 
 
 def _round_batches(cfg, labels: np.ndarray, rnd: int) -> list[np.ndarray]:
@@ -57,14 +62,14 @@ def run_label_overlap(cfg, labels: np.ndarray, rnd: int = 1) -> float:
     return label_overlap(labels, _round_batches(cfg, labels, rnd))
 
 
-def run_label_shares(cfg, labels: np.ndarray, rnd: int = 1) -> tuple[float, float]:
+def run_label_shares(cfg, labels: np.ndarray, rnd: int = 1) -> tuple[float, float, float]:
     """:func:`label_shares` of the batches the clients of ``cfg``'s round ``rnd`` train on (all local steps)."""
     return label_shares(labels, _round_batches(cfg, labels, rnd))
 
 
 def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFrame:
     """One row per run of ``df`` (harness rows) with more than one client averaged: its configuration
-    columns, ``label_overlap`` and the :func:`label_shares` ``label_cross`` and ``label_own`` of its
+    columns, ``label_overlap`` and the :func:`label_shares` ``label_cross``, ``label_own`` and ``label_repeat`` of its
     round-``rnd`` batches, the number of labels ``n_labels``, and its measured correlations (``__all__``).
     ``labels_for(cfg)``: the run's training labels (default :func:`validation.models.train_labels`; the
     train/eval split of a data set without its own depends on the seed)."""
@@ -75,7 +80,7 @@ def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFra
     rows = df[(df.layer == ALL) & (df["round"] == rnd) & (df.n_participating > 1)]
     cfg_cols = [c for c in RunConfig.__dataclass_fields__ if c in rows]
     labels: dict[tuple, np.ndarray] = {}
-    stats: dict[tuple, tuple[float, float, float, int]] = {}
+    stats: dict[tuple, tuple[float, float, float, float, int]] = {}
     out = []
     for _, r in rows.iterrows():
         cfg = RunConfig.from_dict({c: _plain(r[c]) for c in cfg_cols})
@@ -91,9 +96,9 @@ def overlap_table(df: pd.DataFrame, labels_for=None, rnd: int = 1) -> pd.DataFra
         out.append(stats[key])
     keep = ["run_id", "scheme", "partition", "rule", "rank", "n_clients", "n_participating", "seed",
             *(c for c in ("rho_ratio", "rho_out", "rho_gA", "rho_gB") if c in rows)]
-    cols = np.array(out, dtype=float).reshape(-1, 4)
+    cols = np.array(out, dtype=float).reshape(-1, 5)
     return rows[keep].assign(label_overlap=cols[:, 0], label_cross=cols[:, 1], label_own=cols[:, 2],
-                             n_labels=cols[:, 3].astype(int)).reset_index(drop=True)
+                             label_repeat=cols[:, 3], n_labels=cols[:, 4].astype(int)).reset_index(drop=True)
 
 
 def _plain(v):

@@ -114,7 +114,10 @@ class RefinedParams:
 
     @property
     def rho(self) -> float:
-        """The model's correlation of the non-coherent part of B without label skew (reproduces ``rho_f``)."""
+        """The model's correlation of the non-coherent part of B without label skew (reproduces ``rho_f``);
+        NaN under the label law, which has one per K (:attr:`rho_by_k`)."""
+        if self.label_law:
+            return math.nan
         if self.rho_model is not None:
             return self.rho_model
         return (self.rho_f - self.f_in * self.phi) / (1.0 - self.f_in) if self.f_in < 1 else 0.0
@@ -138,8 +141,13 @@ class RefinedParams:
         source = (f"K-law intercept of the pilot at K = {','.join(map(str, self.pilot_ks))}" if own_law
                   else "of the IID pilot" if self.rho_skew else "pilot mean")
         if self.label_law:
-            source = ("label law, per K: " + ", ".join(f"K={k}: {c:+.4f} -> model {r:+.4f}" for (k, c), (_, r)
-                                                         in zip(self.corr_by_k, self.rho_by_k)))
+            law = ", ".join(f"K={k}: {c:+.4f} -> model {r:+.4f}" for (k, c), (_, r) in zip(self.corr_by_k, self.rho_by_k))
+            return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} "
+                    f"phi={self.phi:.3f} lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with "
+                    f"N <= {self.pilot_max_n}, rms log residual {self.rms_log_residual:.3f}); {self.rho_column} from the "
+                    f"label law, per K: {law}{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}; "
+                    f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
+                    f"s_dA={_fmt(self.s_dA)} (pilot increments)")
         skew = (f", s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else "")
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
@@ -297,7 +305,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
     s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
     s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
-    targets, rho_f, skew = _pilot_correlation(a[a.n_participating > 1], rho_column, unskewed_rho)
+    pilot_means, rho_f, skew = _pilot_correlation(a[a.n_participating > 1], rho_column, unskewed_rho)
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
 
@@ -308,12 +316,12 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
                           tuple(meas), rho_column, 0.0 if projected else skew)
         if correlation_at is not None:
-            return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(targets)), pair_pts, correlation_at,
+            return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)
         if not projected:
-            return replace(p, pilot_ks=tuple(targets))
-        rho0, s, gap = _solve_correlation(p, pair_pts, targets, unskewed_rho)
-        return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap, pilot_ks=tuple(targets))
+            return replace(p, pilot_ks=tuple(pilot_means))
+        rho0, s, gap = _solve_correlation(p, pair_pts, pilot_means, unskewed_rho)
+        return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap, pilot_ks=tuple(pilot_means))
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
@@ -377,6 +385,8 @@ def _with_label_law(p: RefinedParams, pts: pd.DataFrame, correlation_at: dict[in
     model's correlation, averaged over the pilot's (rule, rank) points at that K, equals ``c``; ``rho_gap``
     is the largest shortfall where no correlation in range reaches it."""
     targets = {int(k): float(v) for k, v in sorted(correlation_at.items()) if k > 1}
+    if not targets:
+        raise ValueError(f"correlation_at needs the correlation at some K > 1, got {correlation_at}")
     corr = tuple(targets.items())
     if not projected:
         rho = tuple((k, (c - p.f_in * p.phi) / (1.0 - p.f_in)) for k, c in corr)
@@ -388,7 +398,7 @@ def _with_label_law(p: RefinedParams, pts: pd.DataFrame, correlation_at: dict[in
     solved = {k: solve(c, kk == k) for k, c in targets.items()}
     gap = max((g for _, g in solved.values()), key=abs)
     rho = tuple((k, float(v)) for k, (v, _) in solved.items())
-    return replace(p, corr_by_k=corr, rho_by_k=rho, rho_model=rho[-1][1], rho_gap=gap)
+    return replace(p, corr_by_k=corr, rho_by_k=rho, rho_model=None, rho_gap=gap)
 
 
 _NODES = np.array([-0.25, 0.2, 0.6, 1.0])  # the moments are polynomials of degree <= 3 in rho
