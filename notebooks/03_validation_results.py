@@ -389,9 +389,9 @@ pd.concat([pilot_line(overlaps, c).assign(column=c) for c in ("rho_ratio", "rho_
 
 # %% [markdown]
 # What the cosine leaves out is how concentrated each batch is. The **label law** (`validation.label_law`):
-# with an example's gradient its label's direction plus noise, the harness's ratio estimate has the
-# expectation ratio `rho = (b + cross) / (b + own + n)`, `cross` the mean `q_i . q_j` over client pairs and
-# `own` the mean `q_i . q_i` of the batches' label fractions. Fitted on the pilot (N <= 4) of both splits at
+# with an example's gradient its label's direction plus noise, the harness's ratio estimate concentrates on
+# `rho = (b + cross) / (b + own + n repeat)`, `cross` the mean `q_i . q_j` over client pairs and `own` the mean
+# `q_i . q_i` of the batches' label fractions, `repeat` 1 unless a client draws an example twice. Fitted on the pilot (N <= 4) of both splits at
 # once, it predicts N = 16, and the Dirichlet(0.1) split with N in {2, 4, 8, 16} of
 # `results/gradient_check_strong_skew.parquet` (its predictions were written in the grid file before the
 # runs; figure r).
