@@ -104,7 +104,7 @@ def label_law_check(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame | None = N
     law. ``sample``: ``in`` (a pilot K of a fitted split) or ``out``; ``split``: the partition, with its
     Dirichlet concentration when ``test_runs`` are given (``partition`` alone otherwise)."""
     from validation.analysis import LABEL_LAW_COLUMNS
-    from validation.label_law import fit_label_law, law_table
+    from validation.label_law import fit_label_laws, law_table
     from validation.label_overlap import overlap_table
 
     def table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -116,11 +116,7 @@ def label_law_check(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame | None = N
     pilot = table(pilot_runs)
     test = table(test_runs) if test_runs is not None else None
     out = []
-    for col in LABEL_LAW_COLUMNS:
-        try:
-            law = fit_label_law(pilot[pilot.n_clients <= pilot_max_n], col)
-        except ValueError:
-            continue
+    for law in fit_label_laws(pilot, LABEL_LAW_COLUMNS, pilot_max_n).values():
         out.append(law_table(pilot, law, pilot_max_n).assign(b=law.b, n=law.n))
         if test is not None:
             out.append(law_table(test, law).assign(sample="out", b=law.b, n=law.n))

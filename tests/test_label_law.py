@@ -93,3 +93,14 @@ def test_fit_keeps_the_label_directions_real_and_refuses_what_it_cannot_identify
     flat = t.assign(label_own=0.3, label_cross=0.2)  # two splits, but nothing tells b from n
     with pytest.raises(ValueError, match="not identified"):
         fit_label_law(flat, "rho_ratio")
+
+
+def test_laws_are_fitted_per_scheme_and_column_where_identified():
+    from validation.label_law import fit_label_laws
+
+    rng = np.random.default_rng(0)
+    t = pd.concat([_table(-0.16, 0.7, rng).assign(scheme="ffa"),
+                   _table(-0.1, 0.3, rng).assign(scheme="fedit", partition="iid")], ignore_index=True)
+    laws = fit_label_laws(t, ["rho_ratio"], pilot_max_n=4)
+    assert list(laws) == [("ffa", "rho_ratio")]  # FedIT's pilot has one split only
+    assert (laws[("ffa", "rho_ratio")].b, laws[("ffa", "rho_ratio")].n) == pytest.approx((-0.16, 0.7), abs=1e-6)

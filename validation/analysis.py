@@ -189,7 +189,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
     column whose pilot cannot identify it (one split only), runs with weighted aggregation or partial
     participation (the law takes equal weights, and a K would mix several N), or labels that cannot be
     loaded."""
-    from validation.label_law import fit_label_law
+    from validation.label_law import fit_label_laws
     from validation.label_overlap import overlap_table
 
     runs = df[(df.optimizer == "adamw") & (df["round"] == rnd)]
@@ -202,17 +202,13 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
     except (OSError, ValueError, ImportError) as e:
         warnings.warn(f"no label law (the runs' labels cannot be read: {e}): the K-law is used", stacklevel=2)
         return {}, {}
-    laws, targets = {}, {}
-    for scheme, g in table.groupby("scheme"):
-        for col in LABEL_LAW_COLUMNS:
-            try:
-                law = fit_label_law(g[g.n_clients <= pilot_max_n], col)
-            except ValueError:
-                continue
-            laws[(scheme, col)] = law
-            c = g.assign(law=law.correlation(g.label_cross, g.label_own, g.label_repeat))
-            for part, h in c.groupby("partition"):
-                targets[(scheme, part, col)] = {int(k): float(v) for k, v in h.groupby("n_participating").law.mean().items()}
+    laws = fit_label_laws(table, LABEL_LAW_COLUMNS, pilot_max_n)
+    targets = {}
+    for (scheme, col), law in laws.items():
+        g = table[table.scheme == scheme]
+        c = g.assign(law=law.correlation(g.label_cross, g.label_own, g.label_repeat))
+        for part, h in c.groupby("partition"):
+            targets[(scheme, part, col)] = {int(k): float(v) for k, v in h.groupby("n_participating").law.mean().items()}
     return laws, targets
 
 

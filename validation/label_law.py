@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
 
-__all__ = ["LabelLaw", "fit_label_law", "law_table"]
+__all__ = ["LabelLaw", "MAX_CONDITION", "fit_label_law", "fit_label_laws", "law_table"]
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,19 @@ def fit_label_law(table: pd.DataFrame, column: str) -> LabelLaw:
         raise ValueError(f"the label law is not identified by these runs of {column} (condition {cond:.3g}: "
                          "their label statistics barely vary)")
     return LabelLaw(float(fit.x[0]), float(fit.x[1]), column, len(t), float(np.sqrt(np.mean(fit.fun**2))))
+
+
+def fit_label_laws(table: pd.DataFrame, columns, pilot_max_n: int) -> dict[tuple[str, str], LabelLaw]:
+    """``{(scheme, column): law}`` fitted on the runs of ``table`` with ``n_clients <= pilot_max_n`` (all its
+    splits together), for each scheme and each of ``columns`` the pilot identifies (:func:`fit_label_law`)."""
+    laws = {}
+    for scheme, g in table.groupby("scheme"):
+        for col in columns:
+            try:
+                laws[(str(scheme), col)] = fit_label_law(g[g.n_clients <= pilot_max_n], col)
+            except ValueError:
+                continue
+    return laws
 
 
 def law_table(table: pd.DataFrame, law: LabelLaw, pilot_max_n: int | None = None) -> pd.DataFrame:
