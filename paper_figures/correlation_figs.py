@@ -98,8 +98,7 @@ def _split_name(runs: pd.DataFrame) -> pd.Series:
 def label_law_check(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame | None = None, scheme: str = "ffa",
                     pilot_max_n: int = 4) -> pd.DataFrame:
     """Per (split, K, column of :data:`validation.analysis.LABEL_LAW_COLUMNS`): the measured mean correlation
-    (and its SE over runs)
-    beside the label law's mean over the same runs' batches, the law fitted on the pilot (N <=
+    (and its SE over runs) beside the label law's mean over the same runs' batches, the law fitted on the pilot (N <=
     ``pilot_max_n``) of ``pilot_runs``' splits together; ``test_runs`` (other splits) are predicted by that
     law. ``sample``: ``in`` (a pilot K of a fitted split) or ``out``; ``split``: the partition, with its
     Dirichlet concentration when ``test_runs`` are given (``partition`` alone otherwise)."""
@@ -133,13 +132,13 @@ def fig_label_law(pilot_runs: pd.DataFrame, test_runs: pd.DataFrame, out: Path, 
     from matplotlib.lines import Line2D
     from matplotlib.ticker import NullFormatter
 
+    from validation.analysis import LABEL_LAW_COLUMNS
+
     style.apply()
     t = label_law_check(pilot_runs, test_runs)
     splits = sorted(t.split.unique())
     colors = dict(zip(splits, ("#0072B2", "#D55E00", "#009E73", "#CC79A7")))
     ks = sorted(t.n_participating.unique())
-    from validation.analysis import LABEL_LAW_COLUMNS
-
     fig, axes = plt.subplots(1, len(LABEL_LAW_COLUMNS), figsize=(style.PAGE_W, 2.4), squeeze=False, constrained_layout=True)
     for ax, col in zip(axes[0], LABEL_LAW_COLUMNS):
         for split in splits:

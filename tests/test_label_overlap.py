@@ -11,7 +11,7 @@ import torch
 
 from test_harness_helpers import synth
 from validation.federated import client_batch_indices, client_batches, client_parts
-from validation.label_overlap import label_overlap, pilot_line, run_label_overlap
+from validation.label_overlap import label_overlap, label_shares, pilot_line, run_label_overlap, run_label_shares
 from validation.models import build_task
 
 
@@ -35,6 +35,8 @@ def test_run_overlap_uses_the_batches_the_clients_train_on():
             assert torch.equal(batches[t][i][1], task.train_labels[idx[i][t]])
     labels = task.train_labels.numpy()
     assert run_label_overlap(cfg, labels) == pytest.approx(label_overlap(labels, [np.concatenate(s) for s in idx]))
+    assert run_label_shares(cfg, labels) == pytest.approx(label_shares(labels, [np.concatenate(s) for s in idx]),
+                                                          nan_ok=True)
 
 
 def test_pilot_line_predicts_beyond_the_pilot_from_the_overlap_alone():

@@ -20,13 +20,18 @@ from validation.metrics import ALL
 __all__ = ["label_overlap", "label_shares", "run_label_overlap", "run_label_shares", "overlap_table", "pilot_line"]
 
 
+def _label_counts(labels: np.ndarray, index_sets: list[np.ndarray]) -> np.ndarray:
+    """``(sets, labels)`` counts of ``labels[index_sets[i]]`` (an index listed twice counted twice)."""
+    return np.array([np.bincount(labels[np.asarray(ix)], minlength=int(labels.max()) + 1) for ix in index_sets], float)
+
+
 def label_overlap(labels: np.ndarray, index_sets: list[np.ndarray]) -> float:
     """Mean over pairs i != j of the cosine between the label histograms of ``labels[index_sets[i]]``
     and ``labels[index_sets[j]]`` (1: the same label mix, 0: no label in common). NaN for one set."""
     labels = np.asarray(labels)
     if len(index_sets) < 2:
         return float("nan")
-    h = np.array([np.bincount(labels[np.asarray(ix)], minlength=int(labels.max()) + 1) for ix in index_sets], float)
+    h = _label_counts(labels, index_sets)
     h /= np.linalg.norm(h, axis=1, keepdims=True)
     cos = h @ h.T
     return float(cos[~np.eye(len(h), dtype=bool)].mean())
@@ -41,7 +46,7 @@ def label_shares(labels: np.ndarray, index_sets: list[np.ndarray]) -> tuple[floa
     twice; an example's noise is the same each time it is drawn)."""
     labels = np.asarray(labels)
     draws = [np.asarray(ix) for ix in index_sets]
-    h = np.array([np.bincount(labels[ix], minlength=int(labels.max()) + 1) for ix in draws], float)
+    h = _label_counts(labels, draws)
     q = h / h.sum(axis=1, keepdims=True)
     g = q @ q.T
     off = ~np.eye(len(q), dtype=bool)
