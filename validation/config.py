@@ -31,7 +31,7 @@ HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,) + HETERO_ONLY_R
 SAME_AS_RSLORA_AT_N1: tuple[str, ...] = ("sfed", "sfed-general", ADAPTIVE_RULE)
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
-_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None, "probe_from": "train"}
+_HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None, "probe_from": "train", "line_scales": None}
 LATER_FIELD_DEFAULTS = _HASH_DEFAULTS  # the same fields: rows of runs that predate one ran with its default
 
 # "svd" (FlexLoRA's SVD redistribution) only with client_ranks; "fedsa" only without
@@ -61,6 +61,8 @@ class RunConfig:
     ``rule="sfed-adaptive"`` the prior of the smoothed estimate (0: the first round uses SFed's
     ``alpha*sqrt(K/r)``). ``adaptive_ema``: the adaptive rule's smoothing factor across rounds
     (:class:`validation.adaptive.AdaptiveScaler`); ignored by the other rules.
+    ``line_scales``: also probe the gradient along the round's own update, at ``W0 + c dW`` for each c
+    (:mod:`validation.line_probe`; FFA only, where that point is an adapter); ``None``: not probed.
     ``client_ranks``: one LoRA rank per client (``None``: every client trains ``rank``); ``rank`` must
     then be their maximum, the server's width. Schemes: ``ffa`` and ``fedit`` zero-pad (HetLoRA; A
     frozen / averaged), ``exact`` stacks (FLoRA: the exact sum is merged), ``svd`` redistributes the
@@ -106,12 +108,15 @@ class RunConfig:
     synth_teacher_rank: int = 4
     adaptive_ema: float = 0.5
     client_ranks: tuple[int, ...] | None = None
+    line_scales: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.target_modules is not None and not isinstance(self.target_modules, tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if self.client_ranks is not None and not isinstance(self.client_ranks, tuple):
             object.__setattr__(self, "client_ranks", tuple(self.client_ranks))
+        if self.line_scales is not None and not isinstance(self.line_scales, tuple):
+            object.__setattr__(self, "line_scales", tuple(self.line_scales))
         if self.rule not in HARNESS_RULES:
             raise ValueError(f"unknown rule {self.rule!r}; allowed: {', '.join(HARNESS_RULES)} "
                              f"({ADAPTIVE_RULE!r} is the harness's adaptive rule; the others are sfed_theory.RULES)")
@@ -150,6 +155,18 @@ class RunConfig:
         if (self.model == "synthetic") != (self.dataset == "synthetic"):
             raise ValueError("model='synthetic' and dataset='synthetic' go together (the synthetic task has its own model)")
         self._check_client_ranks()
+        self._check_line_scales()
+
+    def _check_line_scales(self) -> None:
+        scales = self.line_scales
+        if scales is None:
+            return
+        if not scales or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c < float("inf")
+                             for c in scales):
+            raise ValueError(f"line_scales must be a non-empty list of finite numbers >= 0, got {scales!r}")
+        if self.scheme != "ffa" or self.client_ranks is not None:
+            raise ValueError("line_scales probes W0 + c dW, an adapter only while A is frozen and shared: scheme "
+                             f"'ffa' without client_ranks (got scheme {self.scheme!r})")
 
     def _check_client_ranks(self) -> None:
         ranks = self.client_ranks
@@ -183,6 +200,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["target_modules"] = list(self.target_modules) if self.target_modules is not None else None
         d["client_ranks"] = list(self.client_ranks) if self.client_ranks is not None else None
+        d["line_scales"] = list(self.line_scales) if self.line_scales is not None else None
         return d
 
     @property

@@ -51,6 +51,7 @@ from validation.backends import Divergence, make_backend
 from validation.adaptive import AdaptiveScaler, estimate_rho, rescale_for_new_gamma
 from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
+from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.models import Task, build_task
 
@@ -221,6 +222,10 @@ def config_columns(cfg: RunConfig) -> dict:
     d = cfg.to_dict()
     d["target_modules"] = ",".join(cfg.target_modules) if cfg.target_modules else ""
     d["participating"] = cfg.k
+    if cfg.line_scales is None:
+        del d["line_scales"]
+    else:
+        d["line_scales"] = ",".join(map(repr, map(float, cfg.line_scales)))
     if cfg.client_ranks is None:
         del d["client_ranks"]  # rows of runs without client ranks keep their columns
     else:
@@ -349,6 +354,7 @@ def _round(ctx: _Run, state: ServerState, gamma: float, rnd: int) -> tuple[list[
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     train_s = time.perf_counter() - t0
+    B_start = state.B
     state, round_delta, tot = aggregate_and_deltas(cfg.scheme, state, clients, A1, B1, p, gamma, ranks=ranks,
                                                    client_gammas=None if scal is None else scal.clients)
     backend.set_base_delta(state.merged)
@@ -356,6 +362,9 @@ def _round(ctx: _Run, state: ServerState, gamma: float, rnd: int) -> tuple[list[
     ev_loss, ev_acc = backend.evaluate(*eval_adapter(state), *ctx.evalset)
     measured = measure_round(ctx.task.targets, backend.shapes, start, end, round_delta, tot, A0, B0, A1, B1,
                              train_A, p, gamma if scal is None else scal.clients)
+    if cfg.line_scales is not None:  # FFA only (RunConfig checks): W0 + c dW is the adapter (A, B0 + c dB)
+        line = probe_line(backend, state.A, B_start, state.B, cfg.line_scales, *ctx.probe)
+        measured = [{**m, **line[m["layer"]]} for m in measured]
     common = {"round": rnd, "n_participating": K, "clients": ",".join(map(str, clients)),
               "train_loss": float(losses.mean()), "train_acc": float(accs.mean()),
               "probe_loss_start": start.loss, "probe_loss_end": end.loss,
