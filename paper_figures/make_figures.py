@@ -58,6 +58,7 @@ class Figure:
         from paper_figures import end_gradient_figs as EG
         from paper_figures import gradient_figs as G
         from paper_figures import hetero_figs as H
+        from paper_figures import line_probe_figs as LP
         from paper_figures import lr_transfer as L
         from paper_figures import theory_figs as T
 
@@ -90,6 +91,7 @@ class Figure:
             "p": lambda: CF.fig_client_correlation(_with_two_clients(results), out, formats, refined=_refined(results)),
             "q": lambda: G.fig_probe_size(_probe_fits(results), out, formats),
             "r": lambda: CF.fig_label_law(_with_two_clients(results), results["gradient_check_strong_skew"], out, formats),
+            "s": lambda: LP.fig_line_probe(results["gradient_check_line"], out, formats),
         }
         return fns[self.key]()
 
@@ -160,6 +162,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("r", "fig_label_law", "gradient_check_strong_skew",
            "the label law of the client correlation fitted on the pilot, against a Dirichlet(0.1) split and K = 8",
            also=("gradient_check", "gradient_check_two_clients")),
+    Figure("s", "fig_line_probe", "gradient_check_line",
+           "dL/dB along the round's own update (W0 + c dW) against the affine form, rsLoRA's and SFed's updates"),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

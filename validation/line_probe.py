@@ -78,10 +78,12 @@ def probe_line(backend, A: dict[str, torch.Tensor], B_start: dict[str, torch.Ten
 
 
 def line_table(df: pd.DataFrame, keys: Sequence[str] = ("run_id", "rule", "rank", "n_clients", "partition",
-                                                      "seed", "gamma", "round", "layer")) -> pd.DataFrame:
+                                                      "seed", "gamma", "alpha", "round", "layer")) -> pd.DataFrame:
     """One row per (run, layer, scale) from rows that carry the line probe (others are left out):
-    ``keys``, ``scale``, ``loss``, ``grad_B``, ``grad_A``, ``gap_B`` and ``ratio_B``, the squared dL/dB
-    norm at c over that at c = 0 (a scale 0 must be among the probed ones for it; else NaN)."""
+    ``keys``, ``scale``, ``loss``, ``grad_B``, ``grad_A``, ``gap_B``, ``ratio_B`` (the squared dL/dB norm at
+    c over that at c = 0; NaN unless 0 is among the scales) and ``step``, the step ``c gamma`` in units of
+    rsLoRA's gamma ``alpha / sqrt(r)`` (with Adam's increments, whose size does not depend on gamma, runs of
+    different rules at one (N, r, seed) take the same step at the same ``step``)."""
     need = {"line_scales", *LINE_COLUMNS}
     if not need <= set(df.columns):
         raise ValueError(f"no line probe in these rows (missing {sorted(need - set(df.columns))}); run with "
@@ -99,7 +101,10 @@ def line_table(df: pd.DataFrame, keys: Sequence[str] = ("run_id", "rule", "rank"
             out.append({**{k: rec[k] for k in keys if k in rec}, "scale": c, "loss": parsed["line_loss"][i],
                         "grad_B": parsed["line_grad_B"][i], "grad_A": parsed["line_grad_A"][i],
                         "gap_B": parsed["line_gap_B"][i], "ratio_B": parsed["line_grad_B"][i] ** 2 / base})
-    return pd.DataFrame(out)
+    out = pd.DataFrame(out)
+    if {"gamma", "alpha", "rank"} <= set(out.columns):
+        out["step"] = out["scale"] * out["gamma"] * np.sqrt(out["rank"].astype(float)) / out["alpha"]
+    return out
 
 
 def line_summary(table: pd.DataFrame, by: Sequence[str] = ("rule", "rank", "n_clients"), *, round: int = 1,
@@ -120,6 +125,8 @@ def line_summary(table: pd.DataFrame, by: Sequence[str] = ("rule", "rank", "n_cl
             rec[col] = float(x.mean())
             rec[f"{col}_low"], rec[f"{col}_high"] = np.percentile(boots, [2.5, 97.5])
         rec["n_runs"] = len(g)
+        if "step" in g:
+            rec["step"] = float(g["step"].mean())
         rows.append(rec)
     out = pd.DataFrame(rows)
     return pd.concat([_with_quadratic(g) for _, g in out.groupby(list(by))], ignore_index=True)
