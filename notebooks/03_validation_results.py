@@ -458,6 +458,32 @@ print(f"SFed drops above the bound: {int(small_drops.above_affine_bound.sum())} 
 small_drops.round(3)
 
 # %% [markdown]
+# **Along the round's own update.** Under FFA `W0 + c dW` is an adapter, so the harness probes dL/dB along
+# the round's own update (`RunConfig.line_scales`, `validation.line_probe`; `results/gradient_check_line.parquet`:
+# rsLoRA at N in {1, 4, 16} and SFed at N in {4, 16}, IID, lr 1e-3, seeds 0-8; predictions in its grid file,
+# written before the runs). Any affine end gradient puts R(c) on the quadratic through c = 0, 1/2, 1; the x axis
+# of figure (s) is the step in units of rsLoRA's gamma, where SFed's round (c = 1) meets rsLoRA's line at sqrt(N).
+
+# %%
+from paper_figures.line_probe_figs import affine_misses, fig_line_probe  # noqa: E402
+from validation.line_probe import line_summary, line_table  # noqa: E402
+
+line_rows = experiments.load("gradient_check_line", results_dir)
+p = fig_line_probe(line_rows, fig_dir, formats=("png",), n_boot=N_BOOT)[0]
+display(Image(filename=str(p), width=800))
+line = line_summary(line_table(line_rows), n_boot=N_BOOT)
+side = {c: affine_misses(line, c).measured_vs_affine.value_counts().to_dict() for c in (2.0, 4.0)}
+sf, rs = line[line.rule == "sfed"], line[line.rule == "rslora"]
+own = sf[sf.scale == 1.0].set_index(["rank", "n_clients"]).ratio_B
+at_sfed_step = rs[np.isclose(rs.scale, np.sqrt(rs.n_clients))].set_index(["rank", "n_clients"]).ratio_B
+display(Markdown(
+    f"The affine form against the 95% CI of R: at c = 2 {side[2.0]}, at c = 4 {side[4.0]} (of 15 lines). SFed's own "
+    "round against rsLoRA's update at SFed's step: " + ", ".join(
+        f"r = {r}, N = {n}: {own[(r, n)]:.2f} vs {at_sfed_step[(r, n)]:.2f}" for r, n in own.index) + "."))
+line[line.scale.isin([1.0, 2.0, 4.0])][["rule", "rank", "n_clients", "scale", "step", "ratio_B", "ratio_B_low",
+                                         "ratio_B_high", "ratio_B_quadratic", "gap_B"]].round(3)
+
+# %% [markdown]
 # ## 7. Learning-rate transfer: does a tuned learning rate carry across N and r?
 # `results/lr_transfer.parquet`: each rule (lora, rslora, sfed) at 7-8 learning rates spaced by 2x, for
 # N in {1, 4, 16} and r in {16, 256}, 8 rounds of 5 local steps, 2 seeds. The prediction is fixed before the
