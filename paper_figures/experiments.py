@@ -24,6 +24,8 @@ run x round x layer, config columns included) with its provenance in ``<results>
   check's Dirichlet(0.5) pilot, predict a stronger skew and an unseen K (predictions in the grid file): (r).
 * ``gradient_check_line``: rsLoRA's FFA runs probed along the round's own update, at ``W0 + c dW`` for c up to 4
   (:mod:`validation.line_probe`): is the end-of-round gradient affine in the update? Figure (s).
+* ``gradient_check_one_step``: the check with one local step (Adam's step is then the gradient's sign at any
+  gamma, so the increments cannot depend on gamma), each run probed along its own update: figure (t).
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
@@ -58,7 +60,8 @@ __all__ = ["EXPERIMENTS", "GRID_EXPERIMENTS", "GRID_SETS", "GRID_DIR", "DEFAULT_
 EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck", "gradient_check",
                                 "gradient_check_sgd", "gradient_check_heldout", "gradient_check_small_lr",
                                 "gradient_check_two_clients", "gradient_check_large_probe", "gradient_check_strong_skew",
-                                "gradient_check_line", "lr_transfer", "hetero_ranks", "hetero_lr")
+                                "gradient_check_line", "gradient_check_one_step",
+                                "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"
