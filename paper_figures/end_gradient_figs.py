@@ -20,14 +20,10 @@ __all__ = ["fig_end_gradient"]
 _RANK_COLORS = {4: "#56B4E9", 16: "#E69F00", 64: "#009E73"}
 
 
-def _lr_label(rows: pd.DataFrame) -> str:
-    return f"lr {float(rows.lr.iloc[0]):g}"
-
-
 def fig_end_gradient(runs: dict[str, pd.DataFrame], out: Path, formats=("png", "pdf"),
-                     stem: str = "fig_end_gradient", n_boot: int = 400) -> list[Path]:
+                     stem: str = "fig_end_gradient", n_boot: int = 400, title: str | None = None) -> list[Path]:
     """R against N, one row per split and one column per rule, one colour per rank, one line style per
-    results set in ``runs`` (name -> rows); the SFed column marks, after each step in N, the lowest R an
+    results set in ``runs`` (its legend label -> rows); the SFed column marks, after each step in N, the lowest R an
     affine end-gradient model allows (bars), and the title counts the SFed drops whose CI lies above it."""
     from matplotlib.lines import Line2D
 
@@ -58,11 +54,11 @@ def fig_end_gradient(runs: dict[str, pd.DataFrame], out: Path, formats=("png", "
     for ax in axes[-1]:
         ax.set_xlabel("clients N")
     handles = [Line2D([], [], color=c, label=f"r = {k}") for k, c in _RANK_COLORS.items()]
-    handles += [Line2D([], [], color="0.3", ls=styles[n], label=_lr_label(d)) for n, d in runs.items()]
+    handles += [Line2D([], [], color="0.3", ls=styles[n], label=n) for n in runs]
     handles += [Line2D([], [], color="0.3", marker="_", ls="", ms=8,
                        label="lowest R an affine model allows (from R at the smaller N)")]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=6)
-    counts = "; ".join(f"{_lr_label(runs[n])}: {int(d.above_affine_bound.sum())}/{len(d)}" for n, d in drops.items())
-    fig.suptitle("End-of-round dL/dB over its start, FFA, AdamW, one round. SFed drops above the affine bound "
-                 f"(whole 95% CI): {counts}", fontsize=7)
+    counts = "; ".join(f"{n}: {int(d.above_affine_bound.sum())}/{len(d)}" for n, d in drops.items())
+    fig.suptitle(f"{title or 'End-of-round dL/dB over its start, FFA, AdamW, one round.'} SFed drops above the "
+                 f"affine bound (whole 95% CI): {counts}", fontsize=7)
     return style.save(fig, out, stem, formats)

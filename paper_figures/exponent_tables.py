@@ -4,7 +4,7 @@
 with its bootstrap CI and every prediction (:func:`validation.analysis.fit_exponents`), over the check's own
 grid (N in {1, 4, 16}, r in {4, 16, 64});
 ``results/<check>_refined_params.csv``: the refined model's parameters behind ``predicted_refined``,
-fitted on the check's pilot with its N = 2 runs at the same learning rate
+fitted on the check's pilot, with its N = 2 runs at the same learning rate where :data:`PILOT_RUNS` names them
 (:func:`validation.analysis.with_pilot_runs`). Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
@@ -23,8 +23,9 @@ from paper_figures.experiments import DEFAULT_RESULTS, load
 __all__ = ["PILOT_RUNS", "exponent_table", "write_tables", "main"]
 
 PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
-              "gradient_check_sgd": None}
-"""Each check -> the experiment whose runs join its pilot at its learning rate (None: no refined model)."""
+              "gradient_check_one_step": None, "gradient_check_sgd": None}
+"""Each check -> the experiment whose runs join its pilot at its learning rate (None: its own pilot only). The
+refined model is AdamW's: the SGD check's table has no refined column."""
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000) -> tuple[pd.DataFrame, dict]:
@@ -37,7 +38,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
-        params = refined_fits(with_pilot_runs(df, load(extra, results))) if extra else {}
+        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 
 

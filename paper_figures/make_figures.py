@@ -92,6 +92,9 @@ class Figure:
             "q": lambda: G.fig_probe_size(_probe_fits(results), out, formats),
             "r": lambda: CF.fig_label_law(_with_two_clients(results), results["gradient_check_strong_skew"], out, formats),
             "s": lambda: LP.fig_line_probe(results["gradient_check_line"], out, formats),
+            "t": lambda: EG.fig_end_gradient(_one_and_two_steps(results), out, formats, stem="fig_one_step",
+                                             title="End-of-round dL/dB over its start, FFA, AdamW, lr 1e-3, one round, "
+                                                   "seeds 0-8."),
         }
         return fns[self.key]()
 
@@ -103,6 +106,13 @@ def _probe_fits(results: dict) -> pd.DataFrame:
     fits = G.probe_variant_fits(results["gradient_check"], {"held-out, 32": results["gradient_check_heldout"],
                                                             "training set, 128": results["gradient_check_large_probe"]})
     return fits.replace({"probe": {"train": "training set, 32"}})
+
+
+def _one_and_two_steps(results: dict) -> dict[str, pd.DataFrame]:
+    """Figure (t)'s runs: the gradient check with one local step and the stored check (two) on the same seeds."""
+    one = results["gradient_check_one_step"]
+    two = results["gradient_check"]
+    return {"two local steps": two[two.seed.isin(one.seed.unique())], "one local step": one}
 
 
 def _with_two_clients(results: dict) -> pd.DataFrame:
@@ -164,6 +174,9 @@ FIGURES: tuple[Figure, ...] = (
            also=("gradient_check", "gradient_check_two_clients")),
     Figure("s", "fig_line_probe", "gradient_check_line",
            "dL/dB along the round's own update (W0 + c dW) against the affine form, rsLoRA's and SFed's updates"),
+    Figure("t", "fig_one_step", "gradient_check_one_step",
+           "end-of-round dL/dB over its start vs N with one and with two local steps, and the floor an affine model allows",
+           also=("gradient_check",)),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

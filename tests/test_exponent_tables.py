@@ -32,3 +32,12 @@ def test_slopes_are_over_the_checks_grid_and_the_pilot_includes_the_extra_runs(c
     assert fits.predicted_refined.notna().any()
     with pytest.raises(ValueError, match="unknown check"):
         exponent_tables.exponent_table("scaling", tmp_path)
+
+
+def test_a_check_without_extra_runs_fits_on_its_own_pilot(check_and_pilot, monkeypatch, tmp_path):
+    check, _ = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20)
+    fits, params = pd.read_csv(paths[0]), pd.read_csv(paths[1])
+    assert set(params.pilot_ks.astype(str)) == {"4"}  # N <= 4 of its own grid: K = 4 only
+    assert fits.predicted_refined.notna().any()
