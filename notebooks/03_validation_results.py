@@ -484,6 +484,28 @@ line[line.scale.isin([1.0, 2.0, 4.0])][["rule", "rank", "n_clients", "scale", "s
                                          "ratio_B_high", "ratio_B_quadratic", "gap_B"]].round(3)
 
 # %% [markdown]
+# **With one local step** Adam's step is the gradient's sign at any gamma, so the clients' increments cannot follow
+# gamma (`results/gradient_check_one_step.parquet`: FFA, lr 1e-3, both splits, all rules, seeds 0-8; predictions in
+# its grid file). Figure (t) sets R against N beside the stored two-step check on the same seeds; the refined model
+# is fitted on each check's own pilot (N in {1, 4}) for the comparison.
+
+# %%
+one = experiments.load("gradient_check_one_step", results_dir)
+two = grad[(grad.scheme == "ffa") & grad.seed.isin(one.seed.unique())]
+p = fig_end_gradient({"two local steps": two, "one local step": one}, fig_dir, formats=("png",), n_boot=N_BOOT,
+                     stem="fig_one_step")[0]
+display(Image(filename=str(p), width=800))
+steps = {}
+for name, rows in (("one local step", one), ("two local steps", two)):
+    fits = fit_exponents(rows, n_boot=N_BOOT, refined=refined_fits(rows))
+    steps[name] = fits.groupby("quantity")[["agrees_refined", "in_ci_refined"]].sum()
+    steps[name].loc["all"] = steps[name].sum()
+    drops_n = sfed_drops(rows, n_boot=N_BOOT)
+    print(f"{name}: SFed drops above the affine bound {int(drops_n.above_affine_bound.sum())} of {len(drops_n)}; "
+          f"refined within {TOLERANCE} of {int(fits.agrees_refined.sum())} of {len(fits)} FFA slopes")
+pd.concat(steps, axis=1)
+
+# %% [markdown]
 # ## 7. Learning-rate transfer: does a tuned learning rate carry across N and r?
 # `results/lr_transfer.parquet`: each rule (lora, rslora, sfed) at 7-8 learning rates spaced by 2x, for
 # N in {1, 4, 16} and r in {16, 256}, 8 rounds of 5 local steps, 2 seeds. The prediction is fixed before the
