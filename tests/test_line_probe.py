@@ -36,8 +36,10 @@ class _MapBackend:
 
     def __init__(self, grad_of_B):
         self.grad_of_B = grad_of_B
+        self.calls = 0
 
     def probe(self, A, B, inputs, labels, *, grads=False, capture=False):
+        self.calls += 1
         gB = {n: self.grad_of_B(B[n]) for n in B}
         loss = float(sum((b ** 2).sum() for b in B.values()))
         return SimpleNamespace(loss=loss, grad_A={n: 2 * A[n] for n in A}, grad_B=gB)
@@ -67,6 +69,13 @@ def test_affine_gradient_has_zero_gap_and_a_quadratic_norm():
     sq = norms ** 2  # an affine map: the squared norm is exactly quadratic in c
     coef = np.polyfit([0.0, 0.5, 1.0], sq[:3], 2)
     np.testing.assert_allclose(np.polyval(coef, scales), sq, rtol=1e-4)
+
+
+def test_each_scale_is_probed_once():
+    backend = _MapBackend(lambda b: b ** 3)
+    A = {"x": torch.ones(2, 3)}
+    probe_line(backend, A, {"x": torch.zeros(4, 2)}, {"x": torch.ones(4, 2)}, (0.0, 0.5, 1.0, 2.0), {}, torch.zeros(1))
+    assert backend.calls == 4  # c = 0 and 1 anchor the gap and are among the scales: not probed twice
 
 
 def test_cubic_gradient_gap_by_hand():

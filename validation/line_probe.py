@@ -52,10 +52,14 @@ def probe_line(backend, A: dict[str, torch.Tensor], B_start: dict[str, torch.Ten
                probe_y: torch.Tensor) -> dict[str, dict[str, str]]:
     """``{layer or ALL: {column: "v1,v2,..."}}`` of :data:`LINE_COLUMNS` at ``B_start + c (B_end - B_start)``
     for each c of ``scales``, A fixed (the caller has set the backend's base delta)."""
-    def at(c: float):
-        out = backend.probe(A, {n: B_start[n] + c * (B_end[n] - B_start[n]) for n in A}, probe_in, probe_y,
-                            grads=True)
-        return out.loss, out.grad_A, out.grad_B
+    probed: dict[float, tuple] = {}
+
+    def at(c: float):  # each scale probed once (c = 0 and 1 anchor the gap and are often among the scales)
+        if c not in probed:
+            out = backend.probe(A, {n: B_start[n] + c * (B_end[n] - B_start[n]) for n in A}, probe_in, probe_y,
+                                grads=True)
+            probed[c] = (out.loss, out.grad_A, out.grad_B)
+        return probed[c]
 
     _, _, gB0 = at(0.0)
     _, _, gB1 = at(1.0)
