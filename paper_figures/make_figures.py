@@ -59,6 +59,7 @@ class Figure:
         from paper_figures import gradient_figs as G
         from paper_figures import hetero_figs as H
         from paper_figures import line_probe_figs as LP
+        from paper_figures import local_steps_figs as LS
         from paper_figures import lr_transfer as L
         from paper_figures import theory_figs as T
 
@@ -95,6 +96,8 @@ class Figure:
             "t": lambda: EG.fig_end_gradient(_one_and_two_steps(results), out, formats, stem="fig_one_step",
                                              title="End-of-round dL/dB over its start, FFA, AdamW, lr 1e-3, one round, "
                                                    "seeds 0-8."),
+            "u": lambda: LS.fig_local_steps({1: results["gradient_check_one_step"], 2: results["gradient_check"],
+                                             3: results["gradient_check_three_steps"]}, out, formats),
         }
         return fns[self.key]()
 
@@ -177,6 +180,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("t", "fig_one_step", "gradient_check_one_step",
            "end-of-round dL/dB over its start vs N with one and with two local steps, and the floor an affine model allows",
            also=("gradient_check",)),
+    Figure("u", "fig_local_steps", "gradient_check_three_steps",
+           "the gradients' slopes in N against the clients' local steps (one, two, three), SFed and rsLoRA",
+           also=("gradient_check", "gradient_check_one_step")),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 
