@@ -506,6 +506,20 @@ for name, rows in (("one local step", one), ("two local steps", two)):
 pd.concat(steps, axis=1)
 
 # %% [markdown]
+# And with three local steps (`results/gradient_check_three_steps.parquet`: rsLoRA and SFed, IID, seeds 0-8;
+# predictions in its grid file): figure (u) sets the gradients' slopes in N against the number of local steps.
+
+# %%
+from paper_figures.local_steps_figs import fig_local_steps, local_step_slopes  # noqa: E402
+
+three = experiments.load("gradient_check_three_steps", results_dir)
+by_steps = {1: one, 2: grad, 3: three}
+p = fig_local_steps(by_steps, fig_dir, formats=("png",), n_boot=N_BOOT)[0]
+display(Image(filename=str(p), width=800))
+local_step_slopes(by_steps, n_boot=N_BOOT).pivot_table(index=["quantity", "rule", "rank"], columns="local_steps",
+                                                       values="measured").round(3)
+
+# %% [markdown]
 # ## 7. Learning-rate transfer: does a tuned learning rate carry across N and r?
 # `results/lr_transfer.parquet`: each rule (lora, rslora, sfed) at 7-8 learning rates spaced by 2x, for
 # N in {1, 4, 16} and r in {16, 256}, 8 rounds of 5 local steps, 2 seeds. The prediction is fixed before the
