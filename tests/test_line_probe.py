@@ -127,7 +127,7 @@ def test_line_scales_leave_the_run_and_its_id_alone():
 
 
 @pytest.mark.parametrize("bad", [dict(scheme="fedit"), dict(line_scales=()), dict(line_scales=(0, -1)),
-                                 dict(line_scales=(0, float("inf")))])
+                                 dict(line_scales=(0, float("inf"))), dict(n_clients=2, rank=4, client_ranks=(2, 4))])
 def test_line_scales_refused_where_undefined(bad):
     kw = dict(model="synthetic", dataset="synthetic", scheme="ffa", line_scales=(0, 1))
     with pytest.raises(ValueError, match="line_scales"):

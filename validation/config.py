@@ -166,7 +166,7 @@ class RunConfig:
             raise ValueError(f"line_scales must be a non-empty list of finite numbers >= 0, got {scales!r}")
         if self.scheme != "ffa" or self.client_ranks is not None:
             raise ValueError("line_scales probes W0 + c dW, an adapter only while A is frozen and shared: scheme "
-                             f"'ffa' without client_ranks (got scheme {self.scheme!r})")
+                             f"'ffa' without client_ranks (got scheme {self.scheme!r}, client_ranks {self.client_ranks!r})")
 
     def _check_client_ranks(self) -> None:
         ranks = self.client_ranks
