@@ -204,7 +204,9 @@ for q in ("adapter_output", "loss_change"):
 #   from A x, as Adam's step on dL/dB = gamma G A^T is);
 # * the output direction `u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i` is shared along the loss gradient
 #   (every client descends the same loss) plus client noise;
-# * after the step the output gradient moved by the curvature: `G_end = (g + lambda dW x) x^T`.
+# * after the step each probe token's output gradient moved by the curvature times its output change:
+#   `G_end = g x^T + lambda dW C`, where `C = x x^T + nu I` is the probe tokens' input second moment, a
+#   shared direction `x` (B's coherent part is built from it) plus an isotropic bulk `nu` per coordinate.
 #
 # The adapter output moment, with its rank-coherent term (`r + 2` from the Wishart moment of `A^T A`):
 
@@ -215,8 +217,20 @@ refined_out = derive("adapter_output", "ffa", "adam-refined")
 print(refined_out.text(steps=False))
 
 # %% [markdown]
-# At `f_in = 0` it is the canonical moment; the `f_in (r + 2)` part grows like `r^2`, which is the
-# measured extra growth of the output in r. The gradient w.r.t. A sees the shared direction
+# The probe's tokens reach the output through `C`, so the bulk adds `nu` times a moment the engine derives
+# separately, the update's Frobenius moment: the bulk sees the whole update, the shared direction only its
+# coherent part.
+
+# %%
+bulk_part = sp.expand(closed_form("adapter_output", "ffa", "adam-refined")).coeff(SYM.nu)
+print("the nu part of E||y||^2 is E||dW||_F^2:",
+      sp.simplify(bulk_part - closed_form("update_fro", "ffa", "adam-refined")) == 0)
+
+# %% [markdown]
+# At `f_in = 0` and `nu = 0` it is the canonical moment; the `f_in (r + 2)` part grows like `r^2`, which is
+# the measured extra growth of the output in r. On MiniLM the shared direction carries 14% of the probe's
+# input energy (`validation.probe_inputs`, measured at the round's start), so the bulk dilutes that growth
+# in the output while the end gradient's curvature term still sees the shared direction coherently. The gradient w.r.t. A sees the shared direction
 # coherently over the `d` output coordinates (the `d phi f_in` term), so it shrinks with N much less
 # than the Frobenius norm:
 

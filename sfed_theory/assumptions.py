@@ -50,7 +50,8 @@ class Symbols:
     X2: sp.Symbol  # ||x||^2 of the deterministic probe input
     f_in: sp.Symbol  # refined model: share of a client's B increment along its input direction (A x)^T
     phi: sp.Symbol  # refined model: share of that component's output direction along the probe gradient -g
-    lam: sp.Symbol  # refined model: output-space curvature, G_end = (g + lam * dW x) x^T
+    lam: sp.Symbol  # refined model: output-space curvature, G_end = g x^T + lam dW C
+    nu: sp.Symbol  # refined model: the probe's isotropic input bulk, C = x x^T + nu I_k
 
 
 SYM = Symbols(
@@ -70,6 +71,7 @@ SYM = Symbols(
     f_in=sp.Symbol("f_in", nonnegative=True),
     phi=sp.Symbol("phi", nonnegative=True),
     lam=sp.Symbol("lambda", real=True),
+    nu=sp.Symbol("nu", nonnegative=True),
 )
 
 
@@ -203,10 +205,15 @@ REGIMES: dict[str, Regime] = {
         "dL/dB = gamma G A^T (B is no longer independent of A); (b) that component's output direction u_i is "
         "-sqrt(phi) g/tau (the loss-gradient direction every client descends) plus sqrt(1-phi) w_i (client "
         "noise); the rest, sqrt(1-f_in) of it, is the canonical client-correlated increment; (c) gradients "
-        "after the round are taken at G_end = (g + lambda dW x) x^T: the output gradient moved by the loss "
-        "curvature lambda (isotropic in output space) times the output change; A increments as in 'adam'",
+        "after the round are taken at G_end = g x^T + lambda dW C: each probe token's output gradient moved by "
+        "the loss curvature lambda (isotropic in output space) times its output change. The probe's tokens have "
+        "the input second moment C = x x^T + nu I: a shared direction x (the one B's coherent part is built "
+        "from, and the one the probe gradient g x^T has) plus an isotropic bulk nu per input coordinate "
+        "(nu = 0: one probe vector), so the adapter output is E||dW x||^2 + nu E||dW||_F^2; A increments as "
+        "in 'adam'",
         r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A x)^\top/(s_A\|x\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
-        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = (g + \lambda\,\Delta W x)\,x^\top",
+        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g x^\top + \lambda\,\Delta W C,\ "
+        r"C = x x^\top + \nu I",
     ),
     "sgd": Regime(
         "sgd",

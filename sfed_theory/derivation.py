@@ -10,6 +10,7 @@ takes about a second, later calls are dictionary look-ups.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -167,8 +168,14 @@ def solve_invariance(scheme: str = "ffa", regime: str = "adam", quantity: str = 
     )
 
 
+_IN_RANGE = {SYM.rho: sp.Rational(1, 5), SYM.f_in: sp.Rational(1, 4), SYM.phi: sp.Rational(1, 3),
+             **{power_sum(m): sp.Integer(3) ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)}}
+"""Values inside their ranges for the bounded symbols (shares in [0, 1], the weight sums of 3 equal clients)."""
+
+
 def _positive_at_generic_point(z: sp.Expr) -> bool:
-    point = {s: sp.Rational(3, 7) + i / 5 for i, s in enumerate(sorted(z.free_symbols, key=str))}
+    point = {s: _IN_RANGE.get(s, sp.Rational(3, 7) + sp.Rational(i, 5))
+             for i, s in enumerate(sorted(z.free_symbols, key=str))}
     val = complex(z.subs(point).evalf())
     return abs(val.imag) < 1e-12 and val.real > 0
 
@@ -209,31 +216,35 @@ def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output", regim
 @lru_cache(maxsize=None)
 def _step_size_fn(scheme: str, regime: str):
     """:func:`solve_step_size` at equal client weights as a float function of (gamma, r, rho, n, f_in, phi,
-    s_A, X2, T)."""
+    nu, s_A, X2, T)."""
     n = sp.Symbol("n", positive=True)
     expr = solve_step_size(scheme, "adapter_output", regime)
     expr = expr.subs({power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)})
-    return sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.s_A, SYM.X2, _TARGET), expr, "math")
+    return sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.nu, SYM.s_A, SYM.X2, _TARGET), expr,
+                       "math")
 
 
 def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell: tuple[int, int], *,
                        rho: float = 0.0, scheme: str = "ffa", regime: str = "adam", f_in: float = 0.0,
-                       phi: float = 0.0) -> float:
+                       phi: float = 0.0, nu: float = 0.0) -> float:
     """Predicted ``lr*(cell) / lr*(reference)`` for a rule, cells given as ``(rank, n_clients)``.
 
     From :func:`solve_step_size` at the rule's gamma (taken at K = N clients averaged) and the client
     correlation ``rho`` (same weights for all clients): SFed keeps it near 1 (exactly 1 at rho = 0),
     rsLoRA gives ``sqrt(N)``-like growth, LoRA ``sqrt(N r)``. ``regime="adam-refined"`` with the
     input-coherent share ``f_in`` and its gradient-aligned part ``phi`` (estimated elsewhere, e.g. by
-    :func:`validation.refined.fit_refined` on a pilot) gives the refined model's transfer."""
+    :func:`validation.refined.fit_refined` on a pilot) gives the refined model's transfer; ``nu`` is the probe's
+    input bulk (0: one probe vector, the output's size at the shared direction only)."""
     from sfed_theory.rules import scaling_factor
 
     for name, v in (("f_in", f_in), ("phi", phi)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {v}")
+    if not (math.isfinite(nu) and nu >= 0.0):
+        raise ValueError(f"nu must be finite and >= 0, got {nu}")
     f = _step_size_fn(scheme, regime)
 
     def at(r: int, n_clients: int) -> float:
-        return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, 1.0, 1.0, 1.0)
+        return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, nu, 1.0, 1.0, 1.0)
 
     return at(*cell) / at(*reference)

@@ -45,7 +45,8 @@ class ModelParams:
     x_norm2: float = 1.0
     f_in: float = 0.0  # refined model ("adam-refined"): input-coherent share of B's increment
     phi: float = 0.0  # refined model: share of that component's output direction along -g
-    lam: float = 0.0  # refined model: output-space curvature, G_end = (g + lam * dW x) x^T
+    lam: float = 0.0  # refined model: output-space curvature, G_end = g x^T + lam dW C
+    nu: float = 0.0  # refined model: the probe's isotropic input bulk, C = x x^T + nu I
 
     def __post_init__(self) -> None:
         for name in ("d", "k", "r", "n_clients"):
@@ -54,6 +55,8 @@ class ModelParams:
         for name in ("rho", "f_in", "phi"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.nu) and self.nu >= 0.0):
+            raise ValueError(f"nu is an input variance and must be finite and >= 0, got {self.nu}")
         if self.weights is not None and len(self.weights) != self.n_clients:
             raise ValueError(f"weights has {len(self.weights)} entries, n_clients={self.n_clients}")
         if self.participating is not None and not 1 <= self.participating <= self.n_clients:
@@ -162,11 +165,12 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         b_f, a_f = b_bar, a_bar
     dw = dw_exact if base == "exact" else gam * b_f @ a_f
     probe = g[:, :, None] * x[None, None, :]  # g x^T, (s, d, k)
-    if regime == "adam-refined":  # the output gradient after the step: g + lam * dW x
-        probe = probe + params.lam * (dw @ x)[:, :, None] * x[None, None, :]
+    nu = params.nu if regime == "adam-refined" else 0.0  # the probe's input bulk: C = x x^T + nu I
+    if regime == "adam-refined":  # each token's output gradient after the step: lam dW C added
+        probe = probe + params.lam * ((dw @ x)[:, :, None] * x[None, None, :] + nu * dw)
     out: dict[str, np.ndarray] = {}
     if "adapter_output" in quantities:
-        out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1)
+        out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1) + nu * np.sum(dw**2, axis=(1, 2))
     if "update_fro" in quantities:
         out["update_fro"] = np.sum(dw**2, axis=(1, 2))
     if "grad_A" in quantities:
@@ -174,8 +178,9 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
     if "grad_B" in quantities:
         out["grad_B"] = gam**2 * np.sum((probe @ np.swapaxes(a_f, 1, 2)) ** 2, axis=(1, 2))
     if "output_client" in quantities:  # p-weighted mean over the client c of its own update's output
-        own_y = gam * np.einsum("scdr,scr->scd", b_i, np.broadcast_to(a_i, (s, kk, r, k)) @ x)
-        out["output_client"] = np.einsum("sc,sc->s", p, np.sum(own_y**2, axis=2))
+        own_w = gam * b_i @ np.broadcast_to(a_i, (s, kk, r, k))
+        own = np.sum((own_w @ x) ** 2, axis=2) + nu * np.sum(own_w**2, axis=(2, 3))
+        out["output_client"] = np.einsum("sc,sc->s", p, own)
     if "grad_A_client" in quantities:
         out["grad_A_client"] = gam**2 * np.einsum("sc,sc->s", p, np.sum(
             (np.swapaxes(b_i, 2, 3) @ probe[:, None]) ** 2, axis=(2, 3)))

@@ -17,7 +17,8 @@ __all__ = ["QUANTITIES", "QUANTITY_TEXT", "CLIENT_PROJECTIONS", "check_names", "
            "factors", "build"]
 
 QUANTITY_TEXT: dict[str, str] = {
-    "adapter_output": "E||y||^2, y = dW x (aggregated adapter output for a probe input x)",
+    "adapter_output": "E||y||^2, y = dW x (aggregated adapter output for a probe input x; adam-refined: "
+                      "+ nu E||dW||_F^2 from the probe's input bulk)",
     "update_fro": "E||dW||_F^2 (aggregated update)",
     "grad_A": "E||dL/dA||_F^2 at the aggregated adapter, dL/dA = gamma B^T g x^T",
     "grad_B": "E||dL/dB||_F^2 at the aggregated adapter, dL/dB = gamma g x^T A^T",
@@ -27,7 +28,7 @@ QUANTITY_TEXT: dict[str, str] = {
     # one client's contribution to a quantity that is linear in the averaged increments (client c fixed;
     # the p-weighted mean over c), beside the average's: their ratio is the correlation the harness
     # measures for that quantity (rho_out, rho_gA, rho_gB), see validation.refined
-    "output_client": "E||y_c||^2, y_c = gamma B_c A_c x (one client's own update applied to x)",
+    "output_client": "E||y_c||^2, y_c = gamma B_c A_c x (one client's own update applied to the probe)",
     "grad_A_client": "E||gamma B_c^T G_end||^2 (one client's B in dL/dA, at the aggregated adapter's probe gradient)",
     "grad_B_client": "E||gamma G_end D_c^T||^2 (one client's A increment in dL/dB, at the aggregated adapter)",
     "grad_B_increment": "E||gamma G_end Dbar^T||^2 (the clients' mean A increment in dL/dB, at the aggregated adapter)",
@@ -145,17 +146,28 @@ def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
 def _probe_at_end(scheme: str, regime: str) -> Mat:
     """The probe's gradient wrt W at the aggregated adapter (d x k)."""
     probe = _probe_gradient()
-    if regime == "adam-refined":  # after the step the output gradient moved by lambda times the output change
-        x = Mat.vector_x()
-        probe = probe + (update(scheme, regime) @ x @ x.T).scale(SYM.lam)
+    if regime == "adam-refined":  # each token's output gradient moved by lambda times its output change:
+        x = Mat.vector_x()        # lambda sum_t dW x_t x_t^T = lambda dW C, C = x x^T + nu I
+        dw = update(scheme, regime)
+        probe = probe + (dw @ x @ x.T).scale(SYM.lam) + dw.scale(SYM.lam * SYM.nu)
     return probe
+
+
+def _output_norm2(dw: Mat, regime: str, fac: IndexFactory) -> list[Term]:
+    """``E||dW X^T||_F^2`` over the probe's tokens: ``||dW x||^2``, plus ``nu ||dW||_F^2`` from the isotropic
+    input bulk of the refined regime (``C = x x^T + nu I``)."""
+    y = dw @ Mat.vector_x()
+    terms = frobenius_inner(y, y, fac)
+    if regime == "adam-refined":
+        terms += [t.scaled(SYM.nu) for t in frobenius_inner(dw, dw, fac)]
+    return terms
 
 
 def _client_projection(quantity: str, scheme: str, regime: str) -> Mat:
     """One client's (or, for ``grad_B_increment``, the clients' mean) contribution of CLIENT_PROJECTIONS."""
     c = FIXED_CLIENT
     if quantity == "output_client":
-        return (client_B(regime, c, scheme) @ client_A(scheme, regime, c) @ Mat.vector_x()).scale(SYM.gamma)
+        return (client_B(regime, c, scheme) @ client_A(scheme, regime, c)).scale(SYM.gamma)
     probe = _probe_at_end(scheme, regime)
     if quantity == "grad_A_client":
         return (client_B(regime, c, scheme).T @ probe).scale(SYM.gamma)
@@ -168,11 +180,8 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     """The scalar random quantity (before expectation) as a list of index terms."""
     check_names(quantity, scheme, regime)
     fac = IndexFactory()
-    x = Mat.vector_x()
-    g = Mat.field("g")
     if quantity == "adapter_output":
-        y = update(scheme, regime) @ x
-        return frobenius_inner(y, y, fac)
+        return _output_norm2(update(scheme, regime), regime, fac)
     if quantity == "update_fro":
         dw = update(scheme, regime)
         return frobenius_inner(dw, dw, fac)
@@ -183,6 +192,8 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
         return frobenius_inner(grad, grad, fac)
     if quantity in CLIENT_PROJECTIONS:
         part = _client_projection(quantity, scheme, regime)
+        if quantity == "output_client":  # the client's own update, applied to the probe's tokens
+            return _output_norm2(part, regime, fac)
         return frobenius_inner(part, part, fac)
     if quantity == "aggregation_error":
         err = update(scheme, regime) - _exact(scheme, regime)

@@ -45,7 +45,7 @@ def _check_all(params: ModelParams, scheme: str, regime: str, seed: int) -> list
 
 
 BASE = ModelParams(d=4, k=5, r=3, n_clients=4, gamma=0.8, rho=0.25, s_A=0.7, s_B=1.1, s_dA=0.5, tau=0.9,
-                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7)  # the refined regime's shares and curvature
+                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7, nu=0.3)  # the refined regime's parameters
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -65,6 +65,7 @@ def models(draw: st.DrawFn) -> tuple[ModelParams, str, str, int]:
         s_A=draw(st.floats(0.3, 2.0)), s_B=draw(st.floats(0.3, 2.0)), s_dA=draw(st.floats(0.3, 2.0)),
         tau=draw(st.floats(0.3, 2.0)), eta=draw(st.floats(0.3, 2.0)), x_norm2=draw(st.floats(0.5, 3.0)),
         f_in=draw(st.floats(0.05, 1.0)), phi=draw(st.floats(0.05, 1.0)), lam=draw(st.floats(-1.0, 1.0)),
+        nu=draw(st.sampled_from([0.0]) | st.floats(0.0, 1.0)),
     )
     return params, draw(st.sampled_from(list(SCHEMES))), draw(st.sampled_from(list(REGIMES))), draw(st.integers(0, 10**6))
 
@@ -155,3 +156,15 @@ def test_sfed_rule_is_not_flat_under_sgd_by_simulation():
     rel_se = math.hypot(vals[0].se / vals[0].mean, vals[1].se / vals[1].mean)
     assert abs(ratio - 8.0) <= Z * rel_se * ratio
     assert abs(ratio - 1.0) > Z * rel_se * ratio
+
+
+def test_monte_carlo_sees_the_probes_input_bulk():
+    """With an input bulk (C = x x^T + nu I) the derived forms carry it: the same forms with the bulk dropped
+    (nu = 0) fall outside the Monte Carlo interval for the output and for both gradients at the end."""
+    from dataclasses import replace
+
+    p = replace(BASE, nu=0.6, n_clients=2)
+    est = simulate(p, "fedit", "adam-refined", n_samples=SAMPLES, seed=12)
+    for q in ("adapter_output", "grad_A", "grad_B"):
+        assert est[q].contains(expected_value(q, "fedit", "adam-refined", p), Z), q
+        assert not est[q].contains(expected_value(q, "fedit", "adam-refined", replace(p, nu=0.0)), Z), q
