@@ -5,7 +5,9 @@ with its bootstrap CI and every prediction (:func:`validation.analysis.fit_expon
 grid (N in {1, 4, 16}, r in {4, 16, 64});
 ``results/<check>_refined_params.csv``: the refined model's parameters behind ``predicted_refined``,
 fitted on the check's pilot, with its N = 2 runs at the same learning rate where :data:`PILOT_RUNS` names them
-(:func:`validation.analysis.with_pilot_runs`). Deterministic given ``n_boot`` and the seed::
+(:func:`validation.analysis.with_pilot_runs`), and the probe's input bulk ``nu`` measured at the round's start
+(``results/probe_inputs.csv`` for checks stored before the harness recorded it,
+:mod:`paper_figures.probe_input_table`). Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from paper_figures.experiments import DEFAULT_RESULTS, load
+from paper_figures.probe_input_table import stored_nu
 
 __all__ = ["PILOT_RUNS", "exponent_table", "write_tables", "main"]
 
@@ -38,7 +41,8 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
-        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df)
+        nu = None if "probe_top_share" in df else stored_nu(check, results)  # checks stored before the column
+        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 
 

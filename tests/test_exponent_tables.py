@@ -41,3 +41,30 @@ def test_a_check_without_extra_runs_fits_on_its_own_pilot(check_and_pilot, monke
     fits, params = pd.read_csv(paths[0]), pd.read_csv(paths[1])
     assert set(params.pilot_ks.astype(str)) == {"4"}  # N <= 4 of its own grid: K = 4 only
     assert fits.predicted_refined.notna().any()
+
+
+def test_the_input_bulk_comes_from_the_runs_or_from_the_stored_probe_table(check_and_pilot, monkeypatch, tmp_path):
+    from paper_figures.probe_input_table import PROBE_SETTINGS, TABLE, probe_settings
+    from validation.analysis import ALL
+    from validation.probe_inputs import bulk_nu
+
+    check, _ = check_and_pilot
+    stored = {"gradient_check_one_step": check}
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: stored[name])
+    _, params = exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
+    rows = check[(check.layer == ALL) & (check["round"] == 1)]
+    want = bulk_nu(float(rows.probe_top_share.mean()), int(rows.k_in.iloc[0]))
+    assert {round(p.nu, 12) for p in params.values()} == {round(want, 12)}  # the runs' own measurement
+    stored["gradient_check_one_step"] = check.drop(columns="probe_top_share")  # stored before the column
+    with pytest.raises(ValueError, match="missing"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
+    table = pd.DataFrame({"seed": [0, 0], "layer": ["a", "b"], "k": [384, 384], "n_tokens": [8, 8],
+                          "top_share": [0.1, 0.2], "mean_token_share": [0.1, 0.1]})
+    settings = probe_settings("gradient_check_one_step")
+    table.assign(**{f: str(settings[f]) for f in PROBE_SETTINGS}).to_csv(tmp_path / TABLE, index=False)
+    _, params = exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
+    assert {round(p.nu, 12) for p in params.values()} == {round(bulk_nu(0.15, 384), 12)}
+    table.assign(**{f: str(settings[f]) for f in PROBE_SETTINGS}).assign(probe_size="128").to_csv(tmp_path / TABLE,
+                                                                                                 index=False)
+    with pytest.raises(ValueError, match="probe settings"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)

@@ -36,7 +36,7 @@ import pandas as pd
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "label_law_targets", "LABEL_LAW_COLUMNS",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -212,7 +212,8 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
     return laws, targets
 
 
-def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label") -> dict:
+def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label",
+                 nu: float | None = None) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -221,7 +222,10 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     applies and can be fitted; otherwise (and for ``"k"``) a label-skewed split (not ``"iid"``) whose
     scheme also has IID runs takes the correlation without skew from the IID pilot and its skew share
     from its own pilot (``unskewed_rho`` of :func:`validation.refined.fit_refined`), or with two pilot K
-    its own K-law. Groups with too little pilot data are left out with a warning."""
+    its own K-law. ``nu``: the probe's input bulk (``C = x x^T + nu I``); ``None`` takes it from the runs'
+    own measurement at the round's start (``probe_top_share``, :mod:`validation.probe_inputs`), or 0 (one
+    probe vector, with a warning) for results that predate it. Groups with too little pilot data are left
+    out with a warning."""
     from validation.refined import fit_refined
 
     if correlation_law not in ("label", "k"):
@@ -238,6 +242,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
         ok = ok.assign(partition="?")
     out = {}
     pilot = ok[(ok["layer"] == ALL) & (ok["n_clients"] <= pilot_max_n) & (ok["n_participating"] > 1)]
+    nu = measured_nu(ok[ok["layer"] == ALL]) if nu is None else nu
     targets = label_law_targets(ok, pilot_max_n, rnd=round)[1] if correlation_law == "label" else {}
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
@@ -248,10 +253,25 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
             unskewed = float(iid[col].mean()) if key[2] != "iid" and iid[col].notna().any() else None
             try:
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
-                                             unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)))
+                                             unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
+                                             nu=nu)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out
+
+
+def measured_nu(rows: pd.DataFrame) -> float:
+    """The refined model's input bulk ``nu`` from the probe's measured top share (``probe_top_share``, mean
+    over runs; the probe is the same at every N, rank and split of a seed), or 0 with a warning where the
+    results lack the column (measured by the harness since the probe's input bulk entered the model)."""
+    from validation.probe_inputs import bulk_nu
+
+    share = rows["probe_top_share"].dropna() if "probe_top_share" in rows else pd.Series(dtype=float)
+    if share.empty:
+        warnings.warn("the results lack probe_top_share: the refined model probes with one input vector (nu = 0); "
+                      "pass nu (validation.probe_inputs.probe_nu) to use the probe's measured bulk", stacklevel=3)
+        return 0.0
+    return bulk_nu(float(share.mean()), int(rows["k_in"].iloc[0]))
 
 
 def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0,

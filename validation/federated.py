@@ -53,6 +53,7 @@ from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
+from validation.probe_inputs import top_share
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
@@ -172,6 +173,8 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
                         train_A, per_client)
         m, g = layer_metrics(n, lr)
         m["d_out"], m["k_in"] = shapes[n]
+        x0 = start.inputs[n][0] if start.per_client else start.inputs[n]  # round 1: the same at every client
+        m["probe_top_share"] = top_share(x0)  # the probe's input spike, the refined model's nu (probe_inputs)
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())
@@ -181,6 +184,7 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
     allrow = combine_layers(layer_rows, grams, p)
     for f in ("A", "B"):
         allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
+    allrow["probe_top_share"] = float(np.mean([m["probe_top_share"] for m in layer_rows]))  # layers alike
     sh = set(shapes.values())
     allrow["d_out"], allrow["k_in"] = sh.pop() if len(sh) == 1 else (-1, -1)
     return layer_rows + [allrow]

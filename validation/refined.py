@@ -106,6 +106,7 @@ class RefinedParams:
     pilot_ks: tuple[int, ...] = ()  # the client counts > 1 of the pilot (two or more: the split's own K-law)
     corr_by_k: tuple[tuple[int, float], ...] = ()  # the label law's measured-unit correlation per K (else empty)
     rho_by_k: tuple[tuple[int, float], ...] = ()  # the model's correlation solved from it per K
+    nu: float = 0.0  # the probe's isotropic input bulk (C = x x^T + nu I, ||x|| = 1): measured, not fitted
 
     @property
     def label_law(self) -> bool:
@@ -147,7 +148,7 @@ class RefinedParams:
                     f"N <= {self.pilot_max_n}, rms log residual {self.rms_log_residual:.3f}); {self.rho_column} from the "
                     f"label law, per K: {law}{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}; "
                     f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
-                    f"s_dA={_fmt(self.s_dA)} (pilot increments)")
+                    f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)")
         skew = (f", s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else "")
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
@@ -156,7 +157,7 @@ class RefinedParams:
                 f"{' (solved: the model reproduces the projected correlation)' if self.rho_model is not None else ''}"
                 f"{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}{skew}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
-                f"s_dA={_fmt(self.s_dA)} (pilot increments)")
+                f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)")
 
     def to_row(self) -> dict:
         """Flat dict for a CSV."""
@@ -205,7 +206,7 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     s_b = np.array([p.s_B[str(u)] for u in rules])
     s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
     f = moment_function(quantity, scheme, REFINED_REGIME)
-    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, *weight_sums(kk))
+    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, *weight_sums(kk))
 
 
 _PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
@@ -278,7 +279,8 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
-                unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None) -> RefinedParams:
+                unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
+                nu: float = 0.0) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -293,8 +295,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     fitted to its per-K means (``unskewed_rho`` is then not used). ``correlation_at``: the measured
     correlation at every K the model is to predict (K > 1), from the label law (:mod:`validation.label_law`,
     fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
-    K-law is used. Raises ValueError when the pilot part has too little to fit (fewer than two ranks or no
-    N > 1)."""
+    K-law is used. ``nu``: the probe's isotropic input bulk (``C = x x^T + nu I``), measured from the
+    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. Raises ValueError
+    when the pilot part has too little to fit (fewer than two ranks or no N > 1)."""
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -314,7 +317,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def params(f: float, ph: float, lam: float) -> RefinedParams:  # the residual is set once the fit is done
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
-                          tuple(meas), rho_column, 0.0 if projected else skew)
+                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu)
         if correlation_at is not None:
             return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)

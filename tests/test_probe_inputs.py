@@ -1,0 +1,84 @@
+"""The probe-input measurements behind the refined model's nu, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from validation.config import RunConfig
+from paper_figures.probe_input_table import probe_input_table
+from validation.probe_inputs import bulk_nu, mean_token_share, probe_nu, top_share
+
+
+def test_top_share_is_the_top_eigenvalue_over_the_energy():
+    x = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # X^T X = diag(4, 1, 1)
+    assert top_share(x) == pytest.approx(4 / 6)  # a root taken (2/4) or a square (16/18) fails
+    assert top_share(torch.ones(5, 3)) == pytest.approx(1.0)  # every token on one line
+    assert top_share(torch.eye(4)) == pytest.approx(1 / 4)  # isotropic
+
+
+def test_mean_token_share_by_hand():
+    x = torch.tensor([[1.0, 1.0], [1.0, -1.0]])  # mean (1, 0): 2 * 1 of the energy 4
+    assert mean_token_share(x) == pytest.approx(0.5)
+    assert mean_token_share(x - x.mean(0)) == pytest.approx(0.0)
+
+
+def test_bulk_nu_inverts_the_models_second_moment():
+    k, nu, x2 = 6, 0.3, 2.0
+    v = torch.zeros(k, dtype=torch.float64)
+    v[0] = math.sqrt(x2)
+    c = torch.outer(v, v) + nu * torch.eye(k, dtype=torch.float64)  # C = x x^T + nu I
+    share = float(torch.linalg.eigvalsh(c)[-1] / torch.trace(c))
+    assert bulk_nu(share, k, x2) == pytest.approx(nu)
+    assert bulk_nu(1.0, k) == 0.0  # one probe vector
+    with pytest.raises(ValueError, match="no spike"):
+        bulk_nu(1 / k, k)
+    with pytest.raises(ValueError, match="share"):
+        bulk_nu(1.2, k)
+
+
+def test_bad_token_rows_are_refused():
+    with pytest.raises(ValueError, match="n_tokens, k"):
+        top_share(torch.ones(3))
+    with pytest.raises(ValueError, match="all zero"):
+        top_share(torch.zeros(2, 3))
+
+
+def test_probe_input_table_on_the_synthetic_task():
+    cfg = RunConfig(model="synthetic", dataset="synthetic", n_clients=1, rank=2, probe_size=16, device="cpu")
+    t = probe_input_table(cfg, seeds=[0, 1])
+    assert set(t.seed) == {0, 1} and (t.n_tokens == 16).all()
+    assert ((t.top_share > 1 / t.k) & (t.top_share <= 1)).all()
+    assert (t.mean_token_share <= t.top_share + 1e-12).all()  # the mean direction is one direction
+    assert probe_nu(t) == pytest.approx(bulk_nu(float(t.top_share.mean()), int(t.k.iloc[0])))
+
+
+def test_the_real_models_probe_inputs_have_a_spike():
+    """MiniLM's hidden states share a mean direction: the top share is far above isotropic (1/k), and the
+    mean token carries most of it (the default task measures 0.14 and 0.13, docs/THEORY.md)."""
+    cfg = RunConfig(n_clients=1, rank=4, probe_size=4, max_length=16, eval_size=8, device="cpu")
+    t = probe_input_table(cfg, seeds=[0])
+    assert len(t) == 12 and (t.k == 384).all()
+    assert (t.top_share > 10 / t.k).all() and (t.mean_token_share > 0.5 * t.top_share).mean() > 0.5
+
+
+def test_the_harness_records_the_probes_top_share_at_the_rounds_start():
+    """The probe is a property of the seed: at round 1 its top share is the same at every N, rank and rule
+    (B = 0, so the base model's inputs), and the __all__ row is the layers' mean."""
+    from test_harness_helpers import synth
+    from validation.analysis import measured_nu
+    from validation.federated import run
+    from validation.metrics import ALL
+
+    df = pd.concat([run(synth(rule=rule, n_clients=n, rank=r, rounds=1, scheme=s))
+                    for rule, n, r, s in (("lora", 1, 2, "ffa"), ("sfed", 3, 4, "fedsa"), ("rslora", 2, 4, "fedit"))])
+    per_layer = df[df.layer != ALL].groupby("layer").probe_top_share
+    assert (per_layer.nunique() == 1).all()
+    top = df[df.layer == ALL].probe_top_share
+    assert top.nunique() == 1 and top.iloc[0] == pytest.approx(per_layer.first().mean())
+    assert measured_nu(df[df.layer == ALL]) == pytest.approx(bulk_nu(float(top.iloc[0]), int(df.k_in.iloc[-1])))
+    with pytest.warns(UserWarning, match="probe_top_share"):
+        assert measured_nu(df[df.layer == ALL].drop(columns="probe_top_share")) == 0.0

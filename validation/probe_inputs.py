@@ -1,0 +1,54 @@
+"""How the probe's token inputs spread their energy: the input bulk ``nu`` of the refined model.
+
+Every gradient the harness measures is a sum over the probe's tokens, ``dL/dB = gamma sum_t g_t (A x_t)^T``,
+so the tokens enter through their second moment ``C = sum_t x_t x_t^T`` (``X^T X``, real tokens only). A
+transformer's hidden states share a large mean direction: ``C`` is one spike plus a bulk. The refined
+model writes it as ``C = x x^T + nu I`` with ``||x|| = 1`` (:data:`sfed_theory.assumptions.REGIMES`); the spike's
+share of the energy, ``lambda_max(C) / tr C``, fixes ``nu``. It is measured on the adapted layers' inputs
+at the round's start (B = 0: the base model's own activations, the same at every rank and N), before any
+training, like the start gradient that sets ``tau``: an input of the model, not a fitted number.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+__all__ = ["top_share", "mean_token_share", "bulk_nu", "probe_nu"]
+
+
+def top_share(x: torch.Tensor) -> float:
+    """``lambda_max(X^T X) / ||X||_F^2`` of token rows ``x`` (n_tokens, k): the share of the tokens' input
+    energy along their single strongest direction (1: all tokens on one line; 1/k: isotropic)."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected token rows of shape (n_tokens, k), got {tuple(x.shape)}")
+    total = float((x * x).sum())
+    if total <= 0:
+        raise ValueError("the token rows are all zero: no input energy to split")
+    return float(torch.linalg.eigvalsh(x.T @ x)[-1]) / total
+
+
+def mean_token_share(x: torch.Tensor) -> float:
+    """``n ||mean_t x_t||^2 / ||X||_F^2``: the share of the input energy the mean token carries."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return float(x.shape[0] * (x.mean(0) ** 2).sum() / (x * x).sum())
+
+
+def bulk_nu(share: float, k: int, x_norm2: float = 1.0) -> float:
+    """The ``nu`` of ``C = x x^T + nu I_k`` (``||x||^2 = x_norm2``) whose top eigenvalue carries ``share`` of
+    ``tr C``: ``(x2 + nu) / (x2 + k nu) = share``, so ``nu = x2 (1 - share) / (k share - 1)``. A share
+    of 1 is one probe vector (nu = 0); a share at or below 1/k has no spike to write this way."""
+    if not 0.0 < share <= 1.0 or k < 2:
+        raise ValueError(f"share must lie in (0, 1] and k >= 2, got share={share}, k={k}")
+    if share * k <= 1.0:
+        raise ValueError(f"share={share} <= 1/k={1 / k}: the tokens have no spike above an isotropic bulk")
+    return x_norm2 * (1.0 - share) / (k * share - 1.0)
+
+
+def probe_nu(table: pd.DataFrame) -> float:
+    """The model's ``nu`` from a table of measured ``top_share`` (one row per seed and layer, with ``k``;
+    :func:`paper_figures.probe_input_table.probe_input_table`): from the mean top share over seeds and layers
+    (the model treats the layers alike, as it does for every other input)."""
+    return bulk_nu(float(np.mean(table.top_share)), int(table.k.iloc[0]))
