@@ -49,7 +49,7 @@ _MODELS = (("steps_off", "canonical"), ("steps_off_refined", "refined, f_in from
 
 
 def coherent_share(path: Path | str = REFINED_PARAMS, scheme: str = "ffa", partition: str = "dirichlet") -> dict:
-    """``{"f_in", "phi", "nu"}`` of the refined model's adapter-output fit on the gradient check's pilot (N <= 4)
+    """``{"f_in", "phi", "nu", "k"}`` of the refined model's adapter-output fit on the gradient check's pilot (N <= 4)
     and its measured probe input bulk, the parameters :func:`optimum_table` transfers with; ``{}`` when that
     table is absent."""
     path = Path(path)
@@ -60,7 +60,7 @@ def coherent_share(path: Path | str = REFINED_PARAMS, scheme: str = "ffa", parti
     if row.empty:
         raise ValueError(f"{path} has no adapter_output fit for {scheme}/{partition}")
     nu = float(row.nu.iloc[0]) if "nu" in row else 0.0  # tables written before the input bulk: one probe vector
-    return {"f_in": float(row.f_in.iloc[0]), "phi": float(row.phi.iloc[0]), "nu": nu}
+    return {"f_in": float(row.f_in.iloc[0]), "phi": float(row.phi.iloc[0]), "nu": nu, "k": int(row.k.iloc[0])}
 
 
 def final_rows(df: pd.DataFrame) -> pd.DataFrame:

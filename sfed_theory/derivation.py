@@ -216,17 +216,17 @@ def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output", regim
 @lru_cache(maxsize=None)
 def _step_size_fn(scheme: str, regime: str):
     """:func:`solve_step_size` at equal client weights as a float function of (gamma, r, rho, n, f_in, phi,
-    nu, s_A, X2, T)."""
+    nu, k, s_A, X2, T)."""
     n = sp.Symbol("n", positive=True)
     expr = solve_step_size(scheme, "adapter_output", regime)
     expr = expr.subs({power_sum(m): n ** (1 - m) for m in range(2, MAX_POWER_SUM + 1)})
-    return sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.nu, SYM.s_A, SYM.X2, _TARGET), expr,
-                       "math")
+    return sp.lambdify((SYM.gamma, SYM.r, SYM.rho, n, SYM.f_in, SYM.phi, SYM.nu, SYM.k, SYM.s_A, SYM.X2, _TARGET),
+                       expr, "math")
 
 
 def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell: tuple[int, int], *,
                        rho: float = 0.0, scheme: str = "ffa", regime: str = "adam", f_in: float = 0.0,
-                       phi: float = 0.0, nu: float = 0.0) -> float:
+                       phi: float = 0.0, nu: float = 0.0, k: int | None = None) -> float:
     """Predicted ``lr*(cell) / lr*(reference)`` for a rule, cells given as ``(rank, n_clients)``.
 
     From :func:`solve_step_size` at the rule's gamma (taken at K = N clients averaged) and the client
@@ -234,7 +234,8 @@ def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell
     rsLoRA gives ``sqrt(N)``-like growth, LoRA ``sqrt(N r)``. ``regime="adam-refined"`` with the
     input-coherent share ``f_in`` and its gradient-aligned part ``phi`` (estimated elsewhere, e.g. by
     :func:`validation.refined.fit_refined` on a pilot) gives the refined model's transfer; ``nu`` is the probe's
-    input bulk (0: one probe vector, the output's size at the shared direction only)."""
+    input bulk (0: one probe vector, the output's size at the shared direction only) for layers of input size ``k``
+    (needed when ``nu > 0``: the bulk sees all k input coordinates)."""
     from sfed_theory.rules import scaling_factor
 
     for name, v in (("f_in", f_in), ("phi", phi)):
@@ -242,9 +243,11 @@ def lr_transfer_factor(rule: str, alpha: float, reference: tuple[int, int], cell
             raise ValueError(f"{name} must lie in [0, 1], got {v}")
     if not (math.isfinite(nu) and nu >= 0.0):
         raise ValueError(f"nu must be finite and >= 0, got {nu}")
+    if nu > 0 and (k is None or k < 1):
+        raise ValueError(f"an input bulk nu > 0 needs the layers' input size k, got k={k}")
     f = _step_size_fn(scheme, regime)
 
     def at(r: int, n_clients: int) -> float:
-        return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, nu, 1.0, 1.0, 1.0)
+        return f(scaling_factor(rule, alpha, r, n_clients), r, rho, n_clients, f_in, phi, nu, k or 1, 1.0, 1.0, 1.0)
 
     return at(*cell) / at(*reference)

@@ -119,3 +119,16 @@ def test_committed_sweep_has_interior_optima_and_a_well_trained_best(capsys):
     assert lr_transfer.main([]) == 0
     out = capsys.readouterr().out
     assert "transfer regret" in out and "gamma x lr*" in out
+
+
+def test_the_input_bulk_enters_the_refined_transfer_only_through_the_coherent_share():
+    """At f_in = 0 the bulk's part of the output, nu E||dW||_F^2, scales with r and N like ||dW x||^2, so the
+    transfer is the canonical one; with a coherent share it dilutes the share's r^2 growth."""
+    ref, cell = (16, 1), (256, 16)
+    canon = lr_transfer_factor("sfed", 16.0, ref, cell)
+    assert lr_transfer_factor("sfed", 16.0, ref, cell, regime="adam-refined", nu=0.3, k=64) == pytest.approx(canon)
+    coherent = lr_transfer_factor("sfed", 16.0, ref, cell, regime="adam-refined", f_in=0.2)
+    diluted = lr_transfer_factor("sfed", 16.0, ref, cell, regime="adam-refined", f_in=0.2, nu=0.02, k=384)
+    assert coherent < diluted < canon  # the bulk pulls the transfer back towards the canonical one
+    with pytest.raises(ValueError, match="input size k"):
+        lr_transfer_factor("sfed", 16.0, ref, cell, regime="adam-refined", nu=0.02)
