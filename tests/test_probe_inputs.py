@@ -10,7 +10,7 @@ import torch
 
 from validation.config import RunConfig
 from paper_figures.probe_input_table import probe_input_table
-from validation.probe_inputs import bulk_nu, mean_token_share, probe_nu, top_share
+from validation.probe_inputs import bulk_nu, coherent_share, mean_token_share, probe_nu, top_share
 
 
 def test_top_share_is_the_top_eigenvalue_over_the_energy():
@@ -82,3 +82,16 @@ def test_the_harness_records_the_probes_top_share_at_the_rounds_start():
     assert measured_nu(df[df.layer == ALL]) == pytest.approx(bulk_nu(float(top.iloc[0]), int(df.k_in.iloc[-1])))
     with pytest.warns(UserWarning, match="probe_top_share"):
         assert measured_nu(df[df.layer == ALL].drop(columns="probe_top_share")) == 0.0
+
+
+def test_coherent_share_by_hand():
+    a = torch.eye(2)  # A x_top = e1 for tokens along e1
+    x = torch.tensor([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0]])
+    assert coherent_share(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), a, x) == pytest.approx(1.0)  # dB = u v^T
+    assert coherent_share(torch.tensor([[1.0, 1.0]]), a, x) == pytest.approx(0.0)  # half on v: the 1/r of no structure
+    assert coherent_share(torch.tensor([[0.0, 1.0]]), a, x) == pytest.approx(-1.0)  # avoids v
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4000, 8, generator=g, dtype=torch.float64)
+    assert abs(coherent_share(noise, torch.randn(8, 5, generator=g), torch.randn(50, 5, generator=g))) < 0.01
+    with pytest.raises(ValueError, match="r >= 2"):
+        coherent_share(torch.ones(3, 1), torch.ones(1, 4), x)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["top_share", "mean_token_share", "bulk_nu", "probe_nu"]
+__all__ = ["top_share", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share"]
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -52,3 +52,18 @@ def probe_nu(table: pd.DataFrame) -> float:
     :func:`paper_figures.probe_input_table.probe_input_table`): from the mean top share over seeds and layers
     (the model treats the layers alike, as it does for every other input)."""
     return bulk_nu(float(np.mean(table.top_share)), int(table.k.iloc[0]))
+
+
+def coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> float:
+    """The refined model's ``f_in`` read off one B increment: the share of ``||dB||_F^2`` along the input
+    direction ``v = A x_top / ||A x_top||`` (``x_top`` the top direction of the token rows ``x``), above the
+    ``1/r`` an increment with no input structure has there: ``(||dB v||^2 / ||dB||^2 - 1/r) / (1 - 1/r)``.
+    1 for ``dB = u v^T``; about 0 for iid entries (it can fall below 0 for an increment avoiding ``v``)."""
+    db, a = torch.as_tensor(increment, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    r = a.shape[0]
+    if db.ndim != 2 or db.shape[1] != r or r < 2:
+        raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
+    x = torch.as_tensor(x, dtype=torch.float64)
+    v = a @ torch.linalg.eigh(x.T @ x)[1][:, -1]
+    share = float((db @ (v / v.norm())).pow(2).sum() / db.pow(2).sum())
+    return (share - 1.0 / r) / (1.0 - 1.0 / r)
