@@ -285,7 +285,7 @@ display(Markdown(" ".join(txt)))
 # %% [markdown]
 # ## 6. The gradient check: four norms, three predictions, two kinds of agreement
 # `results/gradient_check.parquet`: one round on MiniLM + BBC under AdamW for FFA, FedIT and FedSA,
-# IID and Dirichlet(0.5) splits, N in {1, 4, 16}, r in {4, 16, 64}, 18 seeds, with every quantity
+# IID and Dirichlet(0.5) splits, N in {1, 4, 16}, r in {4, 16, 64}, 27 seeds, with every quantity
 # measured where the theory takes it. Three predictions per slope: the canonical model at $\rho=0$,
 # the canonical model at each point's measured $\hat\rho$ (follows the data by construction), and
 # the refined model (`sfed_theory` regime `adam-refined`) with its parameters estimated from the
@@ -296,11 +296,15 @@ display(Markdown(" ".join(txt)))
 # given each measured slope's bootstrap spread: the ceiling the measurement's own noise sets.
 
 # %%
+from paper_figures.probe_input_table import stored_nu  # noqa: E402
 from validation.analysis import agreement_summary, refined_fits, with_pilot_runs  # noqa: E402
 
 grad = experiments.load("gradient_check", results_dir)
 two_clients = experiments.load("gradient_check_two_clients", results_dir)
-params = refined_fits(with_pilot_runs(grad, two_clients), round=ROUND)
+# the probe's input bulk, measured on its inputs at the round's start (these results predate the harness column)
+nu = stored_nu(grad, results_dir)
+print(f"probe input bulk nu = {nu:.4f} (results/probe_inputs.csv)")
+params = refined_fits(with_pilot_runs(grad, two_clients), round=ROUND, nu=nu)
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)
@@ -497,7 +501,7 @@ p = fig_end_gradient({"two local steps": two, "one local step": one}, fig_dir, f
 display(Image(filename=str(p), width=800))
 steps = {}
 for name, rows in (("one local step", one), ("two local steps", two)):
-    fits = fit_exponents(rows, n_boot=N_BOOT, refined=refined_fits(rows))
+    fits = fit_exponents(rows, n_boot=N_BOOT, refined=refined_fits(rows, nu=nu))
     steps[name] = fits.groupby("quantity")[["agrees_refined", "in_ci_refined"]].sum()
     steps[name].loc["all"] = steps[name].sum()
     drops_n = sfed_drops(rows, n_boot=N_BOOT)

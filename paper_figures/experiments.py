@@ -10,7 +10,7 @@ run x round x layer, config columns included) with its provenance in ``<results>
 * ``convergence``: multi-round accuracy/loss over (split, N, r, 5 rules), one learning rate: (g).
 * ``normcheck``: update-norm slopes on real training (5 rules, 2 splits, 2 rounds): (h).
 * ``gradient_check`` / ``gradient_check_sgd``: the four norms (update, adapter output, dL/dA, dL/dB)
-  for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 9 / 3 seeds: (i), (k).
+  for FFA/FedIT/FedSA x IID/Dirichlet under AdamW / SGD, one round, 27 / 3 seeds: (i), (k).
 * ``gradient_check_heldout``: the same at r = 16 (FFA, AdamW) with the probe drawn from held-out
   examples no client trains on, against the stored check's training-set probe: (n).
 * ``gradient_check_small_lr``: the check at a 4x smaller learning rate (FFA, FedIT, FedSA): is the end-of-round

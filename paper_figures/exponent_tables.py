@@ -41,7 +41,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
-        nu = None if "probe_top_share" in df else stored_nu(check, results)  # checks stored before the column
+        nu = None if "probe_top_share" in df else stored_nu(df, results)  # checks stored before the column
         params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 

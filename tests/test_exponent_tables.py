@@ -44,7 +44,7 @@ def test_a_check_without_extra_runs_fits_on_its_own_pilot(check_and_pilot, monke
 
 
 def test_the_input_bulk_comes_from_the_runs_or_from_the_stored_probe_table(check_and_pilot, monkeypatch, tmp_path):
-    from paper_figures.probe_input_table import PROBE_SETTINGS, TABLE, probe_settings
+    from paper_figures.probe_input_table import PROBE_SETTINGS, TABLE
     from validation.analysis import ALL
     from validation.probe_inputs import bulk_nu
 
@@ -60,11 +60,10 @@ def test_the_input_bulk_comes_from_the_runs_or_from_the_stored_probe_table(check
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
     table = pd.DataFrame({"seed": [0, 0], "layer": ["a", "b"], "k": [384, 384], "n_tokens": [8, 8],
                           "top_share": [0.1, 0.2], "mean_token_share": [0.1, 0.1]})
-    settings = probe_settings("gradient_check_one_step")
-    table.assign(**{f: str(settings[f]) for f in PROBE_SETTINGS}).to_csv(tmp_path / TABLE, index=False)
+    settings = {f: str(check[f].iloc[0]) for f in PROBE_SETTINGS}  # the probe the runs were made with
+    table.assign(**settings).to_csv(tmp_path / TABLE, index=False)
     _, params = exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
     assert {round(p.nu, 12) for p in params.values()} == {round(bulk_nu(0.15, 384), 12)}
-    table.assign(**{f: str(settings[f]) for f in PROBE_SETTINGS}).assign(probe_size="128").to_csv(tmp_path / TABLE,
-                                                                                                 index=False)
+    table.assign(**settings).assign(probe_size="128").to_csv(tmp_path / TABLE, index=False)
     with pytest.raises(ValueError, match="probe settings"):
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
