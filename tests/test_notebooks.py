@@ -21,7 +21,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
-CELL_TIMEOUT = 300  # seconds per cell
+CELL_TIMEOUT = 900  # seconds per cell: notebook 03 refits the refined model (~6 min on 2 cores, fresh derivations)
 KERNEL = "sfed-test-python"
 
 
@@ -63,7 +63,7 @@ def test_notebook_has_parameter_cell(path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_executes(path, kernel_env):
     nb = jupytext.read(path)
