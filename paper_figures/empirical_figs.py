@@ -160,12 +160,11 @@ def refined_params(df: pd.DataFrame, rnd: int = 1) -> dict:
         return {}
     if not {"rho_out", "rho_gA", "curvature"} <= set(df.columns):
         return {}  # results from before the refined model's measurements
-    from paper_figures.probe_input_table import stored_nu
+    from paper_figures.probe_input_table import rows_nu
 
-    nu = None if "probe_top_share" in df else stored_nu(df)  # results stored before the harness measured it
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return refined_fits(df, round=rnd, nu=nu)
+        return refined_fits(df, round=rnd, nu=rows_nu(df))
 
 
 def _refined_point(params: dict, q: str, r: pd.Series) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from paper_figures.experiments import DEFAULT_RESULTS, load
-from paper_figures.probe_input_table import stored_nu
+from paper_figures.probe_input_table import rows_nu
 
 __all__ = ["PILOT_RUNS", "exponent_table", "write_tables", "main"]
 
@@ -41,8 +41,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
-        nu = None if "probe_top_share" in df else stored_nu(df, results)  # checks stored before the column
-        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu)
+        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=rows_nu(df, results))
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 
 

@@ -22,7 +22,7 @@ import torch
 from paper_figures import provenance
 from paper_figures.experiments import DEFAULT_RESULTS, MANIFEST, load_manifest, spec
 
-__all__ = ["TABLE", "PROBE_SETTINGS", "probe_settings", "probe_input_table", "write_table", "stored_nu", "main"]
+__all__ = ["TABLE", "PROBE_SETTINGS", "probe_settings", "probe_input_table", "write_table", "stored_nu", "rows_nu", "main"]
 
 TABLE = "probe_inputs.csv"
 PROBE_SETTINGS = ("model", "dataset", "max_length", "probe_size", "probe_from", "max_examples", "dtype")
@@ -43,10 +43,10 @@ def probe_input_table(cfg, seeds) -> pd.DataFrame:
     from dataclasses import replace
 
     from validation.aggregation import init_state
-    from validation.probe_inputs import mean_token_share, top_share
     from validation.backends import make_backend
     from validation.federated import fixed_batches, resolve_device
     from validation.models import build_task
+    from validation.probe_inputs import mean_token_share, top_share
 
     rows = []
     for seed in seeds:
@@ -96,6 +96,12 @@ def stored_nu(rows: pd.DataFrame, results: Path = DEFAULT_RESULTS) -> float:
     if want != have:
         raise ValueError(f"{path} was measured with probe settings {have}, the results use {want}")
     return probe_nu(table)
+
+
+def rows_nu(rows: pd.DataFrame, results: Path = DEFAULT_RESULTS) -> float | None:
+    """``nu`` to pass to :func:`validation.analysis.refined_fits` for ``rows``: None when the runs measured
+    their own probe (``probe_top_share``), else :func:`stored_nu` (results stored before the column)."""
+    return None if "probe_top_share" in rows else stored_nu(rows, results)
 
 
 def main(argv: list[str] | None = None) -> int:
