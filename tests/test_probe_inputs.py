@@ -10,7 +10,8 @@ import torch
 
 from validation.config import RunConfig
 from paper_figures.probe_input_table import probe_input_table
-from validation.probe_inputs import bulk_nu, coherent_share, mean_token_share, probe_nu, top_share
+from validation.probe_inputs import (bulk_nu, coherent_share, mean_coherent_share, mean_token_share, probe_nu,
+                                     top_share)
 
 
 def test_top_share_is_the_top_eigenvalue_over_the_energy():
@@ -95,3 +96,38 @@ def test_coherent_share_by_hand():
     assert abs(coherent_share(noise, torch.randn(8, 5, generator=g), torch.randn(50, 5, generator=g))) < 0.01
     with pytest.raises(ValueError, match="r >= 2"):
         coherent_share(torch.ones(3, 1), torch.ones(1, 4), x)
+
+
+def test_mean_coherent_share_by_hand():
+    """Two clients with their own A: one increment along its own A x_top (share 1), one across it (-1); a
+    shared A broadcasts; a zero increment is left out; rank 1 has no direction to prefer."""
+    x = torch.tensor([[3.0, 0.0], [2.0, 0.0], [0.0, 1.0]])  # x_top = e1
+    a = torch.stack([torch.eye(2), torch.tensor([[0.0, 1.0], [1.0, 0.0]])])  # client 1: A x_top = e2
+    inc = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[1.0, 0.0], [2.0, 0.0]]])  # both along e1
+    assert mean_coherent_share(inc, a, x) == pytest.approx(0.0)  # (1 + (-1)) / 2
+    assert mean_coherent_share(inc, torch.eye(2), x) == pytest.approx(1.0)  # one shared A
+    assert mean_coherent_share(torch.stack([inc[0], torch.zeros(2, 2)]), a, x) == pytest.approx(1.0)
+    assert math.isnan(mean_coherent_share(torch.ones(2, 3, 1), torch.ones(1, 2), x))
+    with pytest.raises(ValueError, match="increments"):
+        mean_coherent_share(inc[0], a, x)
+
+
+def test_the_harness_records_the_increments_coherent_share():
+    """``inc_B_coherent`` is the clients' mean coherent share of their B increments, per layer, recomputed
+    here from a run's own state: under FedSA each client's own B, under FFA at N = 1 the client's B (at N > 1
+    the state keeps only the average, which is not what the column measures)."""
+    from test_harness_helpers import synth
+    from validation.federated import _setup, run
+    from validation.metrics import ALL
+
+    for scheme, n_clients in (("ffa", 1), ("fedsa", 3)):
+        cfg = synth(rule="rslora", n_clients=n_clients, rank=4, rounds=1, scheme=scheme)
+        df, state, _ = run(cfg, return_state=True)
+        ctx, st0, _ = _setup(cfg, None)
+        inputs = ctx.backend.probe(st0.A, st0.B, *ctx.probe, capture=True).inputs
+        rows = df[df.layer != ALL].set_index("layer")
+        for n, x in inputs.items():
+            b1 = state.B_local[n] if state.B_local is not None else state.B[n][None]
+            want = mean_coherent_share(b1, st0.A[n], x)
+            assert rows.loc[n, "inc_B_coherent"] == pytest.approx(want, rel=1e-6)
+        assert df[df.layer == ALL].inc_B_coherent.iloc[0] == pytest.approx(rows.inc_B_coherent.mean())

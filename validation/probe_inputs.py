@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["top_share", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share"]
+__all__ = ["top_share", "top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
+           "mean_coherent_share"]
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -28,6 +29,14 @@ def top_share(x: torch.Tensor) -> float:
     if total <= 0:
         raise ValueError("the token rows are all zero: no input energy to split")
     return float(torch.linalg.eigvalsh(x.T @ x)[-1]) / total
+
+
+def top_direction(x: torch.Tensor) -> torch.Tensor:
+    """The unit top eigenvector of ``X^T X`` (k,) for token rows ``x`` (n_tokens, k), in float64."""
+    x = torch.as_tensor(x, dtype=torch.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"expected token rows of shape (n_tokens, k), got {tuple(x.shape)}")
+    return torch.linalg.eigh(x.T @ x)[1][:, -1]
 
 
 def mean_token_share(x: torch.Tensor) -> float:
@@ -63,7 +72,26 @@ def coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tensor) ->
     r = a.shape[0]
     if db.ndim != 2 or db.shape[1] != r or r < 2:
         raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
-    x = torch.as_tensor(x, dtype=torch.float64)
-    v = a @ torch.linalg.eigh(x.T @ x)[1][:, -1]
+    return _share_above_chance(db, a @ top_direction(x))
+
+
+def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> float:
+    """:func:`coherent_share` averaged over clients: ``increments`` (K, d, r) are the clients' B increments,
+    ``a`` their A at the round's start, (K, r, k) or one shared (r, k); ``x`` the token rows whose top
+    direction ``v`` is taken (one eigen-decomposition for all clients). NaN at rank 1 (no direction to
+    prefer) and for a client whose increment is zero is left out; NaN if all are."""
+    db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
+        raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
+    if a.shape[-2] < 2:
+        return float("nan")
+    top = top_direction(x)
+    vs = (a @ top).expand(db.shape[0], -1) if a.ndim == 2 else a @ top
+    shares = [_share_above_chance(d, v) for d, v in zip(db, vs) if float(d.pow(2).sum()) > 0]
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def _share_above_chance(db: torch.Tensor, v: torch.Tensor) -> float:
+    r = db.shape[1]
     share = float((db @ (v / v.norm())).pow(2).sum() / db.pow(2).sum())
     return (share - 1.0 / r) / (1.0 - 1.0 / r)
