@@ -338,3 +338,33 @@ def test_label_law_applies_only_where_its_premises_hold(small_grid):
         assert label_law_targets(both.assign(n_participating=1), pilot_max_n=2) == ({}, {})
     with pytest.raises(ValueError, match="some K > 1"):
         fit_refined(small_grid, pilot_max_n=4, quantities=("update_fro",), correlation_at={1: 0.2})
+
+
+def test_a_measured_f_in_is_held_and_only_phi_and_lambda_are_fitted(small_grid):
+    p = fit_refined(small_grid, pilot_max_n=2, f_in=0.123)
+    assert p.f_in == 0.123 and 0 <= p.phi <= 0.5 and p.lam > 0
+    free = fit_refined(small_grid, pilot_max_n=2)
+    assert free.rms_log_residual <= p.rms_log_residual + 1e-9  # holding a parameter cannot fit the pilot better
+    with pytest.raises(ValueError, match="f_in"):
+        fit_refined(small_grid, pilot_max_n=2, f_in=0.7)
+
+
+def test_measured_f_in_is_the_pilot_mean_of_the_increments_coherent_share(small_grid):
+    from validation.analysis import measured_f_in
+    from validation.metrics import ALL
+
+    rows = small_grid.assign(optimizer="adamw")
+    pilot = rows[(rows.layer == ALL) & (rows.n_clients <= 2)]
+    got = measured_f_in(rows, pilot_max_n=2)
+    assert set(got) == {(str(pilot.scheme.iloc[0]), "iid")}
+    assert got[(str(pilot.scheme.iloc[0]), "iid")] == pytest.approx(min(max(pilot.inc_B_coherent.mean(), 0), 0.5))
+    spoiled = rows.copy()
+    spoiled.loc[spoiled.n_clients > 2, "inc_B_coherent"] = 0.4  # beyond the pilot: must not count
+    assert measured_f_in(spoiled, pilot_max_n=2) == got
+    high = rows.assign(inc_B_coherent=0.8)
+    with pytest.warns(UserWarning, match="clipped"):
+        assert set(measured_f_in(high, pilot_max_n=2).values()) == {0.5}
+    with pytest.raises(ValueError, match="inc_B_coherent"):
+        measured_f_in(rows.drop(columns="inc_B_coherent"))
+    fits = refined_fits(rows, pilot_max_n=2, nu=0.0, f_in=got)
+    assert fits and {p.f_in for p in fits.values()} == set(got.values())

@@ -36,7 +36,7 @@ import pandas as pd
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "label_law_targets", "LABEL_LAW_COLUMNS",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_f_in", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -213,7 +213,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
 
 
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label",
-                 nu: float | None = None) -> dict:
+                 nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -224,8 +224,9 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     from its own pilot (``unskewed_rho`` of :func:`validation.refined.fit_refined`), or with two pilot K
     its own K-law. ``nu``: the probe's input bulk (``C = x x^T + nu I``); ``None`` takes it from the runs'
     own measurement at the round's start (``probe_top_share``, :mod:`validation.probe_inputs`), or 0 (one
-    probe vector, with a warning) for results that predate it. Groups with too little pilot data are left
-    out with a warning."""
+    probe vector, with a warning) for results that predate it. ``f_in``: None fits each group's input-coherent
+    share; ``{(scheme, partition): share}`` (:func:`measured_f_in`) holds it at the measured value (a group
+    missing from it is fitted, with a warning). Groups with too little pilot data are left out with a warning."""
     from validation.refined import fit_refined
 
     if correlation_law not in ("label", "k"):
@@ -251,12 +252,35 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
                 continue
             col = _projected_rho_column(q, key[0])
             unskewed = float(iid[col].mean()) if key[2] != "iid" and iid[col].notna().any() else None
+            held = None if f_in is None else f_in.get((key[0], key[2]))
+            if f_in is not None and held is None:
+                warnings.warn(f"no measured f_in for {key[0]}, {key[2]}: it is fitted", stacklevel=2)
             try:
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
-                                             nu=nu)
+                                             nu=nu, f_in=held)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
+    return out
+
+
+def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict[tuple[str, str], float]:
+    """``{(scheme, partition): f_in}``: the refined model's input-coherent share measured on the pilot runs
+    (``n_clients <= pilot_max_n``, AdamW, the ``__all__`` rows of ``round``): the mean of ``inc_B_coherent``,
+    the clients' coherent share of their B increments (:func:`validation.probe_inputs.mean_coherent_share`),
+    over rules, ranks, N and seeds (the model has one share for all of them). A mean outside the model's
+    range [0, 1/2] is clipped into it with a warning. ValueError when the rows lack the column."""
+    if "inc_B_coherent" not in rows:
+        raise ValueError("the results lack inc_B_coherent (measured by the harness since the refined model's f_in "
+                         "became a measured input); results/gradient_check_coherent.parquet has it for the default check")
+    a = rows[(rows["layer"] == ALL) & (rows["round"] == round) & (rows["n_clients"] <= pilot_max_n)
+             & (rows["optimizer"] == "adamw") & ~rows["diverged"].astype(bool)]
+    a = a.assign(partition=a["partition"] if "partition" in a else "?")
+    out = {}
+    for (scheme, part), share in a.groupby(["scheme", "partition"]).inc_B_coherent.mean().dropna().items():
+        if not 0.0 <= share <= 0.5:
+            warnings.warn(f"measured f_in {share:.3f} of {scheme}, {part} lies outside [0, 1/2]: clipped", stacklevel=2)
+        out[(str(scheme), str(part))] = float(min(max(share, 0.0), 0.5))
     return out
 
 

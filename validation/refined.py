@@ -280,7 +280,7 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
-                nu: float = 0.0) -> RefinedParams:
+                nu: float = 0.0, f_in: float | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -296,8 +296,12 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     correlation at every K the model is to predict (K > 1), from the label law (:mod:`validation.label_law`,
     fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
     K-law is used. ``nu``: the probe's isotropic input bulk (``C = x x^T + nu I``), measured from the
-    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. Raises ValueError
-    when the pilot part has too little to fit (fewer than two ranks or no N > 1)."""
+    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. ``f_in``: None fits the
+    input-coherent share with phi and lambda; a value holds it there (the clients' measured coherent share,
+    ``inc_B_coherent``, :func:`validation.analysis.measured_f_in`) and only phi and lambda are fitted. Raises ValueError
+    when the pilot part has too little to fit (fewer than two ranks or no N > 1) or ``f_in`` is outside [0, 1/2]."""
+    if f_in is not None and not 0.0 <= f_in <= 0.5:
+        raise ValueError(f"f_in must lie in [0, 1/2] (the model's bound on a share), got {f_in}")
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -336,8 +340,12 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / float(np.median(predicted(params(0, 0, 0),
                                                                                         "adapter_output")))
 
+    def unpack(x: np.ndarray) -> tuple[float, float, float]:
+        shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
+        return (*shares, lam_unit * math.exp(float(np.clip(x[-1], -30, 30))))
+
     def loss(x: np.ndarray) -> float:
-        p = params(*_shares(x[:2]), lam_unit * math.exp(float(np.clip(x[2], -30, 30))))
+        p = params(*unpack(x))
         if not math.isfinite(p.rho_gap) or not _valid_correlation(p):
             return 1e6
         total = RHO_GAP_WEIGHT * len(pair_pts) * p.rho_gap**2
@@ -346,12 +354,11 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    starts = [np.array([_logit(f), _logit(ph), math.log(lam)]) for f, ph in ((0.01, 0.05), (0.1, 0.3))
-              for lam in (0.01, 1.0)]
+    starts = [np.array([*([_logit(f)] if f_in is None else []), _logit(ph), math.log(lam)])
+              for f, ph in ((0.01, 0.05), (0.1, 0.3)) for lam in (0.01, 1.0)]
     best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
                 for s in starts), key=lambda r: r.fun)
-    f, ph = _shares(best.x[:2])
-    fitted = params(f, ph, lam_unit * math.exp(float(np.clip(best.x[2], -30, 30))))
+    fitted = params(*unpack(best.x))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
