@@ -55,6 +55,7 @@ class Figure:
         from paper_figures import convergence_figs as C
         from paper_figures import correlation_figs as CF
         from paper_figures import empirical_figs as E
+        from paper_figures import coherent_share_figs as CS
         from paper_figures import end_gradient_figs as EG
         from paper_figures import gradient_figs as G
         from paper_figures import hetero_figs as H
@@ -98,6 +99,7 @@ class Figure:
                                                    "seeds 0-8."),
             "u": lambda: LS.fig_local_steps({1: results["gradient_check_one_step"], 2: results["gradient_check"],
                                              3: results["gradient_check_three_steps"]}, out, formats),
+            "v": lambda: CS.fig_coherent_share(results["gradient_check_coherent"], _refined(results), out, formats),
         }
         return fns[self.key]()
 
@@ -183,6 +185,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("u", "fig_local_steps", "gradient_check_three_steps",
            "the gradients' slopes in N against the clients' local steps (one, two, three), SFed and rsLoRA",
            also=("gradient_check", "gradient_check_one_step")),
+    Figure("v", "fig_coherent_share", "gradient_check_coherent",
+           "the refined model's input-coherent share f_in measured on the clients' B increments vs rank, and as fitted",
+           also=("gradient_check", "gradient_check_two_clients")),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

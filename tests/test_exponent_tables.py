@@ -67,3 +67,23 @@ def test_the_input_bulk_comes_from_the_runs_or_from_the_stored_probe_table(check
     table.assign(**settings).assign(probe_size="128").to_csv(tmp_path / TABLE, index=False)
     with pytest.raises(ValueError, match="probe settings"):
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20)
+
+
+def test_measured_f_in_holds_the_pilots_coherent_share(check_and_pilot, monkeypatch, tmp_path):
+    """``--f-in measured``: every refined fit holds f_in at the coherent-share runs' pilot mean, and the tables
+    go to their own files beside the fitted ones."""
+    from validation.analysis import measured_f_in
+
+    check, two = check_and_pilot
+    coherent = check[check.n_clients <= 4].assign(optimizer="adamw")
+    stored = {"gradient_check": check, "gradient_check_two_clients": two, "gradient_check_coherent": coherent}
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: stored[name])
+    paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, f_in="measured")
+    assert [p.name for p in paths] == ["gradient_check_measured_f_in_exponents.csv",
+                                       "gradient_check_measured_f_in_refined_params.csv"]
+    want = set(measured_f_in(coherent).values())
+    assert set(pd.read_csv(paths[1]).f_in.round(12)) == {round(v, 12) for v in want}
+    with pytest.raises(ValueError, match="no measured f_in"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, f_in="measured")
+    with pytest.raises(ValueError, match="f_in must be"):
+        exponent_tables.exponent_table("gradient_check", tmp_path, f_in="guessed")

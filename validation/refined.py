@@ -296,12 +296,10 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     correlation at every K the model is to predict (K > 1), from the label law (:mod:`validation.label_law`,
     fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
     K-law is used. ``nu``: the probe's isotropic input bulk (``C = x x^T + nu I``), measured from the
-    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. ``f_in``: None fits the
-    input-coherent share with phi and lambda; a value holds it there (the clients' measured coherent share,
-    ``inc_B_coherent``, :func:`validation.analysis.measured_f_in`) and only phi and lambda are fitted. Raises ValueError
-    when the pilot part has too little to fit (fewer than two ranks or no N > 1) or ``f_in`` is outside [0, 1/2]."""
-    if f_in is not None and not 0.0 <= f_in <= 0.5:
-        raise ValueError(f"f_in must lie in [0, 1/2] (the model's bound on a share), got {f_in}")
+    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. ``f_in``: None fits it; a
+    value in [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ValueError: f_in out of range, or a
+    pilot with fewer than two ranks or no N > 1."""
+    _check_share(f_in)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -354,10 +352,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    starts = [np.array([*([_logit(f)] if f_in is None else []), _logit(ph), math.log(lam)])
-              for f, ph in ((0.01, 0.05), (0.1, 0.3)) for lam in (0.01, 1.0)]
     best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
-                for s in starts), key=lambda r: r.fun)
+                for s in _starts(f_in is None)), key=lambda r: r.fun)
     fitted = params(*unpack(best.x))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
@@ -486,6 +482,17 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
     return corr, solve
+
+
+def _check_share(f_in: float | None) -> None:
+    if f_in is not None and not 0.0 <= f_in <= 0.5:
+        raise ValueError(f"f_in must lie in [0, 1/2] (the model's bound on a share), got {f_in}")
+
+
+def _starts(fit_f_in: bool) -> list[np.ndarray]:
+    """The fit's starting points: (logit f_in,) logit phi, log lambda (in its natural unit)."""
+    return [np.array([*([_logit(f)] if fit_f_in else []), _logit(ph), math.log(lam)])
+            for f, ph in ((0.01, 0.05), (0.1, 0.3)) for lam in (0.01, 1.0)]
 
 
 def _shares(x: np.ndarray) -> tuple[float, float]:
