@@ -297,8 +297,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
     K-law is used. ``nu``: the probe's isotropic input bulk (``C = x x^T + nu I``), measured from the
     probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. ``f_in``: None fits it; a
-    value in [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ValueError: f_in out of range, or a
-    pilot with fewer than two ranks or no N > 1."""
+    value in [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`); ValueError if not, or if the pilot has one rank or no N > 1."""
     _check_share(f_in)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
@@ -338,7 +337,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / float(np.median(predicted(params(0, 0, 0),
                                                                                         "adapter_output")))
 
-    def unpack(x: np.ndarray) -> tuple[float, float, float]:
+    def unpack(x: np.ndarray) -> tuple[float, float, float]:  # (f_in,) phi, lambda from the optimiser's x
         shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
         return (*shares, lam_unit * math.exp(float(np.clip(x[-1], -30, 30))))
 
