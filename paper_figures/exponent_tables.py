@@ -7,13 +7,14 @@ grid (N in {1, 4, 16}, r in {4, 16, 64});
 fitted on the check's pilot, with its N = 2 runs at the same learning rate where :data:`PILOT_RUNS` names them
 (:func:`validation.analysis.with_pilot_runs`), and the probe's input bulk ``nu`` measured at the round's start
 (``results/probe_inputs.csv`` for checks stored before the harness recorded it,
-:mod:`paper_figures.probe_input_table`). With ``--f-in measured`` the input-coherent share ``f_in`` is not
-fitted but held at the clients' coherent share measured on the check's pilot (:data:`MEASURED_F_IN`,
-:func:`validation.analysis.measured_f_in`): ``results/<check>_measured_f_in_{exponents,refined_params}.csv``.
-Deterministic given ``n_boot`` and the seed::
+:mod:`paper_figures.probe_input_table`). With ``--f-in top`` or ``--f-in probe`` the input-coherent share
+``f_in`` is not fitted but held at the clients' share measured on the check's pilot (:data:`MEASURED_F_IN`,
+:func:`validation.analysis.measured_f_in`): along the probe's top input direction (``inc_B_coherent``) or over
+its whole input spectrum (``inc_B_coherent_probe``), into ``results/<check>_f_in_<top|probe>_{exponents,
+refined_params}.csv``. Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
-    python -m paper_figures.exponent_tables --checks gradient_check --f-in measured
+    python -m paper_figures.exponent_tables --checks gradient_check --f-in probe
 """
 
 from __future__ import annotations
@@ -35,26 +36,28 @@ PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_sm
 refined model is AdamW's: the SGD check's table has no refined column."""
 MEASURED_F_IN = {"gradient_check": "gradient_check_coherent"}
 """Each check -> the experiment that reran its pilot with ``inc_B_coherent`` (the same settings and seeds 0-2)."""
-F_IN_CHOICES = ("fitted", "measured")
+F_IN_CHOICES = {"fitted": None, "top": "inc_B_coherent", "probe": "inc_B_coherent_probe"}
+"""``--f-in`` -> the measured column f_in is held at (None: fitted)."""
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted") -> tuple[pd.DataFrame, dict]:
-    """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: ``"fitted"``, or
-    ``"measured"`` (held at :data:`MEASURED_F_IN`'s pilot measurement)."""
+    """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
+    :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement)."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits, with_pilot_runs
 
     if check not in PILOT_RUNS:
         raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
     if f_in not in F_IN_CHOICES:
-        raise ValueError(f"f_in must be one of {F_IN_CHOICES}, got {f_in!r}")
-    if f_in == "measured" and check not in MEASURED_F_IN:
+        raise ValueError(f"f_in must be one of {tuple(F_IN_CHOICES)}, got {f_in!r}")
+    if F_IN_CHOICES[f_in] and check not in MEASURED_F_IN:
         raise ValueError(f"no measured f_in for {check!r}; measured for: {', '.join(MEASURED_F_IN)}")
     df = load(check, results)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
-        held = measured_f_in(load(MEASURED_F_IN[check], results)) if f_in == "measured" else None
+        column = F_IN_CHOICES[f_in]
+        held = measured_f_in(load(MEASURED_F_IN[check], results), column=column) if column else None
         params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=rows_nu(df, results),
                               f_in=held)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
@@ -63,7 +66,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted") -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
     fits, params = exponent_table(check, results, n_boot, f_in)
-    stem = check if f_in == "fitted" else f"{check}_measured_f_in"
+    stem = check if f_in == "fitted" else f"{check}_f_in_{f_in}"
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
     if params:
@@ -77,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checks", nargs="+", default=["gradient_check", "gradient_check_small_lr"], choices=list(PILOT_RUNS))
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--n-boot", type=int, default=1000)
-    ap.add_argument("--f-in", choices=F_IN_CHOICES, default="fitted",
-                    help="fit the refined model's coherent share, or hold it at the pilot's measurement")
+    ap.add_argument("--f-in", choices=list(F_IN_CHOICES), default="fitted",
+                    help="fit the refined model's coherent share, or hold it at the pilot's measurement along the "
+                         "probe's top input direction (top) or over its whole input spectrum (probe)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
         for path in write_tables(check, ns.results, ns.n_boot, ns.f_in):

@@ -70,20 +70,22 @@ def test_the_input_bulk_comes_from_the_runs_or_from_the_stored_probe_table(check
 
 
 def test_measured_f_in_holds_the_pilots_coherent_share(check_and_pilot, monkeypatch, tmp_path):
-    """``--f-in measured``: every refined fit holds f_in at the coherent-share runs' pilot mean, and the tables
-    go to their own files beside the fitted ones."""
+    """``--f-in top|probe``: every refined fit holds f_in at the coherent-share runs' pilot mean of that
+    measurement, and the tables go to their own files beside the fitted ones."""
     from validation.analysis import measured_f_in
 
     check, two = check_and_pilot
     coherent = check[check.n_clients <= 4].assign(optimizer="adamw")
+    coherent = coherent.assign(inc_B_coherent_probe=coherent.inc_B_coherent + 0.05)  # tell the columns apart
     stored = {"gradient_check": check, "gradient_check_two_clients": two, "gradient_check_coherent": coherent}
     monkeypatch.setattr(exponent_tables, "load", lambda name, results: stored[name])
-    paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, f_in="measured")
-    assert [p.name for p in paths] == ["gradient_check_measured_f_in_exponents.csv",
-                                       "gradient_check_measured_f_in_refined_params.csv"]
-    want = set(measured_f_in(coherent).values())
-    assert set(pd.read_csv(paths[1]).f_in.round(12)) == {round(v, 12) for v in want}
+    for choice, column in (("top", "inc_B_coherent"), ("probe", "inc_B_coherent_probe")):
+        paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, f_in=choice)
+        assert [p.name for p in paths] == [f"gradient_check_f_in_{choice}_exponents.csv",
+                                           f"gradient_check_f_in_{choice}_refined_params.csv"]
+        want = set(measured_f_in(coherent, column=column).values())
+        assert set(pd.read_csv(paths[1]).f_in.round(12)) == {round(v, 12) for v in want}
     with pytest.raises(ValueError, match="no measured f_in"):
-        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, f_in="measured")
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, f_in="top")
     with pytest.raises(ValueError, match="f_in must be"):
-        exponent_tables.exponent_table("gradient_check", tmp_path, f_in="guessed")
+        exponent_tables.exponent_table("gradient_check", tmp_path, f_in="measured")

@@ -10,8 +10,8 @@ import torch
 
 from validation.config import RunConfig
 from paper_figures.probe_input_table import probe_input_table
-from validation.probe_inputs import (bulk_nu, coherent_share, mean_coherent_share, mean_token_share, probe_nu,
-                                     top_share)
+from validation.probe_inputs import (bulk_nu, coherent_share, mean_coherent_share, mean_token_share,
+                                     probe_coherent_share, probe_nu, top_share)
 
 
 def test_top_share_is_the_top_eigenvalue_over_the_energy():
@@ -128,6 +128,26 @@ def test_the_harness_records_the_increments_coherent_share():
         rows = df[df.layer != ALL].set_index("layer")
         for n, x in inputs.items():
             b1 = state.B_local[n] if state.B_local is not None else state.B[n][None]
-            want = mean_coherent_share(b1, st0.A[n], x)
-            assert rows.loc[n, "inc_B_coherent"] == pytest.approx(want, rel=1e-6)
-        assert df[df.layer == ALL].inc_B_coherent.iloc[0] == pytest.approx(rows.inc_B_coherent.mean())
+            assert rows.loc[n, "inc_B_coherent"] == pytest.approx(mean_coherent_share(b1, st0.A[n], x), rel=1e-6)
+            want = mean_coherent_share(b1, st0.A[n], x, whole_spectrum=True)
+            assert rows.loc[n, "inc_B_coherent_probe"] == pytest.approx(want, rel=1e-6)
+        for col in ("inc_B_coherent", "inc_B_coherent_probe"):
+            assert df[df.layer == ALL][col].iloc[0] == pytest.approx(rows[col].mean())
+
+
+def test_probe_coherent_share_by_hand():
+    """The share that reproduces an increment's alignment with the probe's whole spectrum. C = diag(13, 4, 1),
+    A = I: tr M = 18, peak = 3 * 13 / 18. Along the bulk's second direction the output sees 4 of 18, so
+    f = (3 * 4 / 18 - 1) / (39 / 18 - 1) = -2/7, where the top-direction share says -1/2 (it sees 0 there)."""
+    x = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    a = torch.eye(3)
+    assert probe_coherent_share(torch.tensor([[1.0, 0.0, 0.0], [2.0, 0.0, 0.0]]), a, x) == pytest.approx(1.0)
+    assert probe_coherent_share(torch.tensor([[0.0, 1.0, 0.0]]), a, x) == pytest.approx(-2 / 7)
+    assert coherent_share(torch.tensor([[0.0, 1.0, 0.0]]), a, x) == pytest.approx(-1 / 2)
+    assert probe_coherent_share(torch.tensor([[0.0, 0.0, 1.0]]), a, x) == pytest.approx(-5 / 7)
+    assert probe_coherent_share(torch.tensor([[1.0, 1.0, 1.0]]), a, x) == pytest.approx(0.0)  # isotropic
+    two = torch.stack([torch.tensor([[0.0, 1.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0]])])
+    assert mean_coherent_share(two, a, x, whole_spectrum=True) == pytest.approx((-2 / 7 + 1) / 2)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4000, 8, generator=g, dtype=torch.float64)
+    assert abs(probe_coherent_share(noise, torch.randn(8, 5, generator=g), torch.randn(50, 5, generator=g))) < 0.05

@@ -366,5 +366,9 @@ def test_measured_f_in_is_the_pilot_mean_of_the_increments_coherent_share(small_
         assert set(measured_f_in(high, pilot_max_n=2).values()) == {0.5}
     with pytest.raises(ValueError, match="inc_B_coherent"):
         measured_f_in(rows.drop(columns="inc_B_coherent"))
+    probe = measured_f_in(rows.assign(inc_B_coherent_probe=0.25), pilot_max_n=2, column="inc_B_coherent_probe")
+    assert set(probe.values()) == {0.25}
+    with pytest.raises(ValueError, match="column must be"):
+        measured_f_in(rows, column="inc_B_rms")
     fits = refined_fits(rows, pilot_max_n=2, nu=0.0, f_in=got)
     assert fits and {p.f_in for p in fits.values()} == set(got.values())

@@ -36,7 +36,7 @@ import pandas as pd
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_f_in", "label_law_targets", "LABEL_LAW_COLUMNS",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -264,20 +264,29 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     return out
 
 
-def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4) -> dict[tuple[str, str], float]:
+F_IN_COLUMNS = ("inc_B_coherent", "inc_B_coherent_probe")
+"""The harness's measurements of f_in: along the probe's top direction, or over its whole input spectrum."""
+
+
+def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4,
+                  column: str = "inc_B_coherent") -> dict[tuple[str, str], float]:
     """``{(scheme, partition): f_in}``: the refined model's input-coherent share measured on the pilot runs
-    (``n_clients <= pilot_max_n``, AdamW, the ``__all__`` rows of ``round``): the mean of ``inc_B_coherent``,
-    the clients' coherent share of their B increments (:func:`validation.probe_inputs.mean_coherent_share`),
-    over rules, ranks, N and seeds (the model has one share for all of them). A mean outside the model's
-    range [0, 1/2] is clipped into it with a warning. ValueError when the rows lack the column."""
-    if "inc_B_coherent" not in rows:
-        raise ValueError("the results lack inc_B_coherent (measured by the harness since the refined model's f_in "
+    (``n_clients <= pilot_max_n``, AdamW, the ``__all__`` rows of ``round``): the mean of ``column`` over
+    rules, ranks, N and seeds (the model has one share for all of them). ``inc_B_coherent``: the clients'
+    share of their B increments along ``A x_top`` (:func:`validation.probe_inputs.coherent_share`);
+    ``inc_B_coherent_probe``: the share that reproduces their alignment with the probe's whole input spectrum
+    (:func:`validation.probe_inputs.probe_coherent_share`). A mean outside the model's range [0, 1/2] is
+    clipped into it with a warning. ValueError for another column or when the rows lack it."""
+    if column not in F_IN_COLUMNS:
+        raise ValueError(f"column must be one of {F_IN_COLUMNS}, got {column!r}")
+    if column not in rows:
+        raise ValueError(f"the results lack {column} (measured by the harness since the refined model's f_in "
                          "became a measured input); results/gradient_check_coherent.parquet has it for the default check")
     a = rows[(rows["layer"] == ALL) & (rows["round"] == round) & (rows["n_clients"] <= pilot_max_n)
              & (rows["optimizer"] == "adamw") & ~rows["diverged"].astype(bool)]
     a = a.assign(partition=a["partition"] if "partition" in a else "?")
     out = {}
-    for (scheme, part), share in a.groupby(["scheme", "partition"]).inc_B_coherent.mean().dropna().items():
+    for (scheme, part), share in a.groupby(["scheme", "partition"])[column].mean().dropna().items():
         if not 0.0 <= share <= 0.5:
             warnings.warn(f"measured f_in {share:.3f} of {scheme}, {part} lies outside [0, 1/2]: clipped", stacklevel=2)
         out[(str(scheme), str(part))] = float(min(max(share, 0.0), 0.5))

@@ -65,7 +65,8 @@ __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_
 MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
     "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "loss_change", "curvature", "rho_hat", "n_eff_hat",
-    "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "inc_B_coherent", "probe_top_share",
+    "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "inc_B_coherent", "inc_B_coherent_probe",
+    "probe_top_share",
     "d_out", "k_in")
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
@@ -177,8 +178,9 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
         x0 = start.inputs[n][0] if start.per_client else start.inputs[n]  # round 1: the same at every client
         m["probe_top_share"] = top_share(x0)  # the probe's input spike, the refined model's nu (probe_inputs)
         # the B increments' share along A x_top: the refined model's f_in, measured (ranks alike only)
-        m["inc_B_coherent"] = (mean_coherent_share(B1[n] - B0[n], A0[n], x0) if isinstance(gamma, float)
-                               else float("nan"))
+        for col, whole in (("inc_B_coherent", False), ("inc_B_coherent_probe", True)):  # top direction; all of C
+            m[col] = (mean_coherent_share(B1[n] - B0[n], A0[n], x0, whole_spectrum=whole) if isinstance(gamma, float)
+                      else float("nan"))
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())
@@ -189,8 +191,9 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
     for f in ("A", "B"):
         allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
     allrow["probe_top_share"] = float(np.mean([m["probe_top_share"] for m in layer_rows]))  # layers alike
-    coherent = [m["inc_B_coherent"] for m in layer_rows if math.isfinite(m["inc_B_coherent"])]
-    allrow["inc_B_coherent"] = float(np.mean(coherent)) if coherent else float("nan")
+    for col in ("inc_B_coherent", "inc_B_coherent_probe"):
+        coherent = [m[col] for m in layer_rows if math.isfinite(m[col])]
+        allrow[col] = float(np.mean(coherent)) if coherent else float("nan")
     sh = set(shapes.values())
     allrow["d_out"], allrow["k_in"] = sh.pop() if len(sh) == 1 else (-1, -1)
     return layer_rows + [allrow]

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 __all__ = ["top_share", "top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
-           "mean_coherent_share"]
+           "probe_coherent_share", "mean_coherent_share"]
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -75,19 +75,41 @@ def coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tensor) ->
     return _share_above_chance(db, a @ top_direction(x))
 
 
-def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> float:
-    """:func:`coherent_share` averaged over clients: ``increments`` (K, d, r) are the clients' B increments,
-    ``a`` their A at the round's start, (K, r, k) or one shared (r, k); ``x`` the token rows whose top
-    direction ``v`` is taken (one eigen-decomposition for all clients). NaN at rank 1 (no direction to
-    prefer) and for a client whose increment is zero is left out; NaN if all are."""
+def probe_coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> float:
+    """The ``f_in`` at which the refined model's B (a share along ``v = A x_top``, the rest isotropic in r)
+    reproduces this increment's alignment with the probe's whole input spectrum ``C = X^T X``: with
+    ``M = A C A^T``, the increment's amplification ``a = r tr(dB M dB^T) / (||dB||_F^2 tr M)`` (1 for an
+    isotropic increment) against the model's ``f peak + (1 - f)``, ``peak = r v^T M v / tr M`` (a pure
+    ``u v^T``), so ``f = (a - 1) / (peak - 1)``. Unlike :func:`coherent_share` it counts an alignment with the
+    bulk's directions too, as the adapter output over the probe's tokens does."""
+    db, a = torch.as_tensor(increment, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    r = a.shape[0]
+    if db.ndim != 2 or db.shape[1] != r or r < 2:
+        raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
+    x = torch.as_tensor(x, dtype=torch.float64)
+    return _probe_share(db, a, a @ (x.T @ x) @ a.T, top_direction(x))
+
+
+def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *,
+                        whole_spectrum: bool = False) -> float:
+    """:func:`coherent_share` (``whole_spectrum``: :func:`probe_coherent_share`) averaged over clients:
+    ``increments`` (K, d, r) are the clients' B increments, ``a`` their A at the round's start, (K, r, k) or
+    one shared (r, k); ``x`` the token rows (one eigen-decomposition for all clients). NaN at rank 1 (no
+    direction to prefer); a client whose increment is zero is left out; NaN if all are."""
     db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
     if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
         raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
     if a.shape[-2] < 2:
         return float("nan")
+    x = torch.as_tensor(x, dtype=torch.float64)
     top = top_direction(x)
-    vs = (a @ top).expand(db.shape[0], -1) if a.ndim == 2 else a @ top
-    shares = [_share_above_chance(d, v) for d, v in zip(db, vs) if float(d.pow(2).sum()) > 0]
+    a = a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a
+    if whole_spectrum:
+        c = x.T @ x
+        share = lambda d, ai: _probe_share(d, ai, ai @ c @ ai.T, top)  # noqa: E731
+    else:
+        share = lambda d, ai: _share_above_chance(d, ai @ top)  # noqa: E731
+    shares = [share(d, ai) for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
     return float(np.mean(shares)) if shares else float("nan")
 
 
@@ -95,3 +117,11 @@ def _share_above_chance(db: torch.Tensor, v: torch.Tensor) -> float:
     r = db.shape[1]
     share = float((db @ (v / v.norm())).pow(2).sum() / db.pow(2).sum())
     return (share - 1.0 / r) / (1.0 - 1.0 / r)
+
+
+def _probe_share(db: torch.Tensor, a: torch.Tensor, m: torch.Tensor, top: torch.Tensor) -> float:
+    r, tr = db.shape[1], float(torch.trace(m))
+    amplification = r * float(torch.trace(db @ m @ db.T)) / (float(db.pow(2).sum()) * tr)
+    v = a @ top
+    peak = r * float(v @ m @ v) / (float(v @ v) * tr)
+    return (amplification - 1.0) / (peak - 1.0) if abs(peak - 1.0) > 1e-12 else float("nan")  # no spike through A
