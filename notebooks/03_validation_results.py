@@ -331,6 +331,26 @@ display(Markdown(
 print("\n".join(p.describe() for p in params.values() if p.scheme == "ffa"))
 
 # %% [markdown]
+# **The input-coherent share, measured instead of fitted.** The harness measures the share of the clients' B
+# increments that the refined model's `f_in` stands for, two ways (`validation.probe_inputs`): along `A x_top`
+# alone (`inc_B_coherent`), and as the share at which the model's B reproduces the increments' alignment with the
+# probe's whole input spectrum (`inc_B_coherent_probe`), as the adapter output over the probe's tokens sees it.
+# `results/gradient_check_coherent.parquet` reran the check's pilot (N = 1, 4; seeds 0-2) with both. Holding
+# `f_in` at the pilot mean of either (phi and lambda still fitted) gives the stored tables
+# `results/gradient_check_f_in_{top,probe}_exponents.csv` (`python -m paper_figures.exponent_tables --f-in top`,
+# five minutes each; read here, not refitted), beside the fitted model's above:
+
+# %%
+from validation.analysis import F_IN_COLUMNS, measured_f_in  # noqa: E402
+
+coherent = experiments.load("gradient_check_coherent", results_dir)
+display(pd.DataFrame({c: measured_f_in(coherent, column=c) for c in F_IN_COLUMNS}).round(3))
+held = {"fitted (above)": gfits}
+held.update({f"held at {c}": pd.read_csv(results_dir / f"gradient_check_f_in_{c}_exponents.csv") for c in ("top", "probe")})
+pd.DataFrame({k: f[f.predicted_refined.notna()].groupby("quantity").agrees_refined.sum() for k, f in held.items()}).assign(
+    slopes=gfits.groupby("quantity").size()).T
+
+# %% [markdown]
 # Does the probe's source matter? The probe is drawn from the training set, so at N = 16 the clients
 # train on a few of its examples in the round (none at N = 1), which could tilt the slopes in N of
 # the probe-dependent norms. `results/gradient_check_heldout.parquet` repeats the check at r = 16
