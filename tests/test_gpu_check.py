@@ -25,7 +25,7 @@ def _run(out: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     # the caller's own budget overrides or pack location must not leak into the checks
     e = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "PACK"}
     e.update(OUT=str(out), PYTHON=sys.executable, **env)
-    return subprocess.run(["bash", str(SCRIPT), *args], env=e, capture_output=True, text=True, timeout=240,
+    return subprocess.run(["bash", str(SCRIPT), *args], env=e, capture_output=True, text=True, timeout=300,
                           cwd=ROOT)
 
 
