@@ -53,7 +53,7 @@ from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
-from validation.probe_inputs import mean_coherent_share, top_share
+from validation.probe_inputs import mean_coherent_shares, top_share
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
@@ -178,9 +178,8 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
         x0 = start.inputs[n][0] if start.per_client else start.inputs[n]  # round 1: the same at every client
         m["probe_top_share"] = top_share(x0)  # the probe's input spike, the refined model's nu (probe_inputs)
         # the B increments' share along A x_top: the refined model's f_in, measured (ranks alike only)
-        for col, whole in (("inc_B_coherent", False), ("inc_B_coherent_probe", True)):  # top direction; all of C
-            m[col] = (mean_coherent_share(B1[n] - B0[n], A0[n], x0, whole_spectrum=whole) if isinstance(gamma, float)
-                      else float("nan"))
+        m["inc_B_coherent"], m["inc_B_coherent_probe"] = (  # along A x_top; over the probe's whole spectrum
+            mean_coherent_shares(B1[n] - B0[n], A0[n], x0) if isinstance(gamma, float) else (float("nan"),) * 2)
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())

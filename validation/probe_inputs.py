@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 __all__ = ["top_share", "top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
-           "probe_coherent_share", "mean_coherent_share"]
+           "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares"]
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -94,23 +94,28 @@ def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tens
                         whole_spectrum: bool = False) -> float:
     """:func:`coherent_share` (``whole_spectrum``: :func:`probe_coherent_share`) averaged over clients:
     ``increments`` (K, d, r) are the clients' B increments, ``a`` their A at the round's start, (K, r, k) or
-    one shared (r, k); ``x`` the token rows (one eigen-decomposition for all clients). NaN at rank 1 (no
-    direction to prefer); a client whose increment is zero is left out; NaN if all are."""
+    one shared (r, k); ``x`` the token rows. NaN at rank 1 (no direction to prefer); a client whose increment
+    is zero is left out; NaN if all are. :func:`mean_coherent_shares` gives both at once."""
+    return mean_coherent_shares(increments, a, x)[int(whole_spectrum)]
+
+
+def mean_coherent_shares(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+    """``(along A x_top, over the whole spectrum)``: both client means of :func:`mean_coherent_share` from one
+    eigen-decomposition of the tokens' second moment (the harness measures both every round)."""
     db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
     if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
         raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
     if a.shape[-2] < 2:
-        return float("nan")
+        return float("nan"), float("nan")
     x = torch.as_tensor(x, dtype=torch.float64)
-    top = top_direction(x)
+    c = x.T @ x
+    top = torch.linalg.eigh(c)[1][:, -1]
     a = a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a
-    if whole_spectrum:
-        c = x.T @ x
-        share = lambda d, ai: _probe_share(d, ai, ai @ c @ ai.T, top)  # noqa: E731
-    else:
-        share = lambda d, ai: _share_above_chance(d, ai @ top)  # noqa: E731
-    shares = [share(d, ai) for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
-    return float(np.mean(shares)) if shares else float("nan")
+    pairs = [(_share_above_chance(d, ai @ top), _probe_share(d, ai, ai @ c @ ai.T, top))
+             for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
+    if not pairs:
+        return float("nan"), float("nan")
+    return tuple(float(v) for v in np.mean(pairs, axis=0))  # type: ignore[return-value]
 
 
 def _share_above_chance(db: torch.Tensor, v: torch.Tensor) -> float:
