@@ -54,6 +54,7 @@ from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.probe_inputs import mean_coherent_shares, top_share
+from validation.response_shape import response_shape
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
@@ -66,7 +67,7 @@ MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
     "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "loss_change", "curvature", "rho_hat", "n_eff_hat",
     "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "inc_B_coherent", "inc_B_coherent_probe",
-    "probe_top_share",
+    "probe_top_share", "response_top_input", "response_alignment",
     "d_out", "k_in")
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
@@ -180,6 +181,10 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
         # the B increments' share along A x_top: the refined model's f_in, measured (ranks alike only)
         m["inc_B_coherent"], m["inc_B_coherent_probe"] = (  # along A x_top; over the probe's whole spectrum
             mean_coherent_shares(B1[n] - B0[n], A0[n], x0) if isinstance(gamma, float) else (float("nan"),) * 2)
+        # the probe gradient's response to the shared update, against the refined model's lam dW C
+        m["response_top_input"], m["response_alignment"] = (
+            response_shape(end.grad_W[n] - start.grad_W[n], round_delta[n], A0[n][0], x0)
+            if isinstance(gamma, float) and not per_client else (float("nan"),) * 2)
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())
@@ -190,7 +195,7 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
     for f in ("A", "B"):
         allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
     allrow["probe_top_share"] = float(np.mean([m["probe_top_share"] for m in layer_rows]))  # layers alike
-    for col in ("inc_B_coherent", "inc_B_coherent_probe"):
+    for col in ("inc_B_coherent", "inc_B_coherent_probe", "response_top_input", "response_alignment"):
         coherent = [m[col] for m in layer_rows if math.isfinite(m[col])]
         allrow[col] = float(np.mean(coherent)) if coherent else float("nan")
     sh = set(shapes.values())
