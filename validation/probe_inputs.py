@@ -68,10 +68,7 @@ def coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tensor) ->
     direction ``v = A x_top / ||A x_top||`` (``x_top`` the top direction of the token rows ``x``), above the
     ``1/r`` an increment with no input structure has there: ``(||dB v||^2 / ||dB||^2 - 1/r) / (1 - 1/r)``.
     1 for ``dB = u v^T``; about 0 for iid entries (it can fall below 0 for an increment avoiding ``v``)."""
-    db, a = torch.as_tensor(increment, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
-    r = a.shape[0]
-    if db.ndim != 2 or db.shape[1] != r or r < 2:
-        raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
+    db, a = _increment_and_a(increment, a)
     return _share_above_chance(db, a @ top_direction(x))
 
 
@@ -82,10 +79,7 @@ def probe_coherent_share(increment: torch.Tensor, a: torch.Tensor, x: torch.Tens
     isotropic increment) against the model's ``f peak + (1 - f)``, ``peak = r v^T M v / tr M`` (a pure
     ``u v^T``), so ``f = (a - 1) / (peak - 1)``. Unlike :func:`coherent_share` it counts an alignment with the
     bulk's directions too, as the adapter output over the probe's tokens does."""
-    db, a = torch.as_tensor(increment, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
-    r = a.shape[0]
-    if db.ndim != 2 or db.shape[1] != r or r < 2:
-        raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
+    db, a = _increment_and_a(increment, a)
     x = torch.as_tensor(x, dtype=torch.float64)
     return _probe_share(db, a, a @ (x.T @ x) @ a.T, top_direction(x))
 
@@ -116,6 +110,14 @@ def mean_coherent_shares(increments: torch.Tensor, a: torch.Tensor, x: torch.Ten
     if not pairs:
         return float("nan"), float("nan")
     return tuple(float(v) for v in np.mean(pairs, axis=0))  # type: ignore[return-value]
+
+
+def _increment_and_a(increment: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    db, a = torch.as_tensor(increment, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    r = a.shape[0]
+    if db.ndim != 2 or db.shape[1] != r or r < 2:
+        raise ValueError(f"need dB (d, r) and A (r, k) with r >= 2, got {tuple(db.shape)} and {tuple(a.shape)}")
+    return db, a
 
 
 def _share_above_chance(db: torch.Tensor, v: torch.Tensor) -> float:
