@@ -32,6 +32,8 @@ run x round x layer, config columns included) with its provenance in ``<results>
   their B increments (``inc_B_coherent``), the refined model's ``f_in`` as a measured input.
 * ``gradient_check_response``: FFA's check (3 seeds) with the shape of the probe gradient's response to the
   round's update (``response_top_input``, ``response_alignment``), against the refined model's ``lam dW C``.
+* ``gradient_check_one_layer``: the same with one adapted layer instead of twelve: the response without the
+  other layers' updates.
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
@@ -67,7 +69,8 @@ EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck",
                                 "gradient_check_sgd", "gradient_check_heldout", "gradient_check_small_lr",
                                 "gradient_check_two_clients", "gradient_check_large_probe", "gradient_check_strong_skew",
                                 "gradient_check_line", "gradient_check_one_step",
-                                "gradient_check_three_steps", "gradient_check_coherent", "gradient_check_response", "lr_transfer", "hetero_ranks", "hetero_lr")
+                                "gradient_check_three_steps", "gradient_check_coherent", "gradient_check_response",
+                                "gradient_check_one_layer", "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"
