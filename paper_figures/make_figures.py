@@ -56,6 +56,7 @@ class Figure:
         from paper_figures import correlation_figs as CF
         from paper_figures import empirical_figs as E
         from paper_figures import coherent_share_figs as CS
+        from paper_figures import response_figs as RS
         from paper_figures import end_gradient_figs as EG
         from paper_figures import gradient_figs as G
         from paper_figures import hetero_figs as H
@@ -100,6 +101,8 @@ class Figure:
             "u": lambda: LS.fig_local_steps({1: results["gradient_check_one_step"], 2: results["gradient_check"],
                                              3: results["gradient_check_three_steps"]}, out, formats),
             "v": lambda: CS.fig_coherent_share(results["gradient_check_coherent"], _refined(results), out, formats),
+            "w": lambda: RS.fig_response_shape({"12 layers": results["gradient_check_response"],
+                                                "one layer": results["gradient_check_one_layer"]}, out, formats),
         }
         return fns[self.key]()
 
@@ -188,6 +191,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("v", "fig_coherent_share", "gradient_check_coherent",
            "the refined model's input-coherent share f_in measured on the clients' B increments vs rank, and as fitted",
            also=("gradient_check", "gradient_check_two_clients")),
+    Figure("w", "fig_response_shape", "gradient_check_response",
+           "where the probe gradient's change within the round comes from (top input direction, output alignment) "
+           "vs rank, twelve adapted layers and one, against the refined model's curvature term",
+           also=("gradient_check_one_layer",)),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

@@ -84,5 +84,81 @@ def test_the_harness_records_the_response_shape():
         assert rows.loc[n, ["response_top_input", "response_alignment"]].tolist() == pytest.approx(want, rel=1e-6)
     for col in ("response_top_input", "response_alignment"):
         assert df[df.layer == ALL][col].iloc[0] == pytest.approx(rows[col].mean())
+    from validation.response_shape import gradient_direction, gradient_input_shape, mean_share_along
+
+    for n, x in start.inputs.items():  # the probe gradient's own shape at the round's start
+        cols = ["grad_rank1", "grad_input_share", "grad_spike_cos"]
+        assert rows.loc[n, cols].tolist() == pytest.approx(gradient_input_shape(start.grad_W[n], x), rel=1e-6)
+    one, one_state, _ = run(synth(rule="rslora", n_clients=1, rank=4, rounds=1, scheme="ffa"), return_state=True)
+    one_rows = one[one.layer != ALL].set_index("layer")
+    for n in start.inputs:  # N = 1: the state's B is the client's increment (B starts at 0); same A and probe
+        want = mean_share_along(one_state.B[n][None], st0.A[n], gradient_direction(start.grad_W[n]))
+        assert one_rows.loc[n, "inc_B_coherent_grad"] == pytest.approx(want, rel=1e-6)
     fedsa, _, _ = run(synth(rule="rslora", n_clients=2, rank=4, rounds=1, scheme="fedsa"), return_state=True)
     assert fedsa[["response_top_input", "response_alignment"]].isna().all().all()
+
+
+def test_predicted_top_input_matches_a_simulation_of_the_model():
+    """The model's share read off the derived ``E||dL/dB_end||^2`` against the same ratio of expectations
+    sampled from the refined model itself (FFA: B's increments a coherent share ``u_i (A x)^T`` plus correlated
+    isotropic noise, ``dG = dW (x x^T + nu I)``)."""
+    import numpy as np
+
+    from validation.refined import RefinedParams
+    from validation.response_shape import predicted_top_input
+
+    d = k = 16
+    r, kk, f_in, phi, nu, rho, s_b = 4, 3, 0.3, 0.2, 0.2, 0.1, 0.01
+    p = RefinedParams(scheme="ffa", partition="iid", f_in=f_in, phi=phi, rho_f=rho * (1 - f_in) + f_in * phi,
+                      lam=3.0, tau2x2={r: 0.002}, s_B={"rslora": s_b}, s_dA={"rslora": 0.0}, d=d, k=k,
+                      pilot_max_n=4, n_pilot_points=0, rms_log_residual=0.0, nu=nu)
+    want = float(predicted_top_input(p, "rslora", [r], [kk], 8.0)[0])
+    rng = np.random.default_rng(0)
+    s, s_a, tau = 40_000, 1 / np.sqrt(3 * k), np.sqrt(0.002)
+    x = np.zeros(k)
+    x[0] = 1.0
+    a = s_a * rng.standard_normal((s, r, k))
+    g = tau * rng.standard_normal((s, d))
+    u = -np.sqrt(phi) * g[:, None] / tau + np.sqrt(1 - phi) * rng.standard_normal((s, kk, d))
+    iso = np.sqrt(rho) * rng.standard_normal((s, 1, d, r)) + np.sqrt(1 - rho) * rng.standard_normal((s, kk, d, r))
+    ax = a @ x
+    b = (np.sqrt(f_in) * s_b / s_a * u[..., None] * ax[:, None, None, :] + np.sqrt(1 - f_in) * s_b * iso).mean(1)
+    dw = b @ a
+    dg = (dw @ x)[:, :, None] * x + nu * dw
+    num = np.sum((dg @ x) ** 2, axis=1) * np.sum(ax**2, axis=1)
+    den = np.sum((dg @ np.swapaxes(a, 1, 2)) ** 2, axis=(1, 2))
+    got = num.mean() / den.mean()
+    se = got * np.sqrt(np.var(num / num.mean() - den / den.mean()) / s)  # delta method for a ratio of means
+    assert abs(got - want) < 4 * se, (got, want, se)
+    assert 0.05 < want < 0.95  # neither the spike alone nor the bulk alone: a real test of both terms
+
+
+def test_gradient_input_shape_by_hand():
+    """G = g x_g^T + a small second term: the rank-one share is s1^2 / (s1^2 + s2^2); tokens with C = diag(9, 1)
+    (spike e1) and x_g = (1, 1)/sqrt(2): the input share is (9 + 1)/2 / 10 = 1/2 and |cos(x_g, e1)| = 1/sqrt(2)."""
+    from validation.response_shape import gradient_direction, gradient_input_shape
+
+    xg = torch.tensor([1.0, 1.0]) / math.sqrt(2)
+    other = torch.tensor([1.0, -1.0]) / math.sqrt(2)
+    g = 3 * torch.outer(torch.tensor([1.0, 0.0, 0.0]), xg) + torch.outer(torch.tensor([0.0, 1.0, 0.0]), other)
+    x = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    rank1, share, cos = gradient_input_shape(g, x)
+    assert rank1 == pytest.approx(9 / 10)  # a root (3/4) fails
+    assert share == pytest.approx(0.5)
+    assert cos == pytest.approx(1 / math.sqrt(2))
+    assert abs(float(gradient_direction(g) @ xg.double())) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-zero"):
+        gradient_direction(torch.zeros(2, 2))
+
+
+def test_mean_share_along_a_given_direction_by_hand():
+    """r = 2, A = I: an increment along A x_g = e1 has share 1; one along e2 -1 (the 1/r removed: (0 - 1/2)/(1/2));
+    the clients' mean, with a zero increment left out."""
+    from validation.response_shape import mean_share_along
+
+    inc = torch.tensor([[[2.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]]])
+    assert mean_share_along(inc, torch.eye(2), torch.tensor([1.0, 0.0])) == pytest.approx(0.0)
+    assert mean_share_along(inc[:1], torch.eye(2), torch.tensor([5.0, 0.0])) == pytest.approx(1.0)
+    half = torch.tensor([1.0, 1.0]) / math.sqrt(2)  # an increment along e1 has half its energy along it: share 0
+    assert mean_share_along(inc[:1], torch.eye(2), half) == pytest.approx(0.0)
+    assert math.isnan(mean_share_along(torch.ones(2, 3, 1), torch.ones(1, 2), torch.ones(2)))

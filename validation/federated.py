@@ -54,7 +54,7 @@ from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.probe_inputs import mean_coherent_shares, top_share
-from validation.response_shape import response_shape
+from validation.response_shape import gradient_direction, gradient_input_shape, mean_share_along, response_shape
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
@@ -67,7 +67,8 @@ MEASURED_COLUMNS: tuple[str, ...] = (
     "clients", "train_loss", "train_acc", "probe_loss_start", "probe_loss_end", "eval_loss", "eval_acc", "train_s",
     "grad_A", "grad_B", "grad_A_end", "grad_B_end", "update_fro", "adapter_rms", "agg_error", "loss_change", "curvature", "rho_hat", "n_eff_hat",
     "rho_ratio", "n_eff_ratio", "rho_out", "rho_gA", "rho_gB", "inc_A_rms", "inc_B_rms", "inc_B_coherent", "inc_B_coherent_probe",
-    "probe_top_share", "response_top_input", "response_alignment",
+    "probe_top_share", "response_top_input", "response_alignment", "grad_rank1", "grad_input_share", "grad_spike_cos",
+    "inc_B_coherent_grad",
     "d_out", "k_in")
 # the adaptive rule's per-round record (NaN for the fixed rules; see module docstring)
 ADAPTIVE_COLUMNS: tuple[str, ...] = ("gamma_next", "rho_est_raw", "rho_est_se", "rho_est_smoothed", "n_eff_est",
@@ -185,6 +186,10 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
         m["response_top_input"], m["response_alignment"] = (
             response_shape(end.grad_W[n] - start.grad_W[n], round_delta[n], A0[n][0], x0)
             if isinstance(gamma, float) and not per_client else (float("nan"),) * 2)
+        # the probe gradient's own input direction x_g, which the model takes to be the tokens' spike
+        m["grad_rank1"], m["grad_input_share"], m["grad_spike_cos"] = gradient_input_shape(start.grad_W[n], x0)
+        m["inc_B_coherent_grad"] = (mean_share_along(B1[n] - B0[n], A0[n], gradient_direction(start.grad_W[n]))
+                                    if isinstance(gamma, float) else float("nan"))
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())
             sq[f][0] += float(dx.pow(2).sum())
@@ -195,7 +200,8 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
     for f in ("A", "B"):
         allrow[f"inc_{f}_rms"] = math.sqrt(sq[f][0] / sq[f][1])
     allrow["probe_top_share"] = float(np.mean([m["probe_top_share"] for m in layer_rows]))  # layers alike
-    for col in ("inc_B_coherent", "inc_B_coherent_probe", "response_top_input", "response_alignment"):
+    for col in ("inc_B_coherent", "inc_B_coherent_probe", "response_top_input", "response_alignment", "grad_rank1",
+                "grad_input_share", "grad_spike_cos", "inc_B_coherent_grad"):
         coherent = [m[col] for m in layer_rows if math.isfinite(m[col])]
         allrow[col] = float(np.mean(coherent)) if coherent else float("nan")
     sh = set(shapes.values())

@@ -17,12 +17,16 @@ The refined model's curvature term moves each probe token's output gradient by i
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
+import numpy as np
 import torch
 
 from validation.probe_inputs import top_direction
+from validation.refined import RefinedParams, predict_points
 
-__all__ = ["response_shape"]
+__all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape",
+           "mean_share_along"]
 
 
 def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Tensor,
@@ -43,3 +47,63 @@ def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Ten
     norms = float(out_change.norm() * response.norm())
     alignment = float(out_change @ response) / norms if norms > 0 else math.nan
     return top, alignment
+
+
+def gradient_direction(grad_w: torch.Tensor) -> torch.Tensor:
+    """The probe gradient's input direction: the top right singular vector (k,) of ``dL/dW`` (d, k), float64.
+    The refined model writes the gradient as ``g x^T``; this is its ``x`` as the gradient sees it."""
+    g = torch.as_tensor(grad_w, dtype=torch.float64)
+    if g.ndim != 2 or float(g.pow(2).sum()) == 0:
+        raise ValueError(f"need a non-zero dL/dW of shape (d, k), got shape {tuple(g.shape)}")
+    return torch.linalg.svd(g, full_matrices=False).Vh[0]
+
+
+def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float]:
+    """``(rank-one share, input share, |cos| with the spike)`` of the probe gradient ``G`` (d, k) over the token
+    rows ``x`` (n, k): ``s_1^2 / ||G||_F^2`` (1 when ``G = g x_g^T``); ``x_g^T C x_g / tr C`` with ``C = X^T X``,
+    the tokens' energy along the gradient's input direction ``x_g`` (the refined model's top share when its
+    ``x`` is ``x_g``); and ``|cos(x_g, v)|`` with ``v`` the tokens' top direction, which the model takes ``x_g``
+    to be."""
+    g = torch.as_tensor(grad_w, dtype=torch.float64)
+    xs = torch.as_tensor(x, dtype=torch.float64)
+    s = torch.linalg.svdvals(g)
+    xg = gradient_direction(g)
+    share = float((xs @ xg).pow(2).sum() / xs.pow(2).sum())
+    return float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ top_direction(xs)))
+
+
+def mean_share_along(increments: torch.Tensor, a: torch.Tensor, direction: torch.Tensor) -> float:
+    """The clients' mean share of their B increments (K, d, r) along ``A_i direction`` above the ``1/r`` of an
+    unstructured increment (:func:`validation.probe_inputs.coherent_share` with a given input direction);
+    ``a``: (K, r, k) or one shared (r, k). NaN at rank 1 or when every increment is zero."""
+    db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
+        raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
+    r = db.shape[2]
+    a = a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a
+    shares = []
+    for d, ai in zip(db, a):
+        total = float(d.pow(2).sum())
+        if total > 0 and r > 1:
+            v = ai @ torch.as_tensor(direction, dtype=torch.float64)
+            shares.append((float((d @ (v / v.norm())).pow(2).sum()) / total - 1.0 / r) / (1.0 - 1.0 / r))
+    return float(np.mean(shares)) if shares else math.nan
+
+
+def predicted_top_input(p: RefinedParams, rule: str, ranks, ks, alpha: float) -> np.ndarray:
+    """The refined model's top-input share at grid points (rank, K clients averaged), as a ratio of its
+    expectations. Its response ``lam dW C`` enters ``E||dL/dB_end||^2`` as ``gamma^2 lam^2 E||dW C A^T||^2``,
+    read off the derived closed form as the ``lam^2`` coefficient; with ``||x|| = 1`` the spike's part of it is
+    the same coefficient at ``nu = 0``, and ``dG x = lam (1 + nu) dW x``, so the share is
+    ``(1 + nu)^2 c(0) / c(nu)``. It does not depend on ``lam``."""
+    ranks, ks = np.broadcast_arrays(np.atleast_1d(np.asarray(ranks, float)), np.atleast_1d(np.asarray(ks, float)))
+
+    def lam2(nu: float) -> np.ndarray:  # the lam^2 coefficient, from a large lam of either sign (exact: quadratic)
+        m = {s: predict_points(replace(p, lam=s * _LARGE, nu=nu), "grad_B", rule, ranks, ks, ks, alpha) ** 2
+             for s in (-1.0, 0.0, 1.0)}
+        return (m[1.0] + m[-1.0] - 2.0 * m[0.0]) / (2.0 * _LARGE**2)
+
+    return (1.0 + p.nu) ** 2 * lam2(0.0) / lam2(p.nu)
+
+
+_LARGE = 1e4
