@@ -11,7 +11,9 @@ fitted on the check's pilot, with its N = 2 runs at the same learning rate where
 ``f_in`` is not fitted but held at the clients' share measured on the check's pilot (:data:`MEASURED_F_IN`,
 :func:`validation.analysis.measured_f_in`): along the probe's top input direction (``inc_B_coherent``) or over
 its whole input spectrum (``inc_B_coherent_probe``), into ``results/<check>_f_in_<top|probe>_{exponents,
-refined_params}.csv``. Deterministic given ``n_boot`` and the seed::
+refined_params}.csv``; ``--f-in grad`` takes the model's probe vector to be the probe gradient's own input
+direction (:data:`GRADIENT_DIRECTION`): f_in along it (``inc_B_coherent_grad``) and ``nu`` from the tokens'
+energy along it (``grad_input_share``). Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
     python -m paper_figures.exponent_tables --checks gradient_check --f-in probe
@@ -28,7 +30,7 @@ import pandas as pd
 from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.probe_input_table import rows_nu
 
-__all__ = ["PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "exponent_table", "write_tables", "main"]
+__all__ = ["PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
 
 PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
               "gradient_check_one_step": None, "gradient_check_sgd": None}
@@ -36,15 +38,20 @@ PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_sm
 refined model is AdamW's: the SGD check's table has no refined column."""
 MEASURED_F_IN = {"gradient_check": "gradient_check_coherent"}
 """Each check -> the experiment that reran its pilot with ``inc_B_coherent`` (the same settings and seeds 0-2)."""
-F_IN_CHOICES = {"fitted": None, "top": "inc_B_coherent", "probe": "inc_B_coherent_probe"}
+F_IN_CHOICES = {"fitted": None, "top": "inc_B_coherent", "probe": "inc_B_coherent_probe", "grad": "inc_B_coherent_grad"}
 """``--f-in`` -> the measured column f_in is held at (None: fitted)."""
+GRADIENT_DIRECTION = ("grad",)
+"""``--f-in`` choices whose model takes its probe vector ``x`` to be the probe gradient's input direction ``x_g``
+rather than the tokens' spike: ``nu`` then comes from the pilot's share of the tokens' energy along ``x_g``
+(``grad_input_share``)."""
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted") -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement)."""
-    from validation.analysis import fit_exponents, measured_f_in, refined_fits, with_pilot_runs
+    from validation.analysis import fit_exponents, measured_f_in, measured_nu, refined_fits, with_pilot_runs
+    from validation.metrics import ALL
 
     if check not in PILOT_RUNS:
         raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
@@ -57,9 +64,11 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
         column = F_IN_CHOICES[f_in]
-        held = measured_f_in(load(MEASURED_F_IN[check], results), column=column) if column else None
-        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=rows_nu(df, results),
-                              f_in=held)
+        pilot = load(MEASURED_F_IN[check], results) if column else None
+        held = measured_f_in(pilot, column=column) if column else None
+        nu = (measured_nu(pilot[(pilot.layer == ALL) & (pilot.n_clients <= 4)], "grad_input_share")
+              if f_in in GRADIENT_DIRECTION else rows_nu(df, results))
+        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu, f_in=held)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 
 
@@ -82,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--f-in", choices=list(F_IN_CHOICES), default="fitted",
                     help="fit the refined model's coherent share, or hold it at the pilot's measurement along the "
-                         "probe's top input direction (top) or over its whole input spectrum (probe)")
+                         "probe's top input direction (top), over its whole input spectrum (probe), or along the "
+                         "probe gradient's own input direction, which the model's x then is (grad)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
         for path in write_tables(check, ns.results, ns.n_boot, ns.f_in):

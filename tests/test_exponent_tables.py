@@ -73,18 +73,25 @@ def test_measured_f_in_holds_the_pilots_coherent_share(check_and_pilot, monkeypa
     """``--f-in top|probe``: every refined fit holds f_in at the coherent-share runs' pilot mean of that
     measurement, and the tables go to their own files beside the fitted ones."""
     from validation.analysis import measured_f_in
+    from validation.probe_inputs import bulk_nu
 
     check, two = check_and_pilot
     coherent = check[check.n_clients <= 4].assign(optimizer="adamw")
     coherent = coherent.assign(inc_B_coherent_probe=coherent.inc_B_coherent + 0.05)  # tell the columns apart
     stored = {"gradient_check": check, "gradient_check_two_clients": two, "gradient_check_coherent": coherent}
     monkeypatch.setattr(exponent_tables, "load", lambda name, results: stored[name])
-    for choice, column in (("top", "inc_B_coherent"), ("probe", "inc_B_coherent_probe")):
+    for choice, column in (("top", "inc_B_coherent"), ("probe", "inc_B_coherent_probe"), ("grad", "inc_B_coherent_grad")):
         paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, f_in=choice)
         assert [p.name for p in paths] == [f"gradient_check_f_in_{choice}_exponents.csv",
                                            f"gradient_check_f_in_{choice}_refined_params.csv"]
         want = set(measured_f_in(coherent, column=column).values())
-        assert set(pd.read_csv(paths[1]).f_in.round(12)) == {round(v, 12) for v in want}
+        params = pd.read_csv(paths[1])
+        assert set(params.f_in.round(12)) == {round(v, 12) for v in want}
+        if choice == "grad":  # the model's x is the gradient's input direction: nu from the tokens' share along it
+            rows = coherent.query("layer == '__all__'")
+            want_nu = bulk_nu(rows.grad_input_share.mean(), int(rows.k_in.iloc[0]))
+            assert set(params.nu.round(12)) == {round(want_nu, 12)}
+            assert want_nu != pytest.approx(bulk_nu(rows.probe_top_share.mean(), int(rows.k_in.iloc[0])))
     with pytest.raises(ValueError, match="no measured f_in"):
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, f_in="top")
     with pytest.raises(ValueError, match="f_in must be"):

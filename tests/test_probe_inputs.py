@@ -83,6 +83,14 @@ def test_the_harness_records_the_probes_top_share_at_the_rounds_start():
     assert measured_nu(df[df.layer == ALL]) == pytest.approx(bulk_nu(float(top.iloc[0]), int(df.k_in.iloc[-1])))
     with pytest.warns(UserWarning, match="probe_top_share"):
         assert measured_nu(df[df.layer == ALL].drop(columns="probe_top_share")) == 0.0
+    grad = df[df.layer == ALL].grad_input_share  # the tokens' share along the gradient's direction: per seed too
+    assert grad.nunique() == 1
+    assert measured_nu(df[df.layer == ALL], "grad_input_share") == pytest.approx(
+        bulk_nu(float(grad.iloc[0]), int(df.k_in.iloc[-1])))
+    with pytest.raises(ValueError, match="lack grad_input_share"):
+        measured_nu(df[df.layer == ALL].drop(columns="grad_input_share"), "grad_input_share")
+    with pytest.raises(ValueError, match="column must be"):
+        measured_nu(df[df.layer == ALL], "top_share")
 
 
 def test_coherent_share_by_hand():

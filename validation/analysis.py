@@ -264,8 +264,9 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     return out
 
 
-F_IN_COLUMNS = ("inc_B_coherent", "inc_B_coherent_probe")
-"""The harness's measurements of f_in: along the probe's top direction, or over its whole input spectrum."""
+F_IN_COLUMNS = ("inc_B_coherent", "inc_B_coherent_probe", "inc_B_coherent_grad")
+"""The harness's measurements of f_in: along the probe's top direction, over its whole input spectrum, or along
+the probe gradient's own input direction (``A x_g``; :mod:`validation.response_shape`)."""
 
 
 def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4,
@@ -293,14 +294,20 @@ def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4,
     return out
 
 
-def measured_nu(rows: pd.DataFrame) -> float:
+def measured_nu(rows: pd.DataFrame, column: str = "probe_top_share") -> float:
     """The refined model's input bulk ``nu`` from the probe's measured top share (``probe_top_share``, mean
     over runs; the probe is the same at every N, rank and split of a seed), or 0 with a warning where the
-    results lack the column (measured by the harness since the probe's input bulk entered the model)."""
+    results lack the column (measured by the harness since the probe's input bulk entered the model).
+    ``column="grad_input_share"``: the tokens' share along the probe gradient's input direction instead, the
+    model's ``x`` taken to be that direction (:func:`validation.response_shape.gradient_input_shape`)."""
     from validation.probe_inputs import bulk_nu
 
-    share = rows["probe_top_share"].dropna() if "probe_top_share" in rows else pd.Series(dtype=float)
+    if column not in ("probe_top_share", "grad_input_share"):
+        raise ValueError(f"column must be probe_top_share or grad_input_share, got {column!r}")
+    share = rows[column].dropna() if column in rows else pd.Series(dtype=float)
     if share.empty:
+        if column != "probe_top_share":
+            raise ValueError(f"the results lack {column}")
         warnings.warn("the results lack probe_top_share: the refined model probes with one input vector (nu = 0); "
                       "pass nu (validation.probe_inputs.probe_nu) to use the probe's measured bulk", stacklevel=3)
         return 0.0
