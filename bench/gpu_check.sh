@@ -2,7 +2,7 @@
 # One prepared device check for a bare, offline GPU machine (issue 12). Usage:
 #
 #   make gpu-pack                                   # here, once: builds gpu_pack/ (< 50 MiB, git-ignored)
-#   OUT=/some/dir bash bench/gpu_check.sh           # there, with gpu_pack/ carried: budgeted to end < 8 min
+#   OUT=/some/dir bash bench/gpu_check.sh           # there, with gpu_pack/ carried: budgeted to end < 9 min
 #   bash bench/gpu_check.sh --dry-run               # anywhere, CPU, tiny sizes, < 3 min (tests run this)
 #   bash bench/gpu_check.sh --only bench,grid       # setup + the named steps only (to rerun a step)
 #
