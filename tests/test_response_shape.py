@@ -84,7 +84,8 @@ def test_the_harness_records_the_response_shape():
         assert rows.loc[n, ["response_top_input", "response_alignment"]].tolist() == pytest.approx(want, rel=1e-6)
     for col in ("response_top_input", "response_alignment"):
         assert df[df.layer == ALL][col].iloc[0] == pytest.approx(rows[col].mean())
-    from validation.response_shape import gradient_direction, gradient_input_shape, mean_share_along
+    from validation.probe_inputs import mean_share_along
+    from validation.response_shape import gradient_direction, gradient_input_shape
 
     for n, x in start.inputs.items():  # the probe gradient's own shape at the round's start
         cols = ["grad_rank1", "grad_input_share", "grad_spike_cos"]
@@ -154,7 +155,7 @@ def test_gradient_input_shape_by_hand():
 def test_mean_share_along_a_given_direction_by_hand():
     """r = 2, A = I: an increment along A x_g = e1 has share 1; one along e2 -1 (the 1/r removed: (0 - 1/2)/(1/2));
     the clients' mean, with a zero increment left out."""
-    from validation.response_shape import mean_share_along
+    from validation.probe_inputs import mean_share_along
 
     inc = torch.tensor([[[2.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 3.0]], [[0.0, 0.0], [0.0, 0.0]]])
     assert mean_share_along(inc, torch.eye(2), torch.tensor([1.0, 0.0])) == pytest.approx(0.0)

@@ -53,8 +53,8 @@ from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
-from validation.probe_inputs import mean_coherent_shares, top_share
-from validation.response_shape import gradient_direction, gradient_input_shape, mean_share_along, response_shape
+from validation.probe_inputs import mean_coherent_shares, mean_share_along, top_share
+from validation.response_shape import gradient_direction, gradient_input_shape, response_shape
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",

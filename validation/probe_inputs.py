@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 __all__ = ["top_share", "top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
-           "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares"]
+           "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares", "mean_share_along"]
 
 
 def top_share(x: torch.Tensor) -> float:
@@ -96,20 +96,37 @@ def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tens
 def mean_coherent_shares(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
     """``(along A x_top, over the whole spectrum)``: both client means of :func:`mean_coherent_share` from one
     eigen-decomposition of the tokens' second moment (the harness measures both every round)."""
-    db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
-    if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
-        raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
+    db, a = _clients_increments_and_a(increments, a)
     if a.shape[-2] < 2:
         return float("nan"), float("nan")
     x = torch.as_tensor(x, dtype=torch.float64)
     c = x.T @ x
     top = torch.linalg.eigh(c)[1][:, -1]
-    a = a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a
     pairs = [(_share_above_chance(d, ai @ top), _probe_share(d, ai, ai @ c @ ai.T, top))
              for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
     if not pairs:
         return float("nan"), float("nan")
     return tuple(float(v) for v in np.mean(pairs, axis=0))  # type: ignore[return-value]
+
+
+def mean_share_along(increments: torch.Tensor, a: torch.Tensor, direction: torch.Tensor) -> float:
+    """The clients' mean share of their B increments (K, d, r) along ``A_i direction`` above the ``1/r`` of an
+    unstructured increment (:func:`coherent_share` with a given input direction instead of the tokens' top one);
+    ``a``: (K, r, k) or one shared (r, k). NaN at rank 1 or when every increment is zero."""
+    db, a = _clients_increments_and_a(increments, a)
+    if db.shape[2] < 2:
+        return float("nan")
+    direction = torch.as_tensor(direction, dtype=torch.float64)
+    shares = [_share_above_chance(d, ai @ direction) for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
+    return float(np.mean(shares)) if shares else float("nan")
+
+
+def _clients_increments_and_a(increments: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, d, r) increments and their A, one per client (a shared (r, k) A broadcast), in float64; checked."""
+    db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
+    if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
+        raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
+    return db, (a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a)
 
 
 def _increment_and_a(increment: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,8 +25,7 @@ import torch
 from validation.probe_inputs import top_direction
 from validation.refined import RefinedParams, predict_points
 
-__all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape",
-           "mean_share_along"]
+__all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape"]
 
 
 def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Tensor,
@@ -52,10 +51,7 @@ def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Ten
 def gradient_direction(grad_w: torch.Tensor) -> torch.Tensor:
     """The probe gradient's input direction: the top right singular vector (k,) of ``dL/dW`` (d, k), float64.
     The refined model writes the gradient as ``g x^T``; this is its ``x`` as the gradient sees it."""
-    g = torch.as_tensor(grad_w, dtype=torch.float64)
-    if g.ndim != 2 or float(g.pow(2).sum()) == 0:
-        raise ValueError(f"need a non-zero dL/dW of shape (d, k), got shape {tuple(g.shape)}")
-    return torch.linalg.svd(g, full_matrices=False).Vh[0]
+    return torch.linalg.svd(_gradient(grad_w), full_matrices=False).Vh[0]
 
 
 def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float]:
@@ -64,30 +60,18 @@ def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> tuple[float, 
     the tokens' energy along the gradient's input direction ``x_g`` (the refined model's top share when its
     ``x`` is ``x_g``); and ``|cos(x_g, v)|`` with ``v`` the tokens' top direction, which the model takes ``x_g``
     to be."""
-    g = torch.as_tensor(grad_w, dtype=torch.float64)
     xs = torch.as_tensor(x, dtype=torch.float64)
-    s = torch.linalg.svdvals(g)
-    xg = gradient_direction(g)
+    _, s, vh = torch.linalg.svd(_gradient(grad_w), full_matrices=False)  # one decomposition: the values and x_g
+    xg = vh[0]
     share = float((xs @ xg).pow(2).sum() / xs.pow(2).sum())
     return float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ top_direction(xs)))
 
 
-def mean_share_along(increments: torch.Tensor, a: torch.Tensor, direction: torch.Tensor) -> float:
-    """The clients' mean share of their B increments (K, d, r) along ``A_i direction`` above the ``1/r`` of an
-    unstructured increment (:func:`validation.probe_inputs.coherent_share` with a given input direction);
-    ``a``: (K, r, k) or one shared (r, k). NaN at rank 1 or when every increment is zero."""
-    db, a = torch.as_tensor(increments, dtype=torch.float64), torch.as_tensor(a, dtype=torch.float64)
-    if db.ndim != 3 or a.ndim not in (2, 3) or db.shape[2] != a.shape[-2]:
-        raise ValueError(f"need increments (K, d, r) and A (K, r, k) or (r, k), got {tuple(db.shape)} and {tuple(a.shape)}")
-    r = db.shape[2]
-    a = a.expand(db.shape[0], -1, -1) if a.ndim == 2 else a
-    shares = []
-    for d, ai in zip(db, a):
-        total = float(d.pow(2).sum())
-        if total > 0 and r > 1:
-            v = ai @ torch.as_tensor(direction, dtype=torch.float64)
-            shares.append((float((d @ (v / v.norm())).pow(2).sum()) / total - 1.0 / r) / (1.0 - 1.0 / r))
-    return float(np.mean(shares)) if shares else math.nan
+def _gradient(grad_w: torch.Tensor) -> torch.Tensor:
+    g = torch.as_tensor(grad_w, dtype=torch.float64)
+    if g.ndim != 2 or float(g.pow(2).sum()) == 0:
+        raise ValueError(f"need a non-zero dL/dW of shape (d, k), got shape {tuple(g.shape)}")
+    return g
 
 
 def predicted_top_input(p: RefinedParams, rule: str, ranks, ks, alpha: float) -> np.ndarray:
