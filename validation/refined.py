@@ -168,6 +168,11 @@ class RefinedParams:
                 f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)"
                 f"{self._vectors()}")
 
+    @property
+    def gradient_bulk(self) -> float:
+        """``nu_g``, or ``nu`` where unset (one probe vector: the gradient weighs the tokens as the output does)."""
+        return self.nu if self.nu_g is None else self.nu_g
+
     def _vectors(self) -> str:
         if self.kappa == 1.0 and self.nu_g is None:
             return ""
@@ -222,7 +227,7 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
     f = moment_function(quantity, scheme, REFINED_REGIME)
     return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, p.kappa,
-             p.nu if p.nu_g is None else p.nu_g, *weight_sums(kk))
+             p.gradient_bulk, *weight_sums(kk))
 
 
 _PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
