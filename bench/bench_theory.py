@@ -2,7 +2,8 @@
 
 Prints (a) the time of the full derivation (every quantity x scheme x regime, plus solving the
 invariance condition for every scheme x regime) cold in a fresh Python process, cold in this
-process after clearing the caches, and cached; (b) samples per second of the vectorised Monte
+process after clearing the caches, and cached; the closed forms in a fresh process derived against read
+from :mod:`sfed_theory.form_store`; (b) samples per second of the vectorised Monte
 Carlo sampler and of the plain Python loop over samples, measured side by side in this run on
 the same model, and their ratio.
 
@@ -31,6 +32,23 @@ t2 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "derive_s": t2 - t1}))
 """
 
+_FORMS = """
+import time, json
+from sfed_theory.derivation import closed_form, defined_combinations
+t = time.perf_counter()
+for c in defined_combinations():
+    closed_form(*c)
+print(json.dumps({"forms": len(defined_combinations()), "s": time.perf_counter() - t}))
+"""
+
+
+def _fresh(code: str, **env: str) -> dict:
+    import os
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, **env})
+    return json.loads(proc.stdout)
+
 
 def full_derivation() -> int:
     """Derive every defined quantity and solve every invariance condition; returns the count."""
@@ -51,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     print("== derivation (42 closed forms + 8 invariance solutions) ==")
-    proc = subprocess.run([sys.executable, "-c", _FULL], capture_output=True, text=True, check=True)
-    fresh = json.loads(proc.stdout)
+    fresh = _fresh(_FULL, SFED_FORM_CACHE="off")
     print(f"fresh process : import {fresh['import_s']:.2f} s, derivation {fresh['derive_s']:.2f} s (cold)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as store:  # closed forms only: derived and stored, then read back
+        derived, loaded = (_fresh(_FORMS, SFED_FORM_CACHE=store) for _ in range(2))
+    print(f"fresh process : {derived['forms']} closed forms derived {derived['s']:.2f} s, from the form store "
+          f"{loaded['s']:.2f} s ({derived['s'] / loaded['s']:.0f}x)")
     from sfed_theory.derivation import clear_caches
 
     full_derivation()  # warm sympy's own caches once, then time with our caches cleared

@@ -16,6 +16,7 @@ from functools import lru_cache
 
 import sympy as sp
 
+from sfed_theory import form_store
 from sfed_theory.assumptions import MAX_POWER_SUM, REGIMES, SCHEMES, SYM, power_sum
 from sfed_theory.schemes import QUANTITIES, QUANTITY_TEXT, build, check_names
 from sfed_theory.wick import Pairing, Term, expect, term_latex
@@ -85,9 +86,17 @@ def derive(quantity: str, scheme: str = "ffa", regime: str = "adam") -> Derivati
     return Derivation(quantity, scheme, regime, tuple(terms), tuple(pairings), sp.factor(total))
 
 
+@lru_cache(maxsize=None)
 def closed_form(quantity: str, scheme: str = "ffa", regime: str = "adam") -> sp.Expr:
-    """The derived closed form of ``E[quantity]`` (a sympy expression)."""
-    return derive(quantity, scheme, regime).result
+    """The derived closed form of ``E[quantity]`` (a sympy expression): from :mod:`sfed_theory.form_store`
+    when this code derived it before, in any process; else derived (:func:`derive`) and stored."""
+    check_names(quantity, scheme, regime)
+    stored = form_store.load(quantity, scheme, regime)
+    if stored is not None:
+        return stored
+    result = derive(quantity, scheme, regime).result
+    form_store.save(quantity, scheme, regime, result)
+    return result
 
 
 def defined_combinations() -> list[tuple[str, str, str]]:
@@ -183,6 +192,7 @@ def _positive_at_generic_point(z: sp.Expr) -> bool:
 def clear_caches() -> None:
     """Forget every cached derivation (for cold-start timing)."""
     derive.cache_clear()
+    closed_form.cache_clear()
     solve_invariance.cache_clear()
     solve_step_size.cache_clear()
     _step_size_fn.cache_clear()

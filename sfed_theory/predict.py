@@ -43,7 +43,7 @@ MOMENT_ARGS: tuple[str, ...] = tuple(str(a) for a in _ARGS)
 def moment_function(quantity: str, scheme: str, regime: str) -> Callable[..., np.ndarray]:
     """The derived ``E[quantity]`` as a numpy function of :data:`MOMENT_ARGS` (vectorised over arrays)."""
     check_names(quantity, scheme, regime)
-    return sp.lambdify(_ARGS, closed_form(quantity, scheme, regime), "numpy")
+    return sp.lambdify(_ARGS, closed_form(quantity, scheme, regime), "numpy", cse=True)
 
 
 @lru_cache(maxsize=None)
@@ -52,7 +52,7 @@ def _compiled(quantity: str, scheme: str, regime: str) -> Callable[..., float]:
     extra = expr.free_symbols - set(_ARGS)
     if extra:  # pragma: no cover - would mean the model grew a symbol predict does not feed
         raise RuntimeError(f"closed form has symbols predict cannot set: {sorted(map(str, extra))}")
-    return sp.lambdify(_ARGS, expr, "math")
+    return sp.lambdify(_ARGS, expr, "math", cse=True)
 
 
 def weight_sums(n_averaged):

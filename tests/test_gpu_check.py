@@ -54,7 +54,7 @@ def test_dry_run_every_step_ok(dry):
         assert (status, rc) == ("ok", "0"), name
         assert 0 < float(seconds) < float(budget), name
     s = json.loads((out / "summary.json").read_text())
-    assert s["mode"] == "dry" and s["failed_steps"] == [] and 0 < s["total_s"] < 180
+    assert s["mode"] == "dry" and s["failed_steps"] == [] and 0 < s["total_s"] < 300
     assert "=== sfed GPU check: mode dry" in proc.stdout
     assert "result: 0 of 5 steps failed" in proc.stdout
     assert (out / "summary.txt").read_text().strip() in proc.stdout
