@@ -200,15 +200,19 @@ for q in ("adapter_output", "loss_change"):
 # three mechanisms of `docs/THEORY.md`, each as an explicit Gaussian field or operation, and the same
 # engine derives every moment from it:
 #
-# * a share `f_in` of a client's B increment lies along its input direction, `u_i (A x)^T` (B is built
-#   from A x, as Adam's step on dL/dB = gamma G A^T is);
+# * a share `f_in` of a client's B increment lies along its input direction, `u_i (A z)^T` (B is built
+#   from A z, as Adam's step on dL/dB = gamma G A^T is, with the probe gradient `G = g z^T`);
 # * the output direction `u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i` is shared along the loss gradient
 #   (every client descends the same loss) plus client noise;
 # * after the step each probe token's output gradient moved by the curvature times its output change:
-#   `G_end = g x^T + lambda dW C`, where `C = x x^T + nu I` is the probe tokens' input second moment, a
-#   shared direction `x` (B's coherent part is built from it) plus an isotropic bulk `nu` per coordinate.
+#   `G_end = g z^T + lambda dW C_g`, the tokens summed as the gradient weighs them, `C_g = z z^T + nu_g I`.
 #
-# The adapter output moment, with its rank-coherent term (`r + 2` from the Wishart moment of `A^T A`):
+# The output sees the tokens' own input second moment `C = x x^T + nu I`: their top direction `x` plus an
+# isotropic bulk `nu` per coordinate. The gradient's direction `z` and the spike `x` meet at the angle
+# `x . z = kappa ||x||^2`; `kappa = 1`, `nu_g = nu` is the model with one probe vector (`z = x`).
+#
+# The adapter output moment, with its rank-coherent term (`1 + kappa^2 + r kappa^2`, from the fourth moment of
+# `z^T A^T A x`; `r + 2` at `kappa = 1`):
 
 # %%
 from sfed_theory.derivation import closed_form, derive  # noqa: E402
@@ -227,12 +231,22 @@ print("the nu part of E||y||^2 is E||dW||_F^2:",
       sp.simplify(bulk_part - closed_form("update_fro", "ffa", "adam-refined")) == 0)
 
 # %% [markdown]
-# At `f_in = 0` and `nu = 0` it is the canonical moment; the `f_in (r + 2)` part grows like `r^2`, which is
-# the measured extra growth of the output in r. On MiniLM the shared direction carries 14% of the probe's
-# input energy (`validation.probe_inputs`, measured at the round's start), so the bulk dilutes that growth
-# in the output while the end gradient's curvature term still sees the shared direction coherently. The gradient w.r.t. A sees the shared direction
-# coherently over the `d` output coordinates (the `d phi f_in` term), so it shrinks with N much less
-# than the Frobenius norm:
+# At `f_in = 0` and `nu = 0` it is the canonical moment; the `f_in` part grows like `r^2` when the
+# gradient's direction meets the spike (kappa > 0), which is the measured extra growth of the output in r:
+
+# %%
+no_bulk = closed_form("adapter_output", "ffa", "adam-refined").subs(SYM.nu, 0)
+for kap in (0, 1):
+    degree = sp.degree(sp.expand(no_bulk.subs(SYM.kappa, kap)), SYM.r)
+    print(f"kappa = {kap}: E||y||^2 is a polynomial of degree {degree} in r")
+
+# %% [markdown]
+# The gradients' forms hold z and nu_g only, the output's x, nu and kappa. On MiniLM the spike carries 14%
+# of the probe's input energy (`validation.probe_inputs`, measured at the round's start), so the bulk dilutes
+# the coherent growth in the output. The probe gradient's direction meets the spike at kappa = 0.59 (root mean
+# square over layers, `validation.analysis.measured_kappa`). The gradient w.r.t. A sees the shared direction
+# coherently over the `d` output coordinates (the `d phi f_in` term), so it shrinks with N much less than the
+# Frobenius norm:
 
 # %%
 grad_a = closed_form("grad_A", "ffa", "adam-refined").subs(SYM.lam, 0)

@@ -13,10 +13,16 @@ fitted on the check's pilot, with its N = 2 runs at the same learning rate where
 its whole input spectrum (``inc_B_coherent_probe``), into ``results/<check>_f_in_<top|probe>_{exponents,
 refined_params}.csv``; ``--f-in grad`` takes the model's probe vector to be the probe gradient's own input
 direction (:data:`GRADIENT_DIRECTION`): f_in along it (``inc_B_coherent_grad``) and ``nu`` from the tokens'
-energy along it (``grad_input_share``). Deterministic given ``n_boot`` and the seed::
+energy along it (``grad_input_share``). ``--two-vectors`` keeps both of the data's directions: the gradient's
+``z`` (the probe gradient ``g z^T``, B's coherent part built from ``A z``, the curvature response summed as the
+gradient weighs the tokens, with the bulk from ``grad_input_share``) and the tokens' spike ``x`` (the output, with
+the check's own bulk), at the angle measured on the same pilot (``kappa``,
+:func:`validation.analysis.measured_kappa`), into ``results/<check>[_f_in_grad]_two_vectors_{exponents,
+refined_params}.csv`` (with ``--f-in grad``, f_in held at the share along ``A z``). Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
     python -m paper_figures.exponent_tables --checks gradient_check --f-in probe
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors
 """
 
 from __future__ import annotations
@@ -47,35 +53,55 @@ rather than the tokens' spike: ``nu`` then comes from the pilot's share of the t
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
-                   f_in: str = "fitted") -> tuple[pd.DataFrame, dict]:
+                   f_in: str = "fitted", two_vectors: bool = False) -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
-    :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement)."""
-    from validation.analysis import fit_exponents, measured_f_in, measured_nu, refined_fits, with_pilot_runs
-    from validation.metrics import ALL
+    :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
+    ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`)."""
+    from validation.analysis import fit_exponents, measured_f_in, refined_fits, with_pilot_runs
 
     if check not in PILOT_RUNS:
         raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
     if f_in not in F_IN_CHOICES:
         raise ValueError(f"f_in must be one of {tuple(F_IN_CHOICES)}, got {f_in!r}")
-    if F_IN_CHOICES[f_in] and check not in MEASURED_F_IN:
-        raise ValueError(f"no measured f_in for {check!r}; measured for: {', '.join(MEASURED_F_IN)}")
+    if (F_IN_CHOICES[f_in] or two_vectors) and check not in MEASURED_F_IN:
+        raise ValueError(f"no measured f_in or kappa for {check!r}; measured for: {', '.join(MEASURED_F_IN)}")
     df = load(check, results)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = PILOT_RUNS[check]
         column = F_IN_CHOICES[f_in]
-        pilot = load(MEASURED_F_IN[check], results) if column else None
+        pilot = load(MEASURED_F_IN[check], results) if column or two_vectors else None
         held = measured_f_in(pilot, column=column) if column else None
-        nu = (measured_nu(pilot[(pilot.layer == ALL) & (pilot.n_clients <= 4)], "grad_input_share")
-              if f_in in GRADIENT_DIRECTION else rows_nu(df, results))
-        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu, f_in=held)
+        nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
+        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu, f_in=held,
+                              kappa=kappa, nu_g=nu_g)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
 
 
-def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted") -> list[Path]:
+def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Path, gradient_x: bool,
+                      two_vectors: bool) -> tuple[float, float, float | None]:
+    """``(nu, kappa, nu_g)`` of the refined model: one probe vector at the tokens' spike (its bulk from the
+    check's runs), or (``gradient_x``) at the gradient's input direction (its bulk from the tokens' share along
+    it), or (``two_vectors``) both: the spike's bulk for the output, the gradient direction's for the gradients,
+    at the angle measured on the pilot rerun."""
+    from validation.analysis import measured_kappa, measured_nu
+    from validation.metrics import ALL
+
+    if not (gradient_x or two_vectors):
+        return rows_nu(df, results), 1.0, None
+    assert pilot is not None
+    rows = pilot[pilot.n_clients <= 4]
+    grad_nu = measured_nu(rows[rows.layer == ALL], "grad_input_share")
+    if two_vectors:
+        return rows_nu(df, results), measured_kappa(rows), grad_nu
+    return grad_nu, 1.0, None
+
+
+def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
+                 two_vectors: bool = False) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params = exponent_table(check, results, n_boot, f_in)
-    stem = check if f_in == "fitted" else f"{check}_f_in_{f_in}"
+    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors)
+    stem = check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
     if params:
@@ -93,9 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="fit the refined model's coherent share, or hold it at the pilot's measurement along the "
                          "probe's top input direction (top), over its whole input spectrum (probe), or along the "
                          "probe gradient's own input direction, which the model's x then is (grad)")
+    ap.add_argument("--two-vectors", action="store_true",
+                    help="the probe gradient's input direction (the gradients) and the tokens' spike (the output) as "
+                         "two vectors at their measured angle (default: one probe vector)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
-        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in):
+        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors):
             print(f"wrote {path}")
     return 0
 

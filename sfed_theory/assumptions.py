@@ -22,6 +22,8 @@ __all__ = [
     "Regime",
     "Scheme",
     "FIELDS",
+    "DETERMINISTIC",
+    "INNER_PRODUCTS",
     "ASSUMPTIONS",
     "REGIMES",
     "SCHEMES",
@@ -52,6 +54,8 @@ class Symbols:
     phi: sp.Symbol  # refined model: share of that component's output direction along the probe gradient -g
     lam: sp.Symbol  # refined model: output-space curvature, G_end = g x^T + lam dW C
     nu: sp.Symbol  # refined model: the probe's isotropic input bulk, C = x x^T + nu I_k
+    kappa: sp.Symbol  # refined model: cosine of the probe gradient's input direction z with the tokens' spike x
+    nu_g: sp.Symbol  # refined model: the isotropic bulk of the gradient's token weighting, C_g = z z^T + nu_g I_k
 
 
 SYM = Symbols(
@@ -72,6 +76,8 @@ SYM = Symbols(
     phi=sp.Symbol("phi", nonnegative=True),
     lam=sp.Symbol("lambda", real=True),
     nu=sp.Symbol("nu", nonnegative=True),
+    kappa=sp.Symbol("kappa", nonnegative=True),
+    nu_g=sp.Symbol("nu_g", nonnegative=True),
 )
 
 
@@ -146,7 +152,14 @@ FIELDS: dict[str, GaussianField] = {
 }
 """Every random tensor of the model; they are mutually independent."""
 
-DETERMINISTIC: dict[str, str] = {"x": "probe input x (k), deterministic, ||x||^2 = X2"}
+DETERMINISTIC: dict[str, str] = {
+    "x": "probe input x (k), deterministic, ||x||^2 = X2 (in the refined regime: the tokens' top input direction)",
+    "z": "refined regime: the probe gradient's input direction z (k), deterministic, ||z||^2 = X2, x . z = kappa X2",
+}
+INNER_PRODUCTS: dict[frozenset[str], sp.Expr] = {
+    frozenset({"x"}): SYM.X2, frozenset({"z"}): SYM.X2, frozenset({"x", "z"}): SYM.kappa * SYM.X2,
+}
+"""The deterministic vectors' inner products, keyed by the set of the two vectors' names."""
 
 
 @dataclass(frozen=True)
@@ -201,19 +214,20 @@ REGIMES: dict[str, Regime] = {
     "adam-refined": Regime(
         "adam-refined",
         "Adam/sign-like with the three mechanisms the canonical model leaves out: (a) a share f_in of each "
-        "client's B increment lies along its input direction, u_i (A x)^T, built from A x like Adam's step on "
-        "dL/dB = gamma G A^T (B is no longer independent of A); (b) that component's output direction u_i is "
-        "-sqrt(phi) g/tau (the loss-gradient direction every client descends) plus sqrt(1-phi) w_i (client "
-        "noise); the rest, sqrt(1-f_in) of it, is the canonical client-correlated increment; (c) gradients "
-        "after the round are taken at G_end = g x^T + lambda dW C: each probe token's output gradient moved by "
-        "the loss curvature lambda (isotropic in output space) times its output change. The probe's tokens have "
-        "the input second moment C = x x^T + nu I: a shared direction x (the one B's coherent part is built "
-        "from, and the one the probe gradient g x^T has) plus an isotropic bulk nu per input coordinate "
-        "(nu = 0: one probe vector), so the adapter output is E||dW x||^2 + nu E||dW||_F^2; A increments as "
-        "in 'adam'",
-        r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A x)^\top/(s_A\|x\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
-        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g x^\top + \lambda\,\Delta W C,\ "
-        r"C = x x^\top + \nu I",
+        "client's B increment lies along its input direction, u_i (A z)^T, built from A z like Adam's step on "
+        "dL/dB = gamma G A^T with the probe gradient G = g z^T (B is no longer independent of A); (b) that "
+        "component's output direction u_i is -sqrt(phi) g/tau (the loss-gradient direction every client "
+        "descends) plus sqrt(1-phi) w_i (client noise); the rest, sqrt(1-f_in) of it, is the canonical "
+        "client-correlated increment; (c) gradients after the round are taken at G_end = g z^T + lambda dW C_g: "
+        "each probe token's output gradient moved by the loss curvature lambda (isotropic in output space) times "
+        "its output change, summed over the tokens as the gradient weighs them, C_g = z z^T + nu_g I. The "
+        "output sees the tokens' own input second moment C = x x^T + nu I (their top direction x plus an "
+        "isotropic bulk nu per coordinate), so the adapter output is E||dW x||^2 + nu E||dW||_F^2. The two "
+        "directions meet at the angle x . z = kappa X2; kappa = 1 and nu_g = nu is the model with one probe "
+        "vector (z = x, C_g = C). A increments as in 'adam'",
+        r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A z)^\top/(s_A\|z\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
+        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g z^\top + \lambda\,\Delta W C_g,\ "
+        r"C_g = z z^\top + \nu_g I,\ C = x x^\top + \nu I,\ x^\top z = \kappa X_2",
     ),
     "sgd": Regime(
         "sgd",

@@ -216,7 +216,7 @@ def solve_step_size(scheme: str = "ffa", quantity: str = "adapter_output", regim
     """
     if regime not in ("adam", "adam-refined"):
         raise ValueError(f"unknown regime {regime!r}; the step-size solution needs 'adam' or 'adam-refined'")
-    q = closed_form(quantity, scheme, regime).subs(SYM.s_dA, 0)
+    q = closed_form(quantity, scheme, regime).subs({SYM.s_dA: 0, SYM.kappa: 1, SYM.nu_g: SYM.nu})  # one probe vector
     roots = [z for z in sp.solve(sp.Eq(q / SYM.d, _TARGET), SYM.s_B) if _positive_at_generic_point(z)]
     if len(roots) != 1:
         raise RuntimeError(f"expected one positive root for s_B, sympy returned {roots}")

@@ -47,20 +47,31 @@ class ModelParams:
     phi: float = 0.0  # refined model: share of that component's output direction along -g
     lam: float = 0.0  # refined model: output-space curvature, G_end = g x^T + lam dW C
     nu: float = 0.0  # refined model: the probe's isotropic input bulk, C = x x^T + nu I
+    kappa: float = 1.0  # refined model: cos(z, x) of the probe gradient's input direction z and the spike x
+    nu_g: float | None = None  # refined model: the gradient's token weighting's bulk, C_g = z z^T + nu_g I (None: nu)
 
     def __post_init__(self) -> None:
         for name in ("d", "k", "r", "n_clients"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("rho", "f_in", "phi"):
+        for name in ("rho", "f_in", "phi", "kappa"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.nu) and self.nu >= 0.0):
-            raise ValueError(f"nu is an input variance and must be finite and >= 0, got {self.nu}")
+        if self.kappa < 1.0 and self.k < 2:
+            raise ValueError(f"kappa < 1 needs a second input direction, k >= 2; got k={self.k}")
+        for name in ("nu", "nu_g"):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v >= 0.0):
+                raise ValueError(f"{name} is an input variance and must be finite and >= 0, got {v}")
         if self.weights is not None and len(self.weights) != self.n_clients:
             raise ValueError(f"weights has {len(self.weights)} entries, n_clients={self.n_clients}")
         if self.participating is not None and not 1 <= self.participating <= self.n_clients:
             raise ValueError(f"participating must be in [1, n_clients], got {self.participating}")
+
+    @property
+    def gradient_bulk(self) -> float:
+        """``nu_g``, the bulk of the gradient's token weighting (``nu`` where not given: one probe vector's C)."""
+        return self.nu if self.nu_g is None else self.nu_g
 
     @property
     def n_averaged(self) -> int:
@@ -105,6 +116,17 @@ def _probe_x(params: ModelParams, seed: int) -> np.ndarray:
     return v * math.sqrt(params.x_norm2) / np.linalg.norm(v)
 
 
+def _gradient_input(params: ModelParams, x: np.ndarray, seed: int) -> np.ndarray:
+    """The refined regime's z: ``||z||^2 = ||x||^2`` at cosine ``kappa`` with ``x`` (a fixed random orthogonal
+    part); ``x`` itself at ``kappa = 1``."""
+    if params.kappa == 1.0:
+        return x
+    v = np.random.default_rng([seed, 11]).standard_normal(params.k)
+    v -= (v @ x) / (x @ x) * x
+    v *= np.linalg.norm(x) / np.linalg.norm(v)
+    return params.kappa * x + math.sqrt(1.0 - params.kappa**2) * v
+
+
 def _weights(rng: np.random.Generator, params: ModelParams, s: int) -> np.ndarray:
     """Per-sample weights (s, K) of the averaged clients."""
     kk, n = params.n_averaged, params.n_clients
@@ -119,7 +141,7 @@ def _weights(rng: np.random.Generator, params: ModelParams, s: int) -> np.ndarra
 
 
 def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: str, s: int,
-           x: np.ndarray, quantities: tuple[str, ...]) -> dict[str, np.ndarray]:
+           x: np.ndarray, z: np.ndarray, quantities: tuple[str, ...]) -> dict[str, np.ndarray]:
     kk, d, k, r = params.n_averaged, params.d, params.k, params.r
     rho = params.rho
 
@@ -146,8 +168,8 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         if regime == "adam-refined":
             u = (-math.sqrt(params.phi) * g[:, None, :] / params.tau
                  + math.sqrt(1 - params.phi) * rng.standard_normal((s, kk, d)))
-            ax = a_init @ x  # (s, K, r)
-            scale = math.sqrt(params.f_in) * params.s_B / (params.s_A * math.sqrt(params.x_norm2))
+            ax = a_init @ z  # (s, K, r): built from A z, z the probe gradient's input direction
+            scale = math.sqrt(params.f_in) * params.s_B / (params.s_A * math.sqrt(params.x_norm2))  # ||z|| = ||x||
             b_i = scale * u[..., None] * ax[:, :, None, :] + math.sqrt(1 - params.f_in) * b_i
         a_i = a_init + params.s_dA * correlated(r, k) if base != "ffa" else a_init
     b_bar = np.einsum("sc,scdr->sdr", p, b_i)
@@ -164,10 +186,11 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
     else:
         b_f, a_f = b_bar, a_bar
     dw = dw_exact if base == "exact" else gam * b_f @ a_f
-    probe = g[:, :, None] * x[None, None, :]  # g x^T, (s, d, k)
-    nu = params.nu if regime == "adam-refined" else 0.0  # the probe's input bulk: C = x x^T + nu I
-    if regime == "adam-refined":  # each token's output gradient after the step: lam dW C added
-        probe = probe + params.lam * ((dw @ x)[:, :, None] * x[None, None, :] + nu * dw)
+    x_g = z if regime == "adam-refined" else x  # the probe gradient's input direction
+    probe = g[:, :, None] * x_g[None, None, :]  # g x_g^T, (s, d, k)
+    nu = params.nu if regime == "adam-refined" else 0.0  # the tokens' input bulk: C = x x^T + nu I
+    if regime == "adam-refined":  # each token's output gradient after the step, as the gradient weighs the tokens:
+        probe = probe + params.lam * ((dw @ z)[:, :, None] * z[None, None, :] + params.gradient_bulk * dw)  # dW C_g
     out: dict[str, np.ndarray] = {}
     if "adapter_output" in quantities:
         out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1) + nu * np.sum(dw**2, axis=(1, 2))
@@ -196,7 +219,7 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         out["aggregation_error"] = np.sum((dw - dw_exact) ** 2, axis=(1, 2))
     if "loss_change" in quantities:
         if regime == "adam-refined":
-            grad_w = g[:, :, None] * x[None, None, :]
+            grad_w = g[:, :, None] * x_g[None, None, :]
         else:
             assert g_clients is not None
             grad_w = g_clients[np.arange(s), c] if base == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
@@ -231,11 +254,12 @@ def simulate(params: ModelParams, scheme: str = "ffa", regime: str = "adam", *, 
     qs = _check(scheme, regime, quantities)
     rng = np.random.default_rng(seed)
     x = _probe_x(params, seed)
+    z = _gradient_input(params, x, seed)
     values: dict[str, list[np.ndarray]] = {q: [] for q in qs}
     done = 0
     while done < n_samples:
         s = min(batch, n_samples - done)
-        for q, v in _batch(rng, params, scheme, regime, s, x, qs).items():
+        for q, v in _batch(rng, params, scheme, regime, s, x, z, qs).items():
             values[q].append(v)
         done += s
     return _estimates(values)

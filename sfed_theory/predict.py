@@ -31,7 +31,7 @@ PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_
 
 _ARGS: tuple[sp.Symbol, ...] = (
     SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
-    SYM.f_in, SYM.phi, SYM.lam, SYM.nu, *(power_sum(m) for m in range(2, MAX_POWER_SUM + 1)),
+    SYM.f_in, SYM.phi, SYM.lam, SYM.nu, SYM.kappa, SYM.nu_g, *(power_sum(m) for m in range(2, MAX_POWER_SUM + 1)),
 )
 
 
@@ -91,7 +91,8 @@ def expected_value(quantity: str, scheme: str, regime: str, params: ModelParams)
     else:
         sums = _subset_weight_sums(params.weights, kk)
     base = (params.gamma, params.d, params.k, params.r, kk, params.rho, params.s_A, params.s_B, params.s_dA,
-            params.tau, params.eta, params.x_norm2, params.f_in, params.phi, params.lam, params.nu)
+            params.tau, params.eta, params.x_norm2, params.f_in, params.phi, params.lam, params.nu, params.kappa,
+            params.gradient_bulk)
     return float(np.mean([f(*base, *s) for s in sums]))
 
 
@@ -134,6 +135,8 @@ def predicted_norm(
     phi: float = 0.0,
     lam: float = 0.0,
     nu: float = 0.0,
+    kappa: float = 1.0,
+    nu_g: float | None = None,
 ) -> float:
     """Predicted RMS size ``sqrt(E[Q])`` of a quantity after one aggregation round.
 
@@ -162,12 +165,15 @@ def predicted_norm(
     s_dA:
         Std of a client's A increment in the Adam regime for fedit/fedsa/exact (default ``s_B``:
         a sign-like step moves entries of A and B by the same amount). Unused by FFA and SGD.
-    f_in, phi, lam, nu:
+    f_in, phi, lam, nu, kappa, nu_g:
         The refined model's parameters (regime ``"adam-refined"``, see
         :data:`sfed_theory.assumptions.REGIMES`): input-coherent share of B's increment and the
         share of its output direction along the loss gradient (both in [0, 1]), the curvature
-        along the update, and the probe's isotropic input bulk per coordinate (``C = x x^T + nu I``,
-        >= 0; 0: one probe vector). Ignored by the other regimes.
+        along the update, the probe's isotropic input bulk per coordinate (``C = x x^T + nu I``,
+        >= 0; 0: the spike alone), the cosine of the probe gradient's input direction with the
+        tokens' spike (in [0, 1]), and the bulk of the gradient's token weighting (``C_g = z z^T +
+        nu_g I``; default ``nu``). ``kappa = 1`` with ``nu_g = nu`` is one probe vector. Ignored by
+        the other regimes.
 
     Raises
     ------
@@ -187,13 +193,15 @@ def predicted_norm(
     rho_f = float(rho)
     if not (math.isfinite(rho_f) and -1.0 <= rho_f <= 1.0):
         raise ValueError(f"rho (client correlation) must lie in [-1, 1], got {rho!r}")
-    for name, v in (("f_in", f_in), ("phi", phi)):
+    for name, v, what in (("f_in", f_in, "a share"), ("phi", phi, "a share"), ("kappa", kappa, "a cosine's size")):
         if not (math.isfinite(float(v)) and 0.0 <= float(v) <= 1.0):
-            raise ValueError(f"{name} is a share and must lie in [0, 1], got {v!r}")
+            raise ValueError(f"{name} is {what} and must lie in [0, 1], got {v!r}")
     if not math.isfinite(float(lam)):
         raise ValueError(f"lam must be finite, got {lam!r}")
-    if not (math.isfinite(float(nu)) and float(nu) >= 0.0):
-        raise ValueError(f"nu is an input variance and must be finite and >= 0, got {nu!r}")
+    nu_g = nu if nu_g is None else nu_g
+    for name, v in (("nu", nu), ("nu_g", nu_g)):
+        if not (math.isfinite(float(v)) and float(v) >= 0.0):
+            raise ValueError(f"{name} is an input variance and must be finite and >= 0, got {v!r}")
     dd, kd = _count("d", d), _count("k", k)
     s_a = 1.0 / math.sqrt(kd) if s_A is None else _positive("s_A", s_A)
     s_b = _positive("s_B", s_B)
@@ -204,7 +212,8 @@ def predicted_norm(
              else scaling_factor(rule, alpha, r, kk))
     f = _compiled(quantity, scheme, regime)
     value = f(gamma, dd, kd, r, kk, rho_f, s_a, s_b, s_da, _positive("tau", tau), _positive("eta", eta), x2,
-              float(f_in), float(phi), float(lam), float(nu), *weight_sums(kk))
+              float(f_in), float(phi), float(lam), float(nu), float(kappa), float(nu_g),
+              *weight_sums(kk))
     return math.sqrt(max(float(value), 0.0))
 
 

@@ -24,7 +24,7 @@ QUANTITY_TEXT: dict[str, str] = {
     "grad_B": "E||dL/dB||_F^2 at the aggregated adapter, dL/dB = gamma g x^T A^T",
     "aggregation_error": "E||dW - dW_exact||_F^2 (product of averages minus average of products)",
     "loss_change": "E<G, dW> (first-order loss change; SGD: G = sum_i p_i G_i, or G_c for FedSA; "
-                   "adam-refined: the probe gradient G = g x^T)",
+                   "adam-refined: the probe gradient G = g z^T)",
     # one client's contribution to a quantity that is linear in the averaged increments (client c fixed;
     # the p-weighted mean over c), beside the average's: their ratio is the correlation the harness
     # measures for that quantity (rho_out, rho_gA, rho_gB), see validation.refined
@@ -78,9 +78,15 @@ def _a_moves(scheme: str, regime: str) -> bool:
     return regime != "sgd" and base_scheme(scheme) != "ffa"
 
 
-def _probe_gradient() -> Mat:
-    """The probe's loss gradient w.r.t. W before the round, ``g x^T`` (d x k)."""
-    return Mat.field("g") @ Mat.vector_x().T
+def _gradient_input(regime: str) -> Mat:
+    """The probe gradient's input direction: ``z`` in the refined regime (at angle ``kappa`` to the tokens'
+    spike ``x``), else the probe input ``x`` itself."""
+    return Mat.vector("z") if regime == "adam-refined" else Mat.vector_x()
+
+
+def _probe_gradient(regime: str) -> Mat:
+    """The probe's loss gradient w.r.t. W before the round, ``g x^T`` (refined: ``g z^T``), d x k."""
+    return Mat.field("g") @ _gradient_input(regime).T
 
 
 def _a_init(scheme: str, i: Idx) -> Mat:
@@ -96,7 +102,7 @@ def client_B(regime: str, i: Idx, scheme: str = "ffa") -> Mat:
     if regime == "adam-refined":
         # u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i: the shared descent direction plus client noise
         u = Mat.field("g").scale(-sp.sqrt(SYM.phi) / SYM.tau) + Mat.field("w", i).scale(sp.sqrt(1 - SYM.phi))
-        coherent = (u @ (a0 @ Mat.vector_x()).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B / (SYM.s_A * sp.sqrt(SYM.X2)))
+        coherent = (u @ (a0 @ Mat.vector("z")).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B / (SYM.s_A * sp.sqrt(SYM.X2)))
         return coherent + Mat.field("B", i).scale(sp.sqrt(1 - SYM.f_in))
     return (Mat.field("G", i) @ a0.T).scale(-SYM.gamma * SYM.eta)
 
@@ -145,11 +151,11 @@ def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
 
 def _probe_at_end(scheme: str, regime: str) -> Mat:
     """The probe's gradient wrt W at the aggregated adapter (d x k)."""
-    probe = _probe_gradient()
-    if regime == "adam-refined":  # each token's output gradient moved by lambda times its output change:
-        x = Mat.vector_x()        # lambda sum_t dW x_t x_t^T = lambda dW C, C = x x^T + nu I
+    probe = _probe_gradient(regime)
+    if regime == "adam-refined":  # each token's output gradient moved by lambda times its output change, summed
+        z = Mat.vector("z")       # as the gradient weighs the tokens: lambda dW C_g, C_g = z z^T + nu_g I
         dw = update(scheme, regime)
-        probe = probe + (dw @ x @ x.T).scale(SYM.lam) + dw.scale(SYM.lam * SYM.nu)
+        probe = probe + (dw @ z @ z.T).scale(SYM.lam) + dw.scale(SYM.lam * SYM.nu_g)
     return probe
 
 
@@ -200,7 +206,7 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
         return frobenius_inner(err, err, fac)
     # loss_change: the gradient of the objective the update is applied to
     if regime == "adam-refined":
-        grad_w = _probe_gradient()
+        grad_w = _probe_gradient(regime)
     elif base_scheme(scheme) == "fedsa":
         grad_w = Mat.field("G", FIXED_CLIENT)
     else:

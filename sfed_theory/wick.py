@@ -6,7 +6,8 @@ quantities are norms and traces). Expectation uses Isserlis' theorem per indepen
 every perfect matching of the field's entries contributes ``variance * prod(delta)`` times, for
 per-client fields, ``rho + (1 - rho) delta(i, i')``. Contraction merges indices joined by deltas
 (union-find) and evaluates each class: a free range index gives its size, two probe-input
-factors give ``||x||^2``, a client class with ``m`` weights gives ``S_m = sum_i p_i^m``.
+factors give their inner product (``||x||^2``, or ``x . z`` in the refined regime), a client class
+with ``m`` weights gives ``S_m = sum_i p_i^m``.
 
 Matrix-valued expressions (:class:`Mat`) build terms lazily with fresh summation indices, so a
 product of two copies of the same matrix gets independent dummy indices.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import sympy as sp
 
-from sfed_theory.assumptions import FIELDS, SYM, GaussianField, power_sum, range_size
+from sfed_theory.assumptions import DETERMINISTIC, FIELDS, INNER_PRODUCTS, SYM, GaussianField, power_sum, range_size
 
 __all__ = ["Idx", "Entry", "Term", "Mat", "Pairing", "IndexFactory", "expect", "contract", "term_latex"]
 
@@ -105,7 +106,14 @@ class Mat:
 
     @staticmethod
     def vector_x() -> Mat:
-        return Mat("k", "1", lambda fac, a, b: [Term(sp.Integer(1), (Entry("x", (a, b)),))])
+        return Mat.vector("x")
+
+    @staticmethod
+    def vector(name: str) -> Mat:
+        """A deterministic input vector (k x 1) of :data:`~sfed_theory.assumptions.DETERMINISTIC`."""
+        if name not in DETERMINISTIC:
+            raise ValueError(f"unknown deterministic vector {name!r}; allowed: {', '.join(DETERMINISTIC)}")
+        return Mat("k", "1", lambda fac, a, b: [Term(sp.Integer(1), (Entry(name, (a, b)),))])
 
     @staticmethod
     def zero(rows: str, cols: str) -> Mat:
@@ -221,11 +229,10 @@ def contract(term: Term, deltas: Sequence[tuple[Idx, Idx]]) -> sp.Expr:
     classes: dict[Idx, list[Idx]] = {}
     for i in indices:
         classes.setdefault(_find(parent, i), []).append(i)
-    x_count: dict[Idx, int] = {}
+    vectors: dict[Idx, list[str]] = {}  # the deterministic vectors' factors in each index class
     for e in term.entries:
-        if e.field == "x":
-            root = _find(parent, e.idx[0])
-            x_count[root] = x_count.get(root, 0) + 1
+        if e.field in DETERMINISTIC:
+            vectors.setdefault(_find(parent, e.idx[0]), []).append(e.field)
     w_count: dict[Idx, int] = {}
     for i in term.weights:
         root = _find(parent, i)
@@ -244,13 +251,14 @@ def contract(term: Term, deltas: Sequence[tuple[Idx, Idx]]) -> sp.Expr:
             else:
                 value *= power_sum(m)
             continue
-        nx = x_count.get(root, 0)
-        if nx == 0:
+        names = vectors.get(root, [])
+        if not names:
             value *= range_size(rng)
-        elif nx == 2:
-            value *= SYM.X2
+        elif len(names) == 2:
+            value *= INNER_PRODUCTS[frozenset(names)]  # x . x, z . z or x . z
         else:
-            raise NotImplementedError(f"an index class carrying {nx} factors of x (only ||x||^2 is modelled)")
+            raise NotImplementedError(f"an index class carrying {len(names)} deterministic vector factors "
+                                      f"{names} (only inner products of two are modelled)")
     return value
 
 

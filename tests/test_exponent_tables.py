@@ -96,3 +96,35 @@ def test_measured_f_in_holds_the_pilots_coherent_share(check_and_pilot, monkeypa
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, f_in="top")
     with pytest.raises(ValueError, match="f_in must be"):
         exponent_tables.exponent_table("gradient_check", tmp_path, f_in="measured")
+
+
+def test_two_vectors_fit_at_the_pilots_measured_angle(check_and_pilot, monkeypatch, tmp_path):
+    """``--two-vectors``: every refined fit takes kappa from the coherent-share runs' pilot (the root mean square
+    of the per-layer |cos| of the gradient's direction with the spike) and nu_g from the tokens' share along the
+    gradient's direction, keeps the check's own nu for the output, and writes its own files."""
+    import numpy as np
+
+    from validation.probe_inputs import bulk_nu
+
+    check, two = check_and_pilot
+    coherent = check[check.n_clients <= 4].assign(optimizer="adamw")
+    stored = {"gradient_check": check, "gradient_check_two_clients": two, "gradient_check_coherent": coherent}
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: stored[name])
+    paths = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, two_vectors=True)
+    assert [p.name for p in paths] == ["gradient_check_two_vectors_exponents.csv",
+                                       "gradient_check_two_vectors_refined_params.csv"]
+    params = pd.read_csv(paths[1])
+    per_layer = coherent[(coherent.layer != "__all__") & (coherent["round"] == 1)].grad_spike_cos
+    want = float(np.sqrt(np.mean(per_layer.to_numpy() ** 2)))
+    assert 0.0 < want < 1.0
+    assert set(params.kappa.round(12)) == {round(want, 12)}
+    _, one = exponent_tables.exponent_table("gradient_check", tmp_path, n_boot=20)
+    assert {round(p.nu, 12) for p in one.values()} == set(params.nu.round(12))  # the spike's bulk, as by default
+    assert {p.kappa for p in one.values()} == {1.0} and {p.nu_g for p in one.values()} == {None}
+    rows = coherent.query("layer == '__all__'")
+    want_nu_g = bulk_nu(rows.grad_input_share.mean(), int(rows.k_in.iloc[0]))
+    assert set(params.nu_g.round(12)) == {round(want_nu_g, 12)} and want_nu_g not in set(params.nu)
+    _, held = exponent_tables.exponent_table("gradient_check", tmp_path, n_boot=20, f_in="grad", two_vectors=True)
+    assert {p.nu for p in held.values()} == {p.nu for p in one.values()}  # the output keeps the spike's bulk
+    with pytest.raises(ValueError, match="no measured f_in or kappa"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, two_vectors=True)

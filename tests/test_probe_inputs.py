@@ -159,3 +159,21 @@ def test_probe_coherent_share_by_hand():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(4000, 8, generator=g, dtype=torch.float64)
     assert abs(probe_coherent_share(noise, torch.randn(8, 5, generator=g), torch.randn(50, 5, generator=g))) < 0.05
+
+
+def test_measured_kappa_is_the_root_mean_square_of_the_per_layer_cosines():
+    """By hand: per-layer |cos| 0.3 and 0.4 (the __all__ row and other rounds ignored) give
+    sqrt((0.09 + 0.16) / 2) = 0.35355; a mean (0.35) or the __all__ row (0.9) would fail."""
+    from validation.analysis import measured_kappa
+    from validation.metrics import ALL
+
+    rows = pd.DataFrame({"layer": ["q", "v", ALL, "q"], "round": [1, 1, 1, 2],
+                         "grad_spike_cos": [0.3, 0.4, 0.9, 0.1]})
+    assert measured_kappa(rows) == pytest.approx(0.353553, abs=1e-6)
+    assert measured_kappa(rows, round=2) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="lack grad_spike_cos"):
+        measured_kappa(rows.drop(columns="grad_spike_cos"))
+    with pytest.raises(ValueError, match="no per-layer"):
+        measured_kappa(rows, round=3)
+    with pytest.raises(ValueError, match="must lie in"):
+        measured_kappa(rows.assign(grad_spike_cos=[0.3, 1.4, 0.9, 0.1]))

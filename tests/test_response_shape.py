@@ -163,3 +163,16 @@ def test_mean_share_along_a_given_direction_by_hand():
     half = torch.tensor([1.0, 1.0]) / math.sqrt(2)  # an increment along e1 has half its energy along it: share 0
     assert mean_share_along(inc[:1], torch.eye(2), half) == pytest.approx(0.0)
     assert math.isnan(mean_share_along(torch.ones(2, 3, 1), torch.ones(1, 2), torch.ones(2)))
+
+
+def test_predicted_top_input_refuses_the_two_vector_model():
+    """Its reading of the lam^2 coefficient assumes the response goes through the spike; with two vectors it
+    goes through the gradient's direction, and the same arithmetic would return (1 + nu)^2, a wrong number."""
+    from validation.refined import RefinedParams
+    from validation.response_shape import predicted_top_input
+
+    p = RefinedParams(scheme="ffa", partition="iid", f_in=0.2, phi=0.1, rho_f=0.05, lam=3.0, tau2x2={4: 0.002},
+                      s_B={"rslora": 0.01}, s_dA={"rslora": 0.0}, d=8, k=8, pilot_max_n=4, n_pilot_points=0,
+                      rms_log_residual=0.0, nu=0.2, kappa=0.5, nu_g=0.1)
+    with pytest.raises(ValueError, match="one-vector model"):
+        predicted_top_input(p, "rslora", [4], [3], 8.0)

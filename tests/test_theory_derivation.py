@@ -174,3 +174,28 @@ def test_independent_a_inits_collapse_faster_than_one_broadcast_a():
     assert sp.simplify((shared - own).subs({power_sum(m): 1 for m in (2, 3, 4)})) == 0
     # identical increments (rho = 1) do not make independent inits identical: A's init still averages
     assert sp.simplify((shared - own).subs({SYM.rho: 1})) != 0
+
+
+@pytest.mark.parametrize("scheme", ["ffa", "fedit", "fedsa"])
+@pytest.mark.parametrize("quantity", ["adapter_output", "grad_A", "grad_B", "loss_change"])
+def test_refined_forms_keep_the_gradient_side_and_the_token_side_apart(quantity, scheme):
+    """The gradients live on the probe gradient's side (its direction z and token bulk nu_g), the output on the
+    tokens' (their spike x and bulk nu); the two meet only through B's coherent part u (A z)^T reaching the
+    output, at the angle kappa = cos(x, z), which enters in even powers (its sign is an eigenvector's arbitrary
+    sign). The first-order loss change <g z^T, dW> sees neither bulk nor the spike."""
+    form = sp.expand(closed_form(quantity, scheme, "adam-refined"))
+    output = quantity == "adapter_output"
+    assert form.has(SYM.kappa) == output and form.has(SYM.nu) == output
+    assert form.has(SYM.nu_g) == quantity.startswith("grad")
+    if output:
+        assert all(m[0] % 2 == 0 for m in sp.Poly(form, SYM.kappa).monoms())
+    assert not closed_form("update_fro", scheme, "adam-refined").has(SYM.kappa)
+
+
+def test_output_grows_like_r_squared_only_when_the_gradient_direction_meets_the_spike():
+    """By hand: B's coherent part u (A z)^T reaches the output through z^T A^T A x, whose second moment is
+    s_A^4 X2^2 r (1 + kappa^2 + r kappa^2) (tests/test_theory_engine.py): the r^2 term needs kappa > 0. With
+    nu = 0 the FFA output is then linear in r at kappa = 0 and quadratic at kappa = 1."""
+    form = closed_form("adapter_output", "ffa", "adam-refined").subs(SYM.nu, 0)
+    assert sp.degree(sp.expand(form.subs(SYM.kappa, 0)), SYM.r) == 1
+    assert sp.degree(sp.expand(form.subs(SYM.kappa, 1)), SYM.r) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import sympy as sp
 
 from sfed_theory.assumptions import SYM, power_sum
@@ -58,3 +59,29 @@ def test_fixed_client_is_not_summed():
     b = Mat.field("B", FIXED_CLIENT)
     value, _ = expect(frobenius_inner(b, b))
     assert sp.simplify(value - SYM.d * SYM.r * SYM.s_B**2) == 0
+
+
+def test_two_probe_vectors_contract_to_their_inner_products():
+    """x and z (the refined regime's two input directions): ||z||^2 = ||x||^2 = X2, x . z = kappa X2. By hand,
+    with u_l = a_l . x and v_l = a_l . z jointly Gaussian (variances s^2 X2, covariance s^2 kappa X2):
+    E[x^T A^T A z] = r s^2 kappa X2 and E[(x^T A^T A z)^2] = r E[u^2 v^2] + r (r - 1) E[u v]^2
+    = s^4 X2^2 r (1 + kappa^2 + r kappa^2)."""
+    a, x, z = Mat.field("A"), Mat.vector("x"), Mat.vector("z")
+    s2, r, kap, x2 = SYM.s_A**2, SYM.r, SYM.kappa, SYM.X2
+    first, _ = expect(frobenius_inner(a @ x, a @ z))
+    assert sp.simplify(first - r * s2 * kap * x2) == 0
+    zz, _ = expect(frobenius_inner(a @ z, a @ z))
+    assert sp.simplify(zz - r * s2 * x2) == 0
+    q = (a @ x).T @ (a @ z)  # 1 x 1
+    second, _ = expect(frobenius_inner(q, q))
+    assert sp.simplify(second - s2**2 * x2**2 * r * (1 + kap**2 + r * kap**2)) == 0
+    with pytest.raises(ValueError, match="unknown deterministic vector"):
+        Mat.vector("y")
+
+
+def test_three_probe_vector_factors_in_one_index_class_are_refused():
+    m = Idx("k", 1)
+    term = Term(sp.Integer(1), (Entry("x", (m, Idx("1", 1))), Entry("z", (m, Idx("1", 2))),
+                                Entry("x", (m, Idx("1", 3)))))
+    with pytest.raises(NotImplementedError, match="3 deterministic vector factors"):
+        contract(term, [])

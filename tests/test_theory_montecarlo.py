@@ -45,7 +45,7 @@ def _check_all(params: ModelParams, scheme: str, regime: str, seed: int) -> list
 
 
 BASE = ModelParams(d=4, k=5, r=3, n_clients=4, gamma=0.8, rho=0.25, s_A=0.7, s_B=1.1, s_dA=0.5, tau=0.9,
-                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7, nu=0.3)  # the refined regime's parameters
+                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7, nu=0.3, kappa=0.45)  # the refined regime's
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -56,16 +56,17 @@ def test_each_closed_form_at_a_fixed_model(scheme, regime):
 
 @st.composite
 def models(draw: st.DrawFn) -> tuple[ModelParams, str, str, int]:
-    n = draw(st.integers(1, 5))
+    n, k = draw(st.integers(1, 5)), draw(st.integers(1, 5))
     weights = draw(st.none() | st.lists(st.floats(0.1, 5.0), min_size=n, max_size=n).map(tuple))
     params = ModelParams(
-        d=draw(st.integers(1, 5)), k=draw(st.integers(1, 5)), r=draw(st.integers(1, 4)), n_clients=n,
+        d=draw(st.integers(1, 5)), k=k, r=draw(st.integers(1, 4)), n_clients=n,
         gamma=draw(st.floats(0.2, 2.0)), rho=draw(st.sampled_from([0.0, 1.0]) | st.floats(0.0, 1.0)),
         weights=weights, participating=draw(st.none() | st.integers(1, n)),
         s_A=draw(st.floats(0.3, 2.0)), s_B=draw(st.floats(0.3, 2.0)), s_dA=draw(st.floats(0.3, 2.0)),
         tau=draw(st.floats(0.3, 2.0)), eta=draw(st.floats(0.3, 2.0)), x_norm2=draw(st.floats(0.5, 3.0)),
         f_in=draw(st.floats(0.05, 1.0)), phi=draw(st.floats(0.05, 1.0)), lam=draw(st.floats(-1.0, 1.0)),
         nu=draw(st.sampled_from([0.0]) | st.floats(0.0, 1.0)),
+        kappa=draw(st.sampled_from([1.0]) | (st.floats(0.0, 1.0) if k > 1 else st.nothing())),
     )
     return params, draw(st.sampled_from(list(SCHEMES))), draw(st.sampled_from(list(REGIMES))), draw(st.integers(0, 10**6))
 

@@ -79,6 +79,8 @@ def test_paired_grid_gives_partial_slope():
         (dict(participating=9), "exceeds n_clients"),
         (dict(rho=1.5), r"rho .* \[-1, 1\]"),
         (dict(regime="adam-refined", f_in=1.2), r"f_in is a share and must lie in \[0, 1\]"),
+        (dict(regime="adam-refined", kappa=-0.1), r"kappa is a cosine's size and must lie in \[0, 1\]"),
+        (dict(regime="adam-refined", nu_g=-0.5), r"nu_g is an input variance"),
         (dict(s_A=-1.0), "s_A"),
         (dict(x_norm2=float("nan")), "x_norm2"),
         (dict(alpha=0.0), "alpha must be > 0"),

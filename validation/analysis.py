@@ -36,7 +36,7 @@ import pandas as pd
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_kappa", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -213,7 +213,8 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
 
 
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label",
-                 nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None) -> dict:
+                 nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
+                 kappa: float = 1.0, nu_g: float | None = None) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -226,7 +227,10 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     own measurement at the round's start (``probe_top_share``, :mod:`validation.probe_inputs`), or 0 (one
     probe vector, with a warning) for results that predate it. ``f_in``: None fits each group's input-coherent
     share; ``{(scheme, partition): share}`` (:func:`measured_f_in`) holds it at the measured value (a group
-    missing from it is fitted, with a warning). Groups with too little pilot data are left out with a warning."""
+    missing from it is fitted, with a warning). ``kappa``, ``nu_g``: the probe gradient's input direction against
+    the tokens' spike (:func:`measured_kappa`) and the bulk of the gradient's token weighting (``measured_nu`` of
+    ``grad_input_share``); 1 and None (``nu``) are one probe vector. Groups with too little pilot data are left
+    out with a warning."""
     from validation.refined import fit_refined
 
     if correlation_law not in ("label", "k"):
@@ -258,7 +262,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
             try:
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
-                                             nu=nu, f_in=held)
+                                             nu=nu, f_in=held, kappa=kappa, nu_g=nu_g)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out
@@ -312,6 +316,23 @@ def measured_nu(rows: pd.DataFrame, column: str = "probe_top_share") -> float:
                       "pass nu (validation.probe_inputs.probe_nu) to use the probe's measured bulk", stacklevel=3)
         return 0.0
     return bulk_nu(float(share.mean()), int(rows["k_in"].iloc[0]))
+
+
+def measured_kappa(rows: pd.DataFrame, *, round: int = 1) -> float:
+    """The refined model's ``kappa``: the root mean square over the per-layer rows of ``round`` of
+    ``grad_spike_cos``, ``|cos|`` of the probe gradient's input direction with the tokens' top direction
+    (:func:`validation.response_shape.gradient_input_shape`; measured at the round's start, so the same at
+    every N, rank and scheme of a seed). Root mean square because the moments, summed over the layers, take
+    ``kappa`` in even powers, mostly its square. ValueError where the rows lack the column."""
+    if "grad_spike_cos" not in rows:
+        raise ValueError("the results lack grad_spike_cos (measured by the harness since the probe gradient's "
+                         "direction was; results/gradient_check_coherent.parquet has it for the default check)")
+    cos = rows.loc[(rows["layer"] != ALL) & (rows["round"] == round), "grad_spike_cos"].dropna()
+    if cos.empty:
+        raise ValueError(f"no per-layer grad_spike_cos in round {round}")
+    if not ((cos >= 0) & (cos <= 1 + 1e-9)).all():
+        raise ValueError("grad_spike_cos is a cosine's size and must lie in [0, 1]")
+    return float(min(np.sqrt(np.mean(cos.to_numpy() ** 2)), 1.0))
 
 
 def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0,

@@ -44,6 +44,11 @@ rank dependence. Which parameter comes from what:
   the pilot runs of all splits together, evaluated on each K's batch labels, which are known before any
   training), and the model's correlation is solved at each K to reproduce it (``rho_by_k``); the K-laws
   above are then not used.
+* ``kappa``, ``nu_g``: the probe gradient's input direction ``z`` (``G = g z^T``; B's coherent part is built from
+  ``A z`` and the curvature response sums the tokens as the gradient weighs them, ``C_g = z z^T + nu_g I``) against
+  the tokens' spike ``x`` (what the output sees): the cosine ``kappa`` measured at the round's start
+  (``grad_spike_cos``) and ``nu_g`` from the tokens' share along ``z`` (``grad_input_share``); ``kappa = 1``,
+  ``nu_g = nu`` (the defaults) is one probe vector.
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
@@ -107,6 +112,8 @@ class RefinedParams:
     corr_by_k: tuple[tuple[int, float], ...] = ()  # the label law's measured-unit correlation per K (else empty)
     rho_by_k: tuple[tuple[int, float], ...] = ()  # the model's correlation solved from it per K
     nu: float = 0.0  # the probe's isotropic input bulk (C = x x^T + nu I, ||x|| = 1): measured, not fitted
+    kappa: float = 1.0  # cos of the probe gradient's input direction with the tokens' spike: measured (1: one vector)
+    nu_g: float | None = None  # the bulk of the gradient's token weighting, C_g = z z^T + nu_g I: measured (None: nu)
 
     @property
     def label_law(self) -> bool:
@@ -148,7 +155,8 @@ class RefinedParams:
                     f"N <= {self.pilot_max_n}, rms log residual {self.rms_log_residual:.3f}); {self.rho_column} from the "
                     f"label law, per K: {law}{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}; "
                     f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
-                    f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)")
+                    f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)"
+                f"{self._vectors()}")
         skew = (f", s={self.rho_skew:.4f} (rho at K clients = rho - s/(K-1))" if self.rho_skew else "")
         return (f"{self.scheme}/{self.partition} [{','.join(self.quantities)}]: f_in={self.f_in:.4f} phi={self.phi:.3f} "
                 f"lambda={self.lam:.4g} (fitted: pilot shapes, {self.n_pilot_points} points with N <= {self.pilot_max_n}, "
@@ -157,7 +165,19 @@ class RefinedParams:
                 f"{' (solved: the model reproduces the projected correlation)' if self.rho_model is not None else ''}"
                 f"{f', gap {self.rho_gap:+.4f}' if self.rho_gap else ''}{skew}; "
                 f"tau^2|x|^2 per rank={_fmt(self.tau2x2)} (start dL/dB); s_B={_fmt(self.s_B)} "
-                f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)")
+                f"s_dA={_fmt(self.s_dA)} (pilot increments); nu={self.nu:.4g} (probe input bulk, measured)"
+                f"{self._vectors()}")
+
+    @property
+    def gradient_bulk(self) -> float:
+        """``nu_g``, or ``nu`` where unset (one probe vector: the gradient weighs the tokens as the output does)."""
+        return self.nu if self.nu_g is None else self.nu_g
+
+    def _vectors(self) -> str:
+        if self.kappa == 1.0 and self.nu_g is None:
+            return ""
+        bulk = "" if self.nu_g is None else f", nu_g={self.nu_g:.4g} (the gradient's token bulk, measured)"
+        return f"; kappa={self.kappa:.3f} (gradient direction vs spike, measured){bulk}"
 
     def to_row(self) -> dict:
         """Flat dict for a CSV."""
@@ -206,7 +226,8 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     s_b = np.array([p.s_B[str(u)] for u in rules])
     s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
     f = moment_function(quantity, scheme, REFINED_REGIME)
-    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, *weight_sums(kk))
+    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, p.kappa,
+             p.gradient_bulk, *weight_sums(kk))
 
 
 _PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
@@ -280,7 +301,8 @@ def _pilot_table(rows: pd.DataFrame) -> pd.DataFrame:
 def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
-                nu: float = 0.0, f_in: float | None = None) -> RefinedParams:
+                nu: float = 0.0, f_in: float | None = None, kappa: float = 1.0,
+                nu_g: float | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -292,23 +314,22 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     label-skewed split, the same correlation measured on IID pilot runs (see ``rho_skew`` in the module
     docstring); ``None`` takes the split's own pilot correlation at every N. A pilot with two or more
     client counts above one (N = 2 and 4) instead gives the split its own K-law, ``rho_K = rho - s/(K-1)``
-    fitted to its per-K means (``unskewed_rho`` is then not used). ``correlation_at``: the measured
-    correlation at every K the model is to predict (K > 1), from the label law (:mod:`validation.label_law`,
-    fitted on pilot runs): the model's correlation is then solved at each K to reproduce it, and neither
-    K-law is used. ``nu``: the probe's isotropic input bulk (``C = x x^T + nu I``), measured from the
-    probe's inputs (:mod:`validation.probe_inputs`), not fitted; 0 is one probe vector. ``f_in``: None fits it; a
-    value in [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`); ValueError if not, or if the pilot has one rank or no N > 1."""
-    _check_share(f_in)
+    fitted to its per-K means (``unskewed_rho`` is then not used). ``correlation_at``: the measured correlation
+    at every K to predict (K > 1), from the label law (:mod:`validation.label_law`, fitted on pilot runs): the
+    model's correlation is then solved at each K to reproduce it, and neither K-law is used. Measured, not fitted:
+    ``nu``, the tokens' input bulk (``C = x x^T + nu I``, :mod:`validation.probe_inputs`); ``kappa``, the cosine of
+    the gradient's input direction with their spike (:func:`validation.analysis.measured_kappa`); ``nu_g``, the
+    gradient's token bulk (None: ``nu``); ``kappa = 1`` is one probe vector. ``f_in``: None fits it; a value in
+    [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ValueError for a value out of range, or a pilot
+    with one rank or no N > 1."""
+    _check_inputs(f_in, kappa)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
     scheme, part = str(a.scheme.iloc[0]), str(a.partition.iloc[0]) if "partition" in a else "?"
     d, k, n_layers = int(a.d_out.iloc[0]), int(a.k_in.iloc[0]), int(rows[rows.layer != ALL].layer.nunique())
     t = _pilot_table(a)
-    t2 = t.grad_B**2 / (t.gamma**2 * t["rank"] * (1.0 / (3 * k)) * n_layers * d)
-    tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
-    s_b = t.groupby("rule").inc_B_rms.mean().to_dict()
-    s_da = t.groupby("rule").inc_A_rms.mean().to_dict()
+    tau2x2, s_b, s_da = _pilot_scales(t, d, k, n_layers)
     pilot_means, rho_f, skew = _pilot_correlation(a[a.n_participating > 1], rho_column, unskewed_rho)
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
     groups = list(t.groupby("rule"))
@@ -318,7 +339,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def params(f: float, ph: float, lam: float) -> RefinedParams:  # the residual is set once the fit is done
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
-                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu)
+                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g)
         if correlation_at is not None:
             return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)
@@ -357,6 +378,14 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
+
+
+def _pilot_scales(t: pd.DataFrame, d: int, k: int, n_layers: int) -> tuple[dict, dict, dict]:
+    """``(tau2x2 per rank, s_B per rule, s_dA per rule)`` from the pilot table: the probe gradient's size seen
+    through A at the round's start (peft's A init has variance 1/3k), and the clients' increments."""
+    t2 = t.grad_B**2 / (t.gamma**2 * t["rank"] * (1.0 / (3 * k)) * n_layers * d)
+    tau2x2 = {int(r): float(v) for r, v in t2.groupby(t["rank"]).mean().items()}
+    return tau2x2, t.groupby("rule").inc_B_rms.mean().to_dict(), t.groupby("rule").inc_A_rms.mean().to_dict()
 
 
 def _pilot_correlation(pairs: pd.DataFrame, column: str, unskewed: float | None) -> tuple[dict[int, float], float, float]:
@@ -483,9 +512,11 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
     return corr, solve
 
 
-def _check_share(f_in: float | None) -> None:
+def _check_inputs(f_in: float | None, kappa: float) -> None:
     if f_in is not None and not 0.0 <= f_in <= 0.5:
         raise ValueError(f"f_in must lie in [0, 1/2] (the model's bound on a share), got {f_in}")
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"kappa is a cosine's size and must lie in [0, 1], got {kappa}")
 
 
 def _starts(fit_f_in: bool) -> list[np.ndarray]:

@@ -79,7 +79,11 @@ def predicted_top_input(p: RefinedParams, rule: str, ranks, ks, alpha: float) ->
     expectations. Its response ``lam dW C`` enters ``E||dL/dB_end||^2`` as ``gamma^2 lam^2 E||dW C A^T||^2``,
     read off the derived closed form as the ``lam^2`` coefficient; with ``||x|| = 1`` the spike's part of it is
     the same coefficient at ``nu = 0``, and ``dG x = lam (1 + nu) dW x``, so the share is
-    ``(1 + nu)^2 c(0) / c(nu)``. It does not depend on ``lam``."""
+    ``(1 + nu)^2 c(0) / c(nu)``. It does not depend on ``lam``. The model with one probe vector only
+    (``kappa = 1``, ``nu_g`` unset): with two, the response lives on the gradient's direction, not the spike."""
+    if p.kappa != 1.0 or p.nu_g is not None:
+        raise ValueError("predicted_top_input reads the one-vector model (kappa = 1, nu_g = nu); these parameters "
+                         f"have kappa={p.kappa}, nu_g={p.nu_g}")
     ranks, ks = np.broadcast_arrays(np.atleast_1d(np.asarray(ranks, float)), np.atleast_1d(np.asarray(ks, float)))
 
     def lam2(nu: float) -> np.ndarray:  # the lam^2 coefficient, from a large lam of either sign (exact: quadratic)
