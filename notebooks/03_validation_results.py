@@ -298,13 +298,19 @@ display(Markdown(" ".join(txt)))
 # %%
 from paper_figures.probe_input_table import stored_nu  # noqa: E402
 from validation.analysis import agreement_summary, refined_fits, with_pilot_runs  # noqa: E402
+from validation.refined_store import read_params, stored_or_fitted  # noqa: E402
 
 grad = experiments.load("gradient_check", results_dir)
 two_clients = experiments.load("gradient_check_two_clients", results_dir)
 # the probe's input bulk, measured on its inputs at the round's start (these results predate the harness column)
 nu = stored_nu(grad, results_dir)
 print(f"probe input bulk nu = {nu:.4f} (results/probe_inputs.csv)")
-params = refined_fits(with_pilot_runs(grad, two_clients), round=ROUND, nu=nu)
+# the exponent table's fit (results/gradient_check_refined_params.csv) when it was fitted on these very rows, else
+# fitted here (minutes): validation.refined_store checks the rows' fingerprint
+pilot_rows = with_pilot_runs(grad, two_clients)
+stored = results_dir / "gradient_check_refined_params.csv"
+params = stored_or_fitted(pilot_rows, stored, lambda: refined_fits(pilot_rows, round=ROUND, nu=nu))
+print("refined parameters:", "read from " + stored.name if read_params(stored, pilot_rows) else "fitted here")
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)

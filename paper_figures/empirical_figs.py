@@ -150,12 +150,15 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | dict
     return pd.DataFrame(out)
 
 
-def refined_params(df: pd.DataFrame, rnd: int = 1) -> dict:
-    """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted)."""
+def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None) -> dict:
+    """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted):
+    read from ``stored`` (an exponent table's ``*_refined_params.csv``) when they were fitted on exactly
+    ``df`` at round 1, else fitted."""
     import warnings
 
     try:
         from validation.analysis import refined_fits
+        from validation.refined_store import stored_or_fitted
     except ImportError:  # the figures can be drawn without the harness
         return {}
     if not {"rho_out", "rho_gA", "curvature"} <= set(df.columns):
@@ -164,7 +167,7 @@ def refined_params(df: pd.DataFrame, rnd: int = 1) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return refined_fits(df, round=rnd, nu=rows_nu(df))
+        return stored_or_fitted(df, stored if rnd == 1 else None, lambda: refined_fits(df, round=rnd, nu=rows_nu(df)))
 
 
 def _refined_point(params: dict, q: str, r: pd.Series) -> float:

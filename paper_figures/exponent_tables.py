@@ -57,7 +57,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`)."""
-    from validation.analysis import fit_exponents, measured_f_in, refined_fits, with_pilot_runs
+    from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
     if check not in PILOT_RUNS:
         raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
@@ -68,14 +68,21 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     df = load(check, results)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        extra = PILOT_RUNS[check]
         column = F_IN_CHOICES[f_in]
         pilot = load(MEASURED_F_IN[check], results) if column or two_vectors else None
         held = measured_f_in(pilot, column=column) if column else None
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
-        params = refined_fits(with_pilot_runs(df, load(extra, results)) if extra else df, nu=nu, f_in=held,
-                              kappa=kappa, nu_g=nu_g)
+        params = refined_fits(fitted_rows(check, results), nu=nu, f_in=held, kappa=kappa, nu_g=nu_g)
         return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
+
+
+def fitted_rows(check: str, results: Path = DEFAULT_RESULTS) -> pd.DataFrame:
+    """The rows the check's refined model is fitted on: its own, with :data:`PILOT_RUNS`' pilot runs."""
+    from validation.analysis import with_pilot_runs
+
+    extra = PILOT_RUNS[check]
+    df = load(check, results)
+    return with_pilot_runs(df, load(extra, results)) if extra else df
 
 
 def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Path, gradient_x: bool,
@@ -106,7 +113,9 @@ def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000
     fits.to_csv(out[0], index=False)
     if params:
         out.append(results / f"{stem}_refined_params.csv")
-        pd.DataFrame([p.to_row() for p in params.values()]).to_csv(out[1], index=False)
+        from validation.refined_store import write_params
+
+        write_params(params, out[1], fitted_rows(check, results))
     return out
 
 

@@ -130,13 +130,19 @@ def _with_two_clients(results: dict) -> pd.DataFrame:
     return with_pilot_runs(results["gradient_check"], results.get("gradient_check_two_clients"))
 
 
+_STORED_PARAMS = "_stored_refined_params"
+"""Key of ``results`` (besides the experiments' tables): the exponent table's refined parameters file."""
+
+
 def _refined(results: dict) -> dict:
     """The refined model fitted once on the gradient check's pilot (N <= 4, with the N = 2 runs), shared by
-    every figure drawn from ``results`` (main, a, b, d, i and p all use it)."""
+    every figure drawn from ``results`` (main, a, b, d, i and p all use it): the exponent table's stored fit
+    when it was fitted on these very rows (:mod:`validation.refined_store`), else fitted here."""
     if "_refined_gradient_check" not in results:
         from paper_figures.empirical_figs import refined_params
 
-        results["_refined_gradient_check"] = refined_params(_with_two_clients(results))
+        rows = _with_two_clients(results)
+        results["_refined_gradient_check"] = refined_params(rows, stored=results.get(_STORED_PARAMS))
     return results["_refined_gradient_check"]
 
 
@@ -222,6 +228,7 @@ def build(out: str | Path = "figures", results_dir: str | Path = experiments.DEF
     formats = tuple(formats)
     needed = sorted({e for k in keys for e in _BY_KEY[k].needs})
     results = {exp: experiments.load(exp, results_dir) for exp in needed}  # fail early, before drawing
+    results[_STORED_PARAMS] = Path(results_dir) / "gradient_check_refined_params.csv"
     written: list[Path] = []
     for k in keys:
         fig = _BY_KEY[k]

@@ -21,7 +21,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
-CELL_TIMEOUT = 900  # seconds per cell: notebook 03 refits the refined model (~6 min on 2 cores, fresh derivations)
+CELL_TIMEOUT = 900  # seconds per cell: notebook 03 refits the refined model on the one- and two-step checks (~5 min on 2 cores)
 KERNEL = "sfed-test-python"
 
 

@@ -89,6 +89,7 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
     from validation.analysis import fit_exponents, format_report, is_hetero, refined_fits
     from validation.grid import load_results
     from validation.plots import coordinate_check
+    from validation.refined_store import write_params
 
     df = load_results(out)
     if df.empty:
@@ -110,7 +111,7 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
     fits.to_csv(fig_dir / "exponents.csv", index=False)
     print(f"table: {fig_dir / 'exponents.csv'}")
     if params:
-        pd.DataFrame([p.to_row() for p in params.values()]).to_csv(fig_dir / "refined_params.csv", index=False)
+        write_params(params, fig_dir / "refined_params.csv", df)
         print(f"refined model parameters: {fig_dir / 'refined_params.csv'}")
     for p in coordinate_check(df, fig_dir, round=ns.round):
         print(f"figure: {p}")

@@ -60,7 +60,7 @@ value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant th
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -186,14 +186,50 @@ class RefinedParams:
         d["quantities"] = ",".join(self.quantities)
         d["pilot_ks"] = ",".join(map(str, self.pilot_ks))
         for key in ("corr_by_k", "rho_by_k"):
-            d[key] = _fmt(dict(getattr(self, key)))
+            d[key] = _fmt(dict(getattr(self, key)), exact=True)
         for key in ("tau2x2", "s_B", "s_dA"):
-            d[key] = _fmt(getattr(self, key))
+            d[key] = _fmt(getattr(self, key), exact=True)
         return d
 
+    @classmethod
+    def from_row(cls, row: dict) -> RefinedParams:
+        """The inverse of :meth:`to_row` (a CSV row read back; ``rho`` is derived, so it is not read). Rows
+        written before a field existed take its default."""
+        names = {f.name: f for f in fields(cls)}
+        raw = {k: v for k, v in row.items()
+               if k in names and not (_missing(v) and names[k].default is not MISSING)}
+        out = {}
+        for key, v in raw.items():
+            if key in ("tau2x2", "corr_by_k", "rho_by_k"):
+                m = _parse(v, int)
+                out[key] = m if key == "tau2x2" else tuple(sorted(m.items()))
+            elif key in ("s_B", "s_dA"):
+                out[key] = _parse(v, str)
+            elif key == "quantities":
+                out[key] = tuple(str(v).split(","))
+            elif key == "pilot_ks":
+                out[key] = tuple(int(x) for x in str(v).split(",") if x)
+            elif key in ("scheme", "partition", "rho_column"):
+                out[key] = str(v)
+            elif key in ("d", "k", "pilot_max_n", "n_pilot_points"):
+                out[key] = int(v)
+            else:
+                out[key] = float(v)
+        return cls(**out)
 
-def _fmt(m: dict) -> str:
-    return ",".join(f"{k}:{v:.4g}" for k, v in sorted(m.items()))
+
+def _fmt(m: dict, exact: bool = False) -> str:
+    return ",".join(f"{k}:{v!r}" if exact else f"{k}:{v:.4g}" for k, v in sorted(m.items()))
+
+
+def _parse(text, key_type) -> dict:
+    """``"k:v,k:v"`` (:func:`_fmt`) -> ``{key_type(k): float(v)}``."""
+    pairs = (item.split(":") for item in str(text).split(",") if item)
+    return {key_type(k): float(v) for k, v in pairs}
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v == ""
 
 
 def _lookup(table: dict[int, float], k: np.ndarray) -> np.ndarray:
@@ -332,7 +368,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     tau2x2, s_b, s_da = _pilot_scales(t, d, k, n_layers)
     pilot_means, rho_f, skew = _pilot_correlation(a[a.n_participating > 1], rho_column, unskewed_rho)
     meas = {q: np.log(t[c].to_numpy()) for q, c in QUANTITY_COLUMNS.items() if q in quantities and (t[c] > 0).all()}
-    groups = list(t.groupby("rule"))
+    groups = _rule_groups(t)
 
     pair_pts = t[t.n_participating > 1]
     projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
@@ -350,8 +386,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
 
     def predicted(p: RefinedParams, q: str) -> np.ndarray:
         out = np.empty(len(t))
-        for rule, g in groups:
-            out[g.index] = predict_points(p, q, rule, g["rank"], g.n_clients, g.n_participating, float(g.alpha.iloc[0]))
+        for idx, rule, ranks, ns, ks, alpha in groups:
+            out[idx] = predict_points(p, q, rule, ranks, ns, ks, alpha)
         return out
 
     # lambda's natural unit: the probe gradient's size over the size of the output change
@@ -378,6 +414,13 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
+
+
+def _rule_groups(t: pd.DataFrame) -> list[tuple]:
+    """Per rule of the pilot table: (positions, rule, ranks, N, K, alpha) as arrays, once per fit (the fit's
+    loss predicts them thousands of times)."""
+    return [(g.index.to_numpy(), rule, g["rank"].to_numpy(float), g.n_clients.to_numpy(float),
+             g.n_participating.to_numpy(float), float(g.alpha.iloc[0])) for rule, g in t.groupby("rule")]
 
 
 def _pilot_scales(t: pd.DataFrame, d: int, k: int, n_layers: int) -> tuple[dict, dict, dict]:
