@@ -309,8 +309,9 @@ print(f"probe input bulk nu = {nu:.4f} (results/probe_inputs.csv)")
 # fitted here (minutes): validation.refined_store checks the rows' fingerprint
 pilot_rows = with_pilot_runs(grad, two_clients)
 stored = results_dir / "gradient_check_refined_params.csv"
-params = stored_or_fitted(pilot_rows, stored, lambda: refined_fits(pilot_rows, round=ROUND, nu=nu))
-print("refined parameters:", "read from " + stored.name if read_params(stored, pilot_rows) else "fitted here")
+settings = dict(nu=nu, kappa=1.0, pilot_max_n=4)
+params = stored_or_fitted(pilot_rows, stored, lambda: refined_fits(pilot_rows, round=ROUND, nu=nu), **settings)
+print("refined parameters:", "read from " + stored.name if read_params(stored, pilot_rows, **settings) else "fitted here")
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)

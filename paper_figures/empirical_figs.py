@@ -152,8 +152,8 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | dict
 
 def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None) -> dict:
     """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted):
-    read from ``stored`` (an exponent table's ``*_refined_params.csv``) when they were fitted on exactly
-    ``df`` at round 1, else fitted."""
+    read from ``stored`` (an exponent table's ``*_refined_params.csv``, whose folder also holds the probe's
+    stored input bulk) when they were fitted on exactly ``df`` at round 1 with the same settings, else fitted."""
     import warnings
 
     try:
@@ -165,9 +165,11 @@ def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None) -
         return {}  # results from before the refined model's measurements
     from paper_figures.probe_input_table import rows_nu
 
+    nu = rows_nu(df, stored.parent) if stored is not None else rows_nu(df)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return stored_or_fitted(df, stored if rnd == 1 else None, lambda: refined_fits(df, round=rnd, nu=rows_nu(df)))
+        return stored_or_fitted(df, stored if rnd == 1 else None, lambda: refined_fits(df, round=rnd, nu=nu),
+                                nu=nu, kappa=1.0, pilot_max_n=4)
 
 
 def _refined_point(params: dict, q: str, r: pd.Series) -> float:

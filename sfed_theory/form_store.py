@@ -5,7 +5,7 @@ and GPU-check step is a new process that would derive the same forms again. The 
 closed form as a pickle under a key that changes whenever the code that derives it (or sympy) changes, so
 a stored form is always what this code derives; a missing, stale or unreadable entry is derived afresh.
 
-Where: ``$SFED_FORM_CACHE`` if set (``off`` turns the store off), else ``$XDG_CACHE_HOME/sfed-theory``
+Where: ``$SFED_FORM_CACHE`` if set and not empty (``off`` turns the store off), else ``$XDG_CACHE_HOME/sfed-theory``
 (default ``~/.cache/sfed-theory``).
 """
 
@@ -28,9 +28,9 @@ _DERIVING_CODE = ("assumptions.py", "schemes.py", "wick.py", "derivation.py")
 
 def store_dir() -> Path | None:
     """The store's directory, or None when ``SFED_FORM_CACHE=off``."""
-    env = os.environ.get("SFED_FORM_CACHE")
-    if env is not None:
-        return None if env.strip().lower() == "off" else Path(env).expanduser()
+    env = os.environ.get("SFED_FORM_CACHE", "").strip()
+    if env:
+        return None if env.lower() == "off" else Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sfed-theory"
 
@@ -69,10 +69,13 @@ def save(quantity: str, scheme: str, regime: str, expr: sp.Expr) -> None:
     path = _path(quantity, scheme, regime)
     if path is None:
         return
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
+            tmp = f.name
             f.write(pickle.dumps(expr))
-        os.replace(f.name, path)
-    except OSError:
-        return
+        os.replace(tmp, path)
+    except Exception:  # unwritable, full, or an expression that does not pickle: derive next time
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 
@@ -66,3 +67,18 @@ def test_off_stores_nothing(tmp_path, monkeypatch):
     assert form_store.store_dir() is None
     form_store.save(*FORM, sp.Symbol("x"))
     assert form_store.load(*FORM) is None
+
+
+def test_an_empty_setting_means_the_default_place(monkeypatch):
+    monkeypatch.setenv("SFED_FORM_CACHE", "  ")
+    assert form_store.store_dir() is not None and form_store.store_dir().name == "sfed-theory"
+
+
+def test_a_form_that_cannot_be_stored_leaves_nothing_behind(store, monkeypatch):
+    def refuse(_):
+        raise pickle.PicklingError("no")
+
+    monkeypatch.setattr(form_store.pickle, "dumps", refuse)
+    form_store.save(*FORM, sp.Symbol("x"))
+    assert form_store.load(*FORM) is None
+    assert not [p for p in store.rglob("*") if p.is_file()]

@@ -214,7 +214,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
 
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label",
                  nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
-                 kappa: float = 1.0, nu_g: float | None = None) -> dict:
+                 kappa: float = 1.0, nu_g: float | None = None, only: tuple[str, str] | None = None) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -230,7 +230,8 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     missing from it is fitted, with a warning). ``kappa``, ``nu_g``: the probe gradient's input direction against
     the tokens' spike (:func:`measured_kappa`) and the bulk of the gradient's token weighting (``measured_nu`` of
     ``grad_input_share``); 1 and None (``nu``) are one probe vector. Groups with too little pilot data are left
-    out with a warning."""
+    out with a warning. ``only``: fit just this ``(scheme, partition)`` group (every group's runs still form the
+    pilots and the label law, as in the full fit)."""
     from validation.refined import fit_refined
 
     if correlation_law not in ("label", "k"):
@@ -250,6 +251,8 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, corr
     nu = measured_nu(ok[ok["layer"] == ALL]) if nu is None else nu
     targets = label_law_targets(ok, pilot_max_n, rnd=round)[1] if correlation_law == "label" else {}
     for key, grp in ok[ok["optimizer"] == "adamw"].groupby(["scheme", "optimizer", "partition"]):
+        if only is not None and (key[0], key[2]) != tuple(only):
+            continue
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
         for q in QUANTITY_COLUMNS:
             if q in _zero_forms(key[0], key[1]):

@@ -60,7 +60,7 @@ value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant th
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 
 import numpy as np
@@ -194,21 +194,25 @@ class RefinedParams:
     @classmethod
     def from_row(cls, row: dict) -> RefinedParams:
         """The inverse of :meth:`to_row` (a CSV row read back; ``rho`` is derived, so it is not read). Rows
-        written before a field existed take its default."""
-        names = {f.name: f for f in fields(cls)}
-        raw = {k: v for k, v in row.items()
-               if k in names and not (_missing(v) and names[k].default is not MISSING)}
+        written before a field existed take its default; a NaN anywhere else stays NaN."""
+        names = {f.name for f in fields(cls)}
         out = {}
-        for key, v in raw.items():
-            if key in ("tau2x2", "corr_by_k", "rho_by_k"):
+        for key, v in row.items():
+            if key not in names:
+                continue
+            if _missing(v) and key in ("rho_model", "nu_g"):  # optional: written as empty
+                out[key] = None
+            elif _missing(v) and key in ("pilot_ks", "corr_by_k", "rho_by_k"):  # empty tuples
+                out[key] = ()
+            elif key in ("tau2x2", "corr_by_k", "rho_by_k"):
                 m = _parse(v, int)
                 out[key] = m if key == "tau2x2" else tuple(sorted(m.items()))
             elif key in ("s_B", "s_dA"):
                 out[key] = _parse(v, str)
             elif key == "quantities":
                 out[key] = tuple(str(v).split(","))
-            elif key == "pilot_ks":
-                out[key] = tuple(int(x) for x in str(v).split(",") if x)
+            elif key == "pilot_ks":  # one K alone may come back from a CSV as a float ("4.0")
+                out[key] = tuple(int(float(x)) for x in str(v).split(",") if x)
             elif key in ("scheme", "partition", "rho_column"):
                 out[key] = str(v)
             elif key in ("d", "k", "pilot_max_n", "n_pilot_points"):
