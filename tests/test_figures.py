@@ -56,12 +56,14 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
 
 
 def test_figures_of_one_build_share_one_refined_fit(tmp_path, monkeypatch):
-    calls = []  # the fit itself takes ~20 s: an empty one (no refined lines) is enough to count the calls
-    monkeypatch.setattr(empirical_figs, "refined_params", lambda df, rnd=1: calls.append(len(df)) or {})
+    calls = []  # an empty fit (no refined lines) is enough to count the calls
+    monkeypatch.setattr(empirical_figs, "refined_params",
+                        lambda df, rnd=1, stored=None: calls.append((len(df), stored)) or {})
     make_figures.build(tmp_path, RESULTS, keys=["main", "a", "b", "d"], formats=("png",), verbose=False)
     check, two = experiments.load("gradient_check", RESULTS), experiments.load("gradient_check_two_clients", RESULTS)
     pilot_rows = len(check) + int(two.lr.isin(check.lr.unique()).sum())
-    assert len(calls) == 1 and calls[0] == pilot_rows  # the N = 2 runs at the check's learning rate join the pilot
+    # the N = 2 runs at the check's learning rate join the pilot; the exponent table's stored fit is offered
+    assert calls == [(pilot_rows, RESULTS / "gradient_check_refined_params.csv")]
 
 
 def test_committed_main_figure_for_readme_exists():
