@@ -298,7 +298,7 @@ display(Markdown(" ".join(txt)))
 # %%
 from paper_figures.probe_input_table import stored_nu  # noqa: E402
 from validation.analysis import agreement_summary, refined_fits, with_pilot_runs  # noqa: E402
-from validation.refined_store import read_params, stored_or_fitted  # noqa: E402
+from validation.refined_store import read_params  # noqa: E402
 
 grad = experiments.load("gradient_check", results_dir)
 two_clients = experiments.load("gradient_check_two_clients", results_dir)
@@ -309,9 +309,9 @@ print(f"probe input bulk nu = {nu:.4f} (results/probe_inputs.csv)")
 # fitted here (minutes): validation.refined_store checks the rows' fingerprint
 pilot_rows = with_pilot_runs(grad, two_clients)
 stored = results_dir / "gradient_check_refined_params.csv"
-settings = dict(nu=nu, kappa=1.0, pilot_max_n=4)
-params = stored_or_fitted(pilot_rows, stored, lambda: refined_fits(pilot_rows, round=ROUND, nu=nu), **settings)
-print("refined parameters:", "read from " + stored.name if read_params(stored, pilot_rows, **settings) else "fitted here")
+params = read_params(stored, pilot_rows, nu=nu, kappa=1.0, pilot_max_n=4)
+print("refined parameters:", "fitted here" if params is None else "read from " + stored.name)
+params = refined_fits(pilot_rows, round=ROUND, nu=nu) if params is None else params
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)

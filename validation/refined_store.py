@@ -30,8 +30,8 @@ def fingerprint(rows: pd.DataFrame) -> str:
 
 def write_params(params: dict[Key, RefinedParams], path: Path, rows: pd.DataFrame) -> Path:
     """Write ``params`` (one CSV row each, :meth:`RefinedParams.to_row`) with ``rows``' fingerprint."""
-    out = pd.DataFrame([{**p.to_row(), "optimizer": key[1], "fitted_on": fingerprint(rows)}
-                        for key, p in params.items()])
+    fitted_on = fingerprint(rows)
+    out = pd.DataFrame([{**p.to_row(), "optimizer": key[1], "fitted_on": fitted_on} for key, p in params.items()])
     out.to_csv(path, index=False)
     return path
 
