@@ -248,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="figures", help="output folder (default figures/)")
     ap.add_argument("--results", "--results-dir", dest="results", default=str(experiments.DEFAULT_RESULTS),
                     help="stored results folder (default: the committed results/)")
-    ap.add_argument("--only", nargs="+", metavar="KEY", help="draw only these figures (main, a to o)")
+    ap.add_argument("--only", nargs="+", metavar="KEY", help=f"draw only these figures ({', '.join(f.key for f in FIGURES)})")
     ap.add_argument("--formats", nargs="+", default=["png", "pdf"], help="file formats (default png pdf)")
     ap.add_argument("--update-docs", action="store_true", help=f"copy the main figure PNG to {DOCS_COPY}")
     g = ap.add_argument_group("re-running the experiments (trains models; minutes on CPU)")
