@@ -89,7 +89,7 @@ def test_the_harness_records_the_response_shape():
 
     for n, x in start.inputs.items():  # the probe gradient's own shape at the round's start
         cols = ["grad_rank1", "grad_input_share", "grad_spike_cos"]
-        assert rows.loc[n, cols].tolist() == pytest.approx(gradient_input_shape(start.grad_W[n], x), rel=1e-6)
+        assert rows.loc[n, cols].tolist() == pytest.approx(gradient_input_shape(start.grad_W[n], x)[:3], rel=1e-6)
     one, one_state, _ = run(synth(rule="rslora", n_clients=1, rank=4, rounds=1, scheme="ffa"), return_state=True)
     one_rows = one[one.layer != ALL].set_index("layer")
     for n in start.inputs:  # N = 1: the state's B is the client's increment (B starts at 0); same A and probe
@@ -143,11 +143,12 @@ def test_gradient_input_shape_by_hand():
     other = torch.tensor([1.0, -1.0]) / math.sqrt(2)
     g = 3 * torch.outer(torch.tensor([1.0, 0.0, 0.0]), xg) + torch.outer(torch.tensor([0.0, 1.0, 0.0]), other)
     x = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
-    rank1, share, cos = gradient_input_shape(g, x)
+    rank1, share, cos, direction = gradient_input_shape(g, x)
     assert rank1 == pytest.approx(9 / 10)  # a root (3/4) fails
     assert share == pytest.approx(0.5)
     assert cos == pytest.approx(1 / math.sqrt(2))
     assert abs(float(gradient_direction(g) @ xg.double())) == pytest.approx(1.0)
+    assert torch.equal(direction, gradient_direction(g))  # the same decomposition's x_g
     with pytest.raises(ValueError, match="non-zero"):
         gradient_direction(torch.zeros(2, 2))
 

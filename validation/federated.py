@@ -54,7 +54,7 @@ from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
 from validation.probe_inputs import mean_coherent_shares, mean_share_along, top_share
-from validation.response_shape import gradient_direction, gradient_input_shape, response_shape
+from validation.response_shape import gradient_input_shape, response_shape
 from validation.models import Task, build_task
 
 __all__ = ["run", "resolve_device", "gamma_for", "config_columns", "apply_gamma_change", "eval_indices",
@@ -187,8 +187,9 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
             response_shape(end.grad_W[n] - start.grad_W[n], round_delta[n], A0[n][0], x0)
             if isinstance(gamma, float) and not per_client else (float("nan"),) * 2)
         # the probe gradient's own input direction x_g, which the model takes to be the tokens' spike
-        m["grad_rank1"], m["grad_input_share"], m["grad_spike_cos"] = gradient_input_shape(start.grad_W[n], x0)
-        m["inc_B_coherent_grad"] = (mean_share_along(B1[n] - B0[n], A0[n], gradient_direction(start.grad_W[n]))
+        shape = gradient_input_shape(start.grad_W[n], x0)
+        m["grad_rank1"], m["grad_input_share"], m["grad_spike_cos"] = shape.rank1, shape.input_share, shape.spike_cos
+        m["inc_B_coherent_grad"] = (mean_share_along(B1[n] - B0[n], A0[n], shape.direction)
                                     if isinstance(gamma, float) else float("nan"))
         for f, dx in (("A", A1[n] - A0[n]), ("B", B1[n] - B0[n])):  # raw increment scale, for predict's s_B
             m[f"inc_{f}_rms"] = float(dx.pow(2).mean().sqrt())

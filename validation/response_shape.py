@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ import torch
 from validation.probe_inputs import top_direction
 from validation.refined import RefinedParams, predict_points
 
-__all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape"]
+__all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape", "GradientShape"]
 
 
 def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Tensor,
@@ -48,23 +49,32 @@ def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Ten
     return top, alignment
 
 
+class GradientShape(NamedTuple):
+    """The probe gradient's input shape (:func:`gradient_input_shape`) and its input direction ``x_g``."""
+
+    rank1: float
+    input_share: float
+    spike_cos: float
+    direction: torch.Tensor
+
+
 def gradient_direction(grad_w: torch.Tensor) -> torch.Tensor:
     """The probe gradient's input direction: the top right singular vector (k,) of ``dL/dW`` (d, k), float64.
     The refined model writes the gradient as ``g x^T``; this is its ``x`` as the gradient sees it."""
     return torch.linalg.svd(_gradient(grad_w), full_matrices=False).Vh[0]
 
 
-def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float]:
-    """``(rank-one share, input share, |cos| with the spike)`` of the probe gradient ``G`` (d, k) over the token
-    rows ``x`` (n, k): ``s_1^2 / ||G||_F^2`` (1 when ``G = g x_g^T``); ``x_g^T C x_g / tr C`` with ``C = X^T X``,
-    the tokens' energy along the gradient's input direction ``x_g`` (the refined model's top share when its
-    ``x`` is ``x_g``); and ``|cos(x_g, v)|`` with ``v`` the tokens' top direction, which the model takes ``x_g``
-    to be."""
+def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> GradientShape:
+    """``(rank-one share, input share, |cos| with the spike, x_g)`` of the probe gradient ``G`` (d, k) over the
+    token rows ``x`` (n, k): ``s_1^2 / ||G||_F^2`` (1 when ``G = g x_g^T``); ``x_g^T C x_g / tr C`` with
+    ``C = X^T X``, the tokens' energy along the gradient's input direction ``x_g`` (the refined model's top share
+    when its ``x`` is ``x_g``); ``|cos(x_g, v)|`` with ``v`` the tokens' top direction, which the model takes
+    ``x_g`` to be; and ``x_g`` itself (:func:`gradient_direction`), from the same decomposition."""
     xs = torch.as_tensor(x, dtype=torch.float64)
     _, s, vh = torch.linalg.svd(_gradient(grad_w), full_matrices=False)  # one decomposition: the values and x_g
     xg = vh[0]
     share = float((xs @ xg).pow(2).sum() / xs.pow(2).sum())
-    return float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ top_direction(xs)))
+    return GradientShape(float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ top_direction(xs))), xg)
 
 
 def _gradient(grad_w: torch.Tensor) -> torch.Tensor:
