@@ -150,6 +150,34 @@ def test_p_within_tol_is_the_share_of_bootstrap_slopes_near_the_estimate():
     assert layered.slope == pytest.approx(np.log(5) / np.log(4))
 
 
+def test_bootstrap_slopes_are_the_resampled_cubes_slopes_one_by_one():
+    """The bootstrap computes all its resamples at once; each must be :func:`loglog_slope` of that resample's
+    RMS norms, drawn from the same random stream as one resample at a time (so stored CIs do not move). Points
+    1 and 2 have seed 0 only and point 3 is all zero: a resample without seed 0 has one usable point (NaN)."""
+    from validation.analysis import TOLERANCE, _fit_one, _loglog_slopes, loglog_slope
+
+    rng = np.random.default_rng(3)
+    cube = np.exp(rng.normal(size=(4, 5, 3))) * np.array([1.0, 2.0, 4.0, 8.0])[:, None, None]
+    cube[1:3, 1:, :] = np.nan
+    cube[3, :, :] = 0.0
+    xs = np.array([1.0, 2.0, 4.0, 16.0])
+    reference, draw = [], np.random.default_rng(7)
+    for _ in range(300):
+        s, l_ = draw.integers(0, 5, 5), draw.integers(0, 3, 3)
+        y = np.sqrt(np.nanmean(np.nansum(cube[:, s][:, :, l_] ** 2, axis=2), axis=1))
+        reference.append(loglog_slope(xs, y))
+    reference = np.asarray(reference)
+    fit = _fit_one(cube, xs, 300, np.random.default_rng(7))
+    finite = reference[np.isfinite(reference)]
+    assert 100 < finite.size < 300  # about (4/5)^5 of the resamples miss seed 0
+    assert (fit.lo, fit.hi) == (pytest.approx(np.percentile(finite, 2.5)), pytest.approx(np.percentile(finite, 97.5)))
+    assert fit.p_within_tol == pytest.approx(np.mean(np.abs(finite - fit.slope) <= TOLERANCE))
+    ys = np.array([xs ** 0.75, [1.0, np.nan, 0.0, 3.0], [1.0, np.nan, np.nan, np.nan], [2.0, 2.0, -1.0, 5.0]])
+    want = [loglog_slope(xs, y) for y in ys]
+    assert _loglog_slopes(xs, ys) == pytest.approx(want, nan_ok=True)
+    assert np.isnan(_loglog_slopes(xs, ys)[2]) and _loglog_slopes(xs, ys)[0] == pytest.approx(3 / 4)
+
+
 def test_cli_run_and_analyze(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["run", "--model", "synthetic", "--dataset", "synthetic", "--ranks", "2", "4", "--n-clients", "1", "2",

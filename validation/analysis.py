@@ -104,23 +104,44 @@ class SlopeFit(NamedTuple):
 
 def _fit_one(cube: np.ndarray, xs: np.ndarray, n_boot: int, rng: np.random.Generator) -> SlopeFit:
     """cube[point, seed, layer] -> :class:`SlopeFit` with a paired seed x layer bootstrap."""
-    def slope(c: np.ndarray) -> float:
-        y = np.sqrt(np.nanmean(np.nansum(c ** 2, axis=2), axis=1))  # RMS over seeds of the __all__ norm
-        return loglog_slope(xs, y)
-
-    est = slope(cube)
+    est = loglog_slope(xs, _rms_norm(cube))
     _, S, L = cube.shape
-    boots = []
-    for _ in range(n_boot):
-        s = rng.integers(0, S, S)
-        l_ = rng.integers(0, L, L)
-        boots.append(slope(cube[:, s][:, :, l_]))
-    boots = np.asarray(boots)
+    draws = [(rng.integers(0, S, S), rng.integers(0, L, L)) for _ in range(n_boot)]  # one stream, drawn as ever
+    seeds = np.array([s for s, _ in draws], dtype=int).reshape(n_boot, S)
+    layers = np.array([l_ for _, l_ in draws], dtype=int).reshape(n_boot, L)
+    resampled = cube[:, seeds[:, :, None], layers[:, None, :]]  # (point, boot, seed, layer)
+    boots = _loglog_slopes(xs, _rms_norm(resampled).T)
     boots = boots[np.isfinite(boots)]
     if boots.size == 0:
         return SlopeFit(est, float("nan"), float("nan"), float("nan"))
     lo, hi = np.percentile(boots, [2.5, 97.5])
     return SlopeFit(est, float(lo), float(hi), float(np.mean(np.abs(boots - est) <= TOLERANCE)))
+
+
+def _rms_norm(cube: np.ndarray) -> np.ndarray:
+    """RMS over seeds (axis -2) of the ``__all__`` norm over layers (axis -1)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a point whose seeds are all NaN stays NaN
+        return np.sqrt(np.nanmean(np.nansum(cube ** 2, axis=-1), axis=-1))
+
+
+def _loglog_slopes(x: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """:func:`loglog_slope` of each row of ``ys`` (m, points) on ``x``, at once: the least-squares slope over
+    each row's usable points (NaN with fewer than two distinct x among them)."""
+    x, ys = np.asarray(x, float), np.asarray(ys, float)
+    ok = (x > 0) & (ys > 0) & np.isfinite(ys)
+    patterns, which = np.unique(ok, axis=0, return_inverse=True)  # few distinct sets of usable points
+    usable = np.array([np.unique(x[row]).size >= 2 for row in patterns], dtype=bool)[which.reshape(-1)]
+    w = ok.astype(float)
+    lx = np.log(np.where(x > 0, x, 1.0))
+    ly = np.log(np.where(ok, ys, 1.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        n = w.sum(axis=1)
+        mx = (w * lx).sum(axis=1) / n
+        my = (w * ly).sum(axis=1) / n
+        dx = w * (lx - mx[:, None])
+        out = (dx * (ly - my[:, None])).sum(axis=1) / (dx * (lx - mx[:, None])).sum(axis=1)
+    return np.where(usable, out, np.nan)
 
 
 def _scales(rows: pd.DataFrame, k: int, optimizer: str) -> dict[str, float]:
@@ -149,12 +170,8 @@ parameters estimated from the pilot runs (N <= ``pilot_max_n``) only."""
 def _cube(h: pd.DataFrame, wrt: str, col: str, xs: np.ndarray, seeds: np.ndarray, layers: np.ndarray) -> np.ndarray:
     """cube[point, seed, layer] of one column (NaN where a run is missing)."""
     piv = h.pivot_table(index=[wrt, "seed"], columns="layer", values=col, aggfunc="mean")
-    cube = np.full((xs.size, seeds.size, layers.size), np.nan)
-    for i, x in enumerate(xs):
-        for j, s in enumerate(seeds):
-            if (x, s) in piv.index:
-                cube[i, j] = piv.loc[(x, s)].reindex(layers).to_numpy()
-    return cube
+    full = pd.MultiIndex.from_product([xs, seeds], names=[wrt, "seed"])
+    return piv.reindex(index=full, columns=layers).to_numpy(dtype=float).reshape(xs.size, seeds.size, layers.size)
 
 
 def _projected_rho_column(quantity: str, scheme: str) -> str:
