@@ -177,3 +177,22 @@ def test_predicted_top_input_refuses_the_two_vector_model():
                       rms_log_residual=0.0, nu=0.2, kappa=0.5, nu_g=0.1)
     with pytest.raises(ValueError, match="one-vector model"):
         predicted_top_input(p, "rslora", [4], [3], 8.0)
+
+
+def test_a_given_top_direction_is_the_one_used():
+    """The harness decomposes the tokens' second moment once per layer and passes its top direction on: with
+    ``top=top_direction(x)`` each measurement equals its own computation; with another direction it differs
+    (so ``top`` is not ignored)."""
+    from validation.probe_inputs import mean_coherent_shares, top_direction
+    from validation.response_shape import gradient_input_shape, response_shape
+
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(6, 5, generator=g), torch.randn(3, 5, generator=g)
+    dg, dw, inc = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g), torch.randn(2, 4, 3, generator=g)
+    top, other = top_direction(x), torch.eye(5, dtype=torch.float64)[0]
+    measurements = (lambda t: response_shape(dg, dw, a, x, top=t), lambda t: gradient_input_shape(dg, x, top=t)[:3],
+                    lambda t: mean_coherent_shares(inc, a, x, top=t))
+    for measure, own in zip(measurements, (response_shape(dg, dw, a, x), gradient_input_shape(dg, x)[:3],
+                                           mean_coherent_shares(inc, a, x))):
+        assert measure(top) == pytest.approx(own, rel=1e-12)
+        assert measure(other) != pytest.approx(own, rel=1e-3)

@@ -53,7 +53,7 @@ from validation.config import ADAPTIVE_RULE, RunConfig
 from validation.data import partition
 from validation.line_probe import probe_line
 from validation.metrics import ALL, LayerRound, combine_layers, layer_metrics
-from validation.probe_inputs import mean_coherent_shares, mean_share_along, top_share
+from validation.probe_inputs import mean_coherent_shares, mean_share_along, top_direction, top_share
 from validation.response_shape import gradient_input_shape, response_shape
 from validation.models import Task, build_task
 
@@ -179,15 +179,17 @@ def measure_round(targets: tuple[str, ...], shapes: dict[str, tuple[int, int]], 
         m["d_out"], m["k_in"] = shapes[n]
         x0 = start.inputs[n][0] if start.per_client else start.inputs[n]  # round 1: the same at every client
         m["probe_top_share"] = top_share(x0)  # the probe's input spike, the refined model's nu (probe_inputs)
+        top = top_direction(x0)  # one decomposition of the tokens' second moment for the three measurements below
         # the B increments' share along A x_top: the refined model's f_in, measured (ranks alike only)
         m["inc_B_coherent"], m["inc_B_coherent_probe"] = (  # along A x_top; over the probe's whole spectrum
-            mean_coherent_shares(B1[n] - B0[n], A0[n], x0) if isinstance(gamma, float) else (float("nan"),) * 2)
+            mean_coherent_shares(B1[n] - B0[n], A0[n], x0, top=top) if isinstance(gamma, float)
+            else (float("nan"),) * 2)
         # the probe gradient's response to the shared update, against the refined model's lam dW C
         m["response_top_input"], m["response_alignment"] = (
-            response_shape(end.grad_W[n] - start.grad_W[n], round_delta[n], A0[n][0], x0)
+            response_shape(end.grad_W[n] - start.grad_W[n], round_delta[n], A0[n][0], x0, top=top)
             if isinstance(gamma, float) and not per_client else (float("nan"),) * 2)
         # the probe gradient's own input direction x_g, which the model takes to be the tokens' spike
-        shape = gradient_input_shape(start.grad_W[n], x0)
+        shape = gradient_input_shape(start.grad_W[n], x0, top=top)
         m["grad_rank1"], m["grad_input_share"], m["grad_spike_cos"] = shape.rank1, shape.input_share, shape.spike_cos
         m["inc_B_coherent_grad"] = (mean_share_along(B1[n] - B0[n], A0[n], shape.direction)
                                     if isinstance(gamma, float) else float("nan"))

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["top_share", "top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
+__all__ = ["top_share", "top_direction", "given_or_top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
            "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares", "mean_share_along"]
 
 
@@ -32,11 +32,17 @@ def top_share(x: torch.Tensor) -> float:
 
 
 def top_direction(x: torch.Tensor) -> torch.Tensor:
-    """The unit top eigenvector of ``X^T X`` (k,) for token rows ``x`` (n_tokens, k), in float64."""
+    """The unit top eigenvector of ``X^T X`` (k,) for token rows ``x`` (n_tokens, k), in float64. The harness,
+    which needs it several times per layer and round, takes it once and passes it on as ``top=``."""
     x = torch.as_tensor(x, dtype=torch.float64)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"expected token rows of shape (n_tokens, k), got {tuple(x.shape)}")
     return torch.linalg.eigh(x.T @ x)[1][:, -1]
+
+
+def given_or_top_direction(x: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
+    """``top`` (the caller's :func:`top_direction` of ``x``, float64) when given, else computed from ``x``."""
+    return top_direction(x) if top is None else torch.as_tensor(top, dtype=torch.float64)
 
 
 def mean_token_share(x: torch.Tensor) -> float:
@@ -93,15 +99,17 @@ def mean_coherent_share(increments: torch.Tensor, a: torch.Tensor, x: torch.Tens
     return mean_coherent_shares(increments, a, x)[int(whole_spectrum)]
 
 
-def mean_coherent_shares(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
+def mean_coherent_shares(increments: torch.Tensor, a: torch.Tensor, x: torch.Tensor, *,
+                         top: torch.Tensor | None = None) -> tuple[float, float]:
     """``(along A x_top, over the whole spectrum)``: both client means of :func:`mean_coherent_share` from one
-    eigen-decomposition of the tokens' second moment (the harness measures both every round)."""
+    eigen-decomposition of the tokens' second moment (the harness measures both every round); ``top``: that
+    decomposition's :func:`top_direction` of ``x`` when the caller has it."""
     db, a = _clients_increments_and_a(increments, a)
     if a.shape[-2] < 2:
         return float("nan"), float("nan")
     x = torch.as_tensor(x, dtype=torch.float64)
     c = x.T @ x
-    top = torch.linalg.eigh(c)[1][:, -1]
+    top = given_or_top_direction(x, top)
     pairs = [(_share_above_chance(d, ai @ top), _probe_share(d, ai, ai @ c @ ai.T, top))
              for d, ai in zip(db, a) if float(d.pow(2).sum()) > 0]
     if not pairs:

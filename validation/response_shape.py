@@ -23,24 +23,25 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from validation.probe_inputs import top_direction
+from validation.probe_inputs import given_or_top_direction
 from validation.refined import RefinedParams, predict_points
 
 __all__ = ["response_shape", "predicted_top_input", "gradient_direction", "gradient_input_shape", "GradientShape"]
 
 
 def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Tensor,
-                   x: torch.Tensor) -> tuple[float, float]:
+                   x: torch.Tensor, *, top: torch.Tensor | None = None) -> tuple[float, float]:
     """``(top-input share, output alignment)`` of one layer's probe-gradient change (see the module docstring).
 
     ``grad_change``: ``dL/dW`` at the end of the round minus at its start, (d, k); ``update``: the round's
     ``dW`` (d, k); ``a``: the adapter's A (r, k) through which dL/dB sees the change; ``x``: the probe's token
-    rows (n, k). Either number is NaN where its denominator is zero (no change, no update along ``v``)."""
+    rows (n, k); ``top``: their :func:`~validation.probe_inputs.top_direction` when the caller has it. Either
+    number is NaN where its denominator is zero (no change, no update along ``v``)."""
     dg, dw, a = (torch.as_tensor(t, dtype=torch.float64) for t in (grad_change, update, a))
     if dg.ndim != 2 or dg.shape != dw.shape or a.ndim != 2 or a.shape[1] != dg.shape[1]:
         raise ValueError(f"need dG and dW (d, k) and A (r, k), got {tuple(dg.shape)}, {tuple(dw.shape)}, "
                          f"{tuple(a.shape)}")
-    v = top_direction(x)
+    v = given_or_top_direction(x, top)
     seen = float((dg @ a.T).pow(2).sum())
     top = float((dg @ v).pow(2).sum() * (a @ v).pow(2).sum()) / seen if seen > 0 else math.nan
     out_change, response = dw @ v, dg @ v
@@ -64,17 +65,18 @@ def gradient_direction(grad_w: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svd(_gradient(grad_w), full_matrices=False).Vh[0]
 
 
-def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor) -> GradientShape:
+def gradient_input_shape(grad_w: torch.Tensor, x: torch.Tensor, *, top: torch.Tensor | None = None) -> GradientShape:
     """``(rank-one share, input share, |cos| with the spike, x_g)`` of the probe gradient ``G`` (d, k) over the
     token rows ``x`` (n, k): ``s_1^2 / ||G||_F^2`` (1 when ``G = g x_g^T``); ``x_g^T C x_g / tr C`` with
     ``C = X^T X``, the tokens' energy along the gradient's input direction ``x_g`` (the refined model's top share
     when its ``x`` is ``x_g``); ``|cos(x_g, v)|`` with ``v`` the tokens' top direction, which the model takes
-    ``x_g`` to be; and ``x_g`` itself (:func:`gradient_direction`), from the same decomposition."""
+    ``x_g`` to be (``top``: that ``v`` when the caller has it); and ``x_g`` itself (:func:`gradient_direction`),
+    from the same decomposition."""
     xs = torch.as_tensor(x, dtype=torch.float64)
     _, s, vh = torch.linalg.svd(_gradient(grad_w), full_matrices=False)  # one decomposition: the values and x_g
     xg = vh[0]
     share = float((xs @ xg).pow(2).sum() / xs.pow(2).sum())
-    return GradientShape(float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ top_direction(xs))), xg)
+    return GradientShape(float(s[0] ** 2 / s.pow(2).sum()), share, abs(float(xg @ given_or_top_direction(xs, top))), xg)
 
 
 def _gradient(grad_w: torch.Tensor) -> torch.Tensor:
