@@ -43,11 +43,11 @@ def response_shape(grad_change: torch.Tensor, update: torch.Tensor, a: torch.Ten
                          f"{tuple(a.shape)}")
     v = given_or_top_direction(x, top)
     seen = float((dg @ a.T).pow(2).sum())
-    top = float((dg @ v).pow(2).sum() * (a @ v).pow(2).sum()) / seen if seen > 0 else math.nan
+    top_input = float((dg @ v).pow(2).sum() * (a @ v).pow(2).sum()) / seen if seen > 0 else math.nan
     out_change, response = dw @ v, dg @ v
     norms = float(out_change.norm() * response.norm())
     alignment = float(out_change @ response) / norms if norms > 0 else math.nan
-    return top, alignment
+    return top_input, alignment
 
 
 class GradientShape(NamedTuple):
