@@ -153,7 +153,9 @@ def test_p_within_tol_is_the_share_of_bootstrap_slopes_near_the_estimate():
 def test_bootstrap_slopes_are_the_resampled_cubes_slopes_one_by_one():
     """The bootstrap computes all its resamples at once; each must be :func:`loglog_slope` of that resample's
     RMS norms, drawn from the same random stream as one resample at a time (so stored CIs do not move). Points
-    1 and 2 have seed 0 only and point 3 is all zero: a resample without seed 0 has one usable point (NaN)."""
+    1 and 2 have seed 0 only and point 3 is all zero: a resample without seed 0 has one usable point (NaN).
+    A missing run is left out of the RMS over seeds: counted as a zero norm, the one seed of norm 4 below
+    would read as 4/sqrt(2)."""
     from validation.analysis import TOLERANCE, _fit_one, _loglog_slopes, loglog_slope
 
     rng = np.random.default_rng(3)
@@ -164,14 +166,18 @@ def test_bootstrap_slopes_are_the_resampled_cubes_slopes_one_by_one():
     reference, draw = [], np.random.default_rng(7)
     for _ in range(300):
         s, l_ = draw.integers(0, 5, 5), draw.integers(0, 3, 3)
-        y = np.sqrt(np.nanmean(np.nansum(cube[:, s][:, :, l_] ** 2, axis=2), axis=1))
-        reference.append(loglog_slope(xs, y))
+        c = cube[:, s][:, :, l_]
+        y = [np.sqrt(np.mean([np.nansum(run ** 2) for run in point if not np.isnan(run).all()] or [np.nan]))
+             for point in c]  # a seed without any layer is a missing run, left out
+        reference.append(loglog_slope(xs, np.array(y)))
     reference = np.asarray(reference)
     fit = _fit_one(cube, xs, 300, np.random.default_rng(7))
     finite = reference[np.isfinite(reference)]
     assert 100 < finite.size < 300  # about (4/5)^5 of the resamples miss seed 0
     assert (fit.lo, fit.hi) == (pytest.approx(np.percentile(finite, 2.5)), pytest.approx(np.percentile(finite, 97.5)))
     assert fit.p_within_tol == pytest.approx(np.mean(np.abs(finite - fit.slope) <= TOLERANCE))
+    missing = np.array([[[1.0, 0.0], [0.0, 1.0]], [[4.0, 0.0], [np.nan, np.nan]]])  # point 1: seed 1 missing
+    assert _fit_one(missing, np.array([1.0, 4.0]), 20, np.random.default_rng(0)).slope == pytest.approx(1.0)
     ys = np.array([xs ** 0.75, [1.0, np.nan, 0.0, 3.0], [1.0, np.nan, np.nan, np.nan], [2.0, 2.0, -1.0, 5.0]])
     want = [loglog_slope(xs, y) for y in ys]
     assert _loglog_slopes(xs, ys) == pytest.approx(want, nan_ok=True)

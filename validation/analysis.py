@@ -119,10 +119,13 @@ def _fit_one(cube: np.ndarray, xs: np.ndarray, n_boot: int, rng: np.random.Gener
 
 
 def _rms_norm(cube: np.ndarray) -> np.ndarray:
-    """RMS over seeds (axis -2) of the ``__all__`` norm over layers (axis -1)."""
+    """RMS over seeds (axis -2) of the ``__all__`` norm over layers (axis -1). A seed with no layer measured
+    is a missing run: it is left out of the RMS (not a zero norm), and a point with none is NaN."""
+    sq = np.nansum(cube ** 2, axis=-1)
+    sq[np.isnan(cube).all(axis=-1)] = np.nan
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # a point whose seeds are all NaN stays NaN
-        return np.sqrt(np.nanmean(np.nansum(cube ** 2, axis=-1), axis=-1))
+        warnings.simplefilter("ignore", RuntimeWarning)  # the mean of no runs: NaN, which the slope skips
+        return np.sqrt(np.nanmean(sq, axis=-1))
 
 
 def _loglog_slopes(x: np.ndarray, ys: np.ndarray) -> np.ndarray:

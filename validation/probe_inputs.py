@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-__all__ = ["top_share", "top_direction", "given_or_top_direction", "mean_token_share", "bulk_nu", "probe_nu", "coherent_share",
-           "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares", "mean_share_along"]
+__all__ = ["top_share", "top_direction", "given_or_top_direction", "mean_token_share", "bulk_nu", "probe_nu",
+           "coherent_share", "probe_coherent_share", "mean_coherent_share", "mean_coherent_shares", "mean_share_along"]
 
 
 def top_share(x: torch.Tensor) -> float:
