@@ -18,11 +18,15 @@ energy along it (``grad_input_share``). ``--two-vectors`` keeps both of the data
 gradient weighs the tokens, with the bulk from ``grad_input_share``) and the tokens' spike ``x`` (the output, with
 the check's own bulk), at the angle measured on the same pilot (``kappa``,
 :func:`validation.analysis.measured_kappa`), into ``results/<check>[_f_in_grad]_two_vectors_{exponents,
-refined_params}.csv`` (with ``--f-in grad``, f_in held at the share along ``A z``). Deterministic given ``n_boot`` and the seed::
+refined_params}.csv`` (with ``--f-in grad``, f_in held at the share along ``A z``). ``--pilot-max-n 16`` fits
+the refined model on every N of the grid (``_pilot_n16`` in the file names): every slope is then in-sample, so the
+table measures how far the model's form can follow the data at all (a ceiling of the form), not a prediction.
+Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
     python -m paper_figures.exponent_tables --checks gradient_check --f-in probe
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ import pandas as pd
 from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.probe_input_table import rows_nu
 
-__all__ = ["PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
+__all__ = ["PILOT_MAX_N", "PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
 
+PILOT_MAX_N = 4
+"""The largest N of the refined model's pilot by default: slopes reaching N = 16 are then predictions."""
 PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
               "gradient_check_one_step": None, "gradient_check_sgd": None}
 """Each check -> the experiment whose runs join its pilot at its learning rate (None: its own pilot only). The
@@ -53,14 +59,19 @@ rather than the tokens' spike: ``nu`` then comes from the pilot's share of the t
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
-                   f_in: str = "fitted", two_vectors: bool = False) -> tuple[pd.DataFrame, dict]:
+                   f_in: str = "fitted", two_vectors: bool = False,
+                   pilot_max_n: int = PILOT_MAX_N) -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
-    ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`)."""
+    ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
+    ``pilot_max_n``: the largest N the refined model is fitted on (the measured inputs f_in, kappa and nu_g
+    keep their own pilot); ``refined_sample`` labels a slope in-sample when its N stay within it."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
     if check not in PILOT_RUNS:
         raise ValueError(f"unknown check {check!r}; allowed: {', '.join(PILOT_RUNS)}")
+    if pilot_max_n < 1:
+        raise ValueError(f"pilot_max_n must be at least 1, got {pilot_max_n}")
     if f_in not in F_IN_CHOICES:
         raise ValueError(f"f_in must be one of {tuple(F_IN_CHOICES)}, got {f_in!r}")
     if (F_IN_CHOICES[f_in] or two_vectors) and check not in MEASURED_F_IN:
@@ -72,8 +83,9 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
         pilot = load(MEASURED_F_IN[check], results) if column or two_vectors else None
         held = measured_f_in(pilot, column=column) if column else None
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
-        params = refined_fits(fitted_rows(check, results), nu=nu, f_in=held, kappa=kappa, nu_g=nu_g)
-        return fit_exponents(df, n_boot=n_boot, refined=params or False), params  # slopes over the check's own grid
+        params = refined_fits(fitted_rows(check, results), nu=nu, f_in=held, kappa=kappa, nu_g=nu_g,
+                              pilot_max_n=pilot_max_n)
+        return fit_exponents(df, n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n), params  # slopes over the check's own grid
 
 
 def fitted_rows(check: str, results: Path = DEFAULT_RESULTS) -> pd.DataFrame:
@@ -105,10 +117,11 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
-                 two_vectors: bool = False) -> list[Path]:
+                 two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors)
-    stem = check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
+    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n)
+    stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
+            + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}"))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
     if params:
@@ -131,9 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--two-vectors", action="store_true",
                     help="the probe gradient's input direction (the gradients) and the tokens' spike (the output) as "
                          "two vectors at their measured angle (default: one probe vector)")
+    ap.add_argument("--pilot-max-n", type=int, default=PILOT_MAX_N,
+                    help="the largest N the refined model is fitted on; the grid's largest makes every slope "
+                         "in-sample: a ceiling of the model's form, not a prediction")
     ns = ap.parse_args(argv)
     for check in ns.checks:
-        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors):
+        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n):
             print(f"wrote {path}")
     return 0
 

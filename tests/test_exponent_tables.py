@@ -128,3 +128,24 @@ def test_two_vectors_fit_at_the_pilots_measured_angle(check_and_pilot, monkeypat
     assert {p.nu for p in held.values()} == {p.nu for p in one.values()}  # the output keeps the spike's bulk
     with pytest.raises(ValueError, match="no measured f_in or kappa"):
         exponent_tables.exponent_table("gradient_check_one_step", tmp_path, two_vectors=True)
+
+
+def test_a_pilot_over_every_n_makes_each_slope_in_sample_and_writes_its_own_files(check_and_pilot, monkeypatch,
+                                                                                    tmp_path):
+    """``--pilot-max-n``: the fit sees the largest N too (a ceiling of the model's form), its slopes are all
+    labelled in-sample, and its tables go beside the predictions' rather than over them."""
+    check, two = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check": check,
+                                                                        "gradient_check_two_clients": two}[name])
+    default = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20)
+    every = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, pilot_max_n=8)
+    assert [p.name for p in every] == ["gradient_check_pilot_n8_exponents.csv",
+                                       "gradient_check_pilot_n8_refined_params.csv"]
+    fits, params = pd.read_csv(every[0]), pd.read_csv(every[1])
+    before, before_params = pd.read_csv(default[0]), pd.read_csv(default[1])
+    assert set(before.refined_sample) == {"in", "out"} and set(fits.refined_sample) == {"in"}
+    assert set(params.pilot_max_n) == {8} and set(before_params.pilot_max_n) == {4}
+    assert "4,8" in set(params.pilot_ks.astype(str)) or "2,4,8" in set(params.pilot_ks.astype(str))
+    assert not fits.predicted_refined.equals(before.predicted_refined)  # the N = 8 runs entered the fit
+    with pytest.raises(ValueError, match="pilot_max_n"):
+        exponent_tables.exponent_table("gradient_check", tmp_path, pilot_max_n=0)
