@@ -21,12 +21,16 @@ the check's own bulk), at the angle measured on the same pilot (``kappa``,
 refined_params}.csv`` (with ``--f-in grad``, f_in held at the share along ``A z``). ``--pilot-max-n 16`` fits
 the refined model on every N of the grid (``_pilot_n16`` in the file names): every slope is then in-sample, so the
 table measures how far the model's form can follow the data at all (a ceiling of the form), not a prediction.
+``--rule sfed`` fits and tabulates one rule's runs alone (``_rule_sfed``; its N = 1 runs are rsLoRA's where the grid
+ran only rsLoRA there): parameters free to differ between rules, so a slope missed even then is missed by the form at
+that rule's steps, not by parameters that fail to carry over from one rule's gamma to another's.
 Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
     python -m paper_figures.exponent_tables --checks gradient_check --f-in probe
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16 --rule sfed
 """
 
 from __future__ import annotations
@@ -60,12 +64,13 @@ rather than the tokens' spike: ``nu`` then comes from the pilot's share of the t
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted", two_vectors: bool = False,
-                   pilot_max_n: int = PILOT_MAX_N) -> tuple[pd.DataFrame, dict]:
+                   pilot_max_n: int = PILOT_MAX_N, rule: str | None = None) -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
     ``pilot_max_n``: the largest N the refined model is fitted on (the measured inputs f_in, kappa and nu_g
-    keep their own pilot); ``refined_sample`` labels a slope in-sample when its N stay within it."""
+    keep their own pilot); ``refined_sample`` labels a slope in-sample when its N stay within it. ``rule``: fit and
+    tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
     if check not in PILOT_RUNS:
@@ -77,15 +82,18 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     if (F_IN_CHOICES[f_in] or two_vectors) and check not in MEASURED_F_IN:
         raise ValueError(f"no measured f_in or kappa for {check!r}; measured for: {', '.join(MEASURED_F_IN)}")
     df = load(check, results)
+    if rule is not None and rule not in set(df.rule):
+        raise ValueError(f"no {rule!r} runs in {check!r}; its rules: {', '.join(sorted(set(df.rule)))}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         column = F_IN_CHOICES[f_in]
         pilot = load(MEASURED_F_IN[check], results) if column or two_vectors else None
         held = measured_f_in(pilot, column=column) if column else None
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
-        params = refined_fits(fitted_rows(check, results), nu=nu, f_in=held, kappa=kappa, nu_g=nu_g,
-                              pilot_max_n=pilot_max_n)
-        return fit_exponents(df, n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n), params  # slopes over the check's own grid
+        params = refined_fits(_one_rule(fitted_rows(check, results), rule), nu=nu, f_in=held, kappa=kappa,
+                              nu_g=nu_g, pilot_max_n=pilot_max_n)
+        fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
+        return fits, params  # slopes over the check's own grid
 
 
 def fitted_rows(check: str, results: Path = DEFAULT_RESULTS) -> pd.DataFrame:
@@ -95,6 +103,17 @@ def fitted_rows(check: str, results: Path = DEFAULT_RESULTS) -> pd.DataFrame:
     extra = PILOT_RUNS[check]
     df = load(check, results)
     return with_pilot_runs(df, load(extra, results)) if extra else df
+
+
+def _one_rule(rows: pd.DataFrame, rule: str | None) -> pd.DataFrame:
+    """``rows`` of ``rule`` alone, its N = 1 runs included where only rsLoRA ran them
+    (:func:`validation.analysis.identical_n1_runs`); None: ``rows`` as they are."""
+    from validation.analysis import identical_n1_runs
+
+    if rule is None:
+        return rows
+    rows = identical_n1_runs(rows)
+    return rows[rows.rule == rule]
 
 
 def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Path, gradient_x: bool,
@@ -117,18 +136,18 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
-                 two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N) -> list[Path]:
+                 two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n)
+    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
-            + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}"))
+            + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
     if params:
         out.append(results / f"{stem}_refined_params.csv")
         from validation.refined_store import write_params
 
-        write_params(params, out[1], fitted_rows(check, results))
+        write_params(params, out[1], _one_rule(fitted_rows(check, results), rule))
     return out
 
 
@@ -147,9 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pilot-max-n", type=int, default=PILOT_MAX_N,
                     help="the largest N the refined model is fitted on; the grid's largest makes every slope "
                          "in-sample: a ceiling of the model's form, not a prediction")
+    ap.add_argument("--rule", default=None,
+                    help="fit and tabulate this rule's runs alone (lora, rslora, sfed, ...): whether the model's form "
+                         "follows one rule's steps when its parameters need not carry over to another rule's")
     ns = ap.parse_args(argv)
     for check in ns.checks:
-        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n):
+        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule):
             print(f"wrote {path}")
     return 0
 

@@ -149,3 +149,35 @@ def test_a_pilot_over_every_n_makes_each_slope_in_sample_and_writes_its_own_file
     assert not fits.predicted_refined.equals(before.predicted_refined)  # the N = 8 runs entered the fit
     with pytest.raises(ValueError, match="pilot_max_n"):
         exponent_tables.exponent_table("gradient_check", tmp_path, pilot_max_n=0)
+
+
+def test_one_rule_is_fitted_and_tabulated_on_its_own_runs(check_and_pilot, monkeypatch, tmp_path):
+    """``--rule``: the table holds that rule's slopes alone, its fit sees that rule's pilot points alone (fewer than
+    the fit over every rule, and other parameters), the measured inputs are the whole check's, and a rule the check
+    never ran is an error."""
+    check, two = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check": check,
+                                                                        "gradient_check_two_clients": two}[name])
+    every = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20)
+    alone = exponent_tables.write_tables("gradient_check", tmp_path, n_boot=20, rule="sfed")
+    assert [p.name for p in alone] == ["gradient_check_rule_sfed_exponents.csv",
+                                       "gradient_check_rule_sfed_refined_params.csv"]
+    fits, params = pd.read_csv(alone[0]), pd.read_csv(alone[1])
+    all_fits, all_params = pd.read_csv(every[0]), pd.read_csv(every[1])
+    assert set(fits.rule) == {"sfed"} and set(all_fits.rule) == {"lora", "sfed"}
+    keys = ["scheme", "partition", "rule", "quantity", "wrt", "fixed_value"]
+    same = fits.merge(all_fits, on=keys, suffixes=("", "_all"))
+    assert len(same) == len(fits) and (same.measured == same.measured_all).all()  # the same runs, the same slopes
+    assert (params.n_pilot_points < all_params.n_pilot_points).all()  # lora's pilot points left out of the fit
+    assert not same.predicted_refined.equals(same.predicted_refined_all)
+    assert set(params.nu.round(12)) == set(all_params.nu.round(12))  # the inputs measured on every rule's runs
+    with pytest.raises(ValueError, match="no 'rslora' runs"):
+        exponent_tables.exponent_table("gradient_check", tmp_path, rule="rslora")
+
+
+def test_one_rule_keeps_the_rslora_runs_that_stand_for_its_single_client():
+    """A rule the grid ran only at N > 1 gets rsLoRA's N = 1 runs (the same runs: gamma is rsLoRA's at N = 1)."""
+    rows = pd.DataFrame({"rule": ["rslora", "rslora", "sfed", "lora"], "n_clients": [1, 4, 4, 1], "v": [1, 2, 3, 4]})
+    sfed = exponent_tables._one_rule(rows, "sfed")
+    assert sorted(zip(sfed.n_clients, sfed.v)) == [(1, 1), (4, 3)]
+    assert exponent_tables._one_rule(rows, None) is rows
