@@ -43,11 +43,10 @@ import pandas as pd
 
 from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.probe_input_table import rows_nu
+from validation.refined import PILOT_MAX_N  # the pilot's default largest N: slopes reaching N = 16 are predictions
 
 __all__ = ["PILOT_MAX_N", "PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
 
-PILOT_MAX_N = 4
-"""The largest N of the refined model's pilot by default: slopes reaching N = 16 are then predictions."""
 PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
               "gradient_check_one_step": None, "gradient_check_sgd": None}
 """Each check -> the experiment whose runs join its pilot at its learning rate (None: its own pilot only). The

@@ -35,6 +35,7 @@ import pandas as pd
 
 from validation.config import SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
+from validation.refined import PILOT_MAX_N
 
 __all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_kappa", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
@@ -200,7 +201,8 @@ LABEL_LAW_COLUMNS = ("rho_ratio", "rho_out", "rho_gA")
 first-round increment (``rho_gB``) is a product of two client-specific terms and keeps the K-law."""
 
 
-def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, rnd: int = 1) -> tuple[dict, dict]:
+def label_law_targets(df: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, labels_for=None,
+                      rnd: int = 1) -> tuple[dict, dict]:
     """``(laws, targets)``: the label law of each (scheme, correlation column of
     :data:`LABEL_LAW_COLUMNS`), fitted on the pilot runs (``n_clients <= pilot_max_n``) of round ``rnd`` of
     all splits together, and ``targets[(scheme, partition, column)] = {K: c}``, the law's mean correlation
@@ -232,7 +234,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = 4, labels_for=None, r
     return laws, targets
 
 
-def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4, correlation_law: str = "label",
+def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_MAX_N, correlation_law: str = "label",
                  nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
                  kappa: float = 1.0, nu_g: float | None = None, only: tuple[str, str] | None = None) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
@@ -296,7 +298,7 @@ F_IN_COLUMNS = ("inc_B_coherent", "inc_B_coherent_probe", "inc_B_coherent_grad")
 the probe gradient's own input direction (``A x_g``; :mod:`validation.response_shape`)."""
 
 
-def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = 4,
+def measured_f_in(rows: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_MAX_N,
                   column: str = "inc_B_coherent") -> dict[tuple[str, str], float]:
     """``{(scheme, partition): f_in}``: the refined model's input-coherent share measured on the pilot runs
     (``n_clients <= pilot_max_n``, AdamW, the ``__all__`` rows of ``round``): the mean of ``column`` over
@@ -359,7 +361,8 @@ def measured_kappa(rows: pd.DataFrame, *, round: int = 1) -> float:
 
 
 def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed: int = 0,
-                  rho_column: str = "rho_hat", refined: bool | dict = True, pilot_max_n: int = 4) -> pd.DataFrame:
+                  rho_column: str = "rho_hat", refined: bool | dict = True,
+                  pilot_max_n: int = PILOT_MAX_N) -> pd.DataFrame:
     """One row per (scheme, optimizer, partition, rule, quantity, wrt, fixed value): measured slope,
     95% CI, and the predicted slopes of :data:`PREDICTIONS`.
 
