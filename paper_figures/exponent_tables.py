@@ -43,7 +43,7 @@ import pandas as pd
 
 from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.probe_input_table import rows_nu
-from validation.refined import PILOT_MAX_N  # the pilot's default largest N: slopes reaching N = 16 are predictions
+from validation.config import PILOT_MAX_N  # the pilot's default largest N: slopes reaching N = 16 are predictions
 
 __all__ = ["PILOT_MAX_N", "PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
 

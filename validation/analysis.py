@@ -33,9 +33,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-from validation.config import SAME_AS_RSLORA_AT_N1
+from validation.config import PILOT_MAX_N, SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
-from validation.refined import PILOT_MAX_N
 
 __all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_kappa", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]

@@ -19,7 +19,7 @@ from sfed_theory.hetero_rules import mix_ranks
 
 __all__ = ["RunConfig", "GridConfig", "SAME_AS_RSLORA_AT_N1", "SCHEMES", "OPTIMIZERS", "PARTITIONS", "DEFAULT_MODEL", "DEFAULT_DATASET",
            "HARNESS_RULES", "HETERO_ONLY_RULES", "ADAPTIVE_RULE", "parse_overrides",
-           "LATER_FIELD_DEFAULTS"]
+           "LATER_FIELD_DEFAULTS", "PILOT_MAX_N"]
 
 ADAPTIVE_RULE = "sfed-adaptive"
 # the theory's fixed rules plus the harness-only adaptive rule (its gamma depends on the run's
@@ -29,6 +29,7 @@ HETERO_ONLY_RULES: tuple[str, ...] = ("sfed-hetero", "sfed-hetero-shared")
 HARNESS_RULES: tuple[str, ...] = tuple(RULES) + (ADAPTIVE_RULE,) + HETERO_ONLY_RULES
 # rules whose gamma at one client is rsLoRA's alpha/sqrt(r) (N_eff = 1): their N = 1 run is rsLoRA's
 SAME_AS_RSLORA_AT_N1: tuple[str, ...] = ("sfed", "sfed-general", ADAPTIVE_RULE)
+PILOT_MAX_N = 4  # the refined model's pilot by default: N <= 4, so slopes reaching N = 16 are predictions
 # fields added after results were first written: left out of the run_id hash while at their
 # default, so every earlier run keeps its id (resume and stored results stay valid)
 _HASH_DEFAULTS: dict[str, Any] = {"adaptive_ema": 0.5, "client_ranks": None, "probe_from": "train", "line_scales": None}

@@ -67,6 +67,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from validation.config import PILOT_MAX_N
 from validation.correlation_law import fit_k_law
 from validation.metrics import ALL
 
@@ -74,7 +75,6 @@ __all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "PROJECTED_MOMEN
            "predict_points", "predicted_correlation", "predicted_slope"]
 
 REFINED_REGIME = "adam-refined"
-PILOT_MAX_N = 4
 QUANTITY_COLUMNS = {"adapter_output": "adapter_rms", "update_fro": "update_fro", "grad_A": "grad_A_end",
                     "grad_B": "grad_B_end"}
 PROJECTED_MOMENTS = {"rho_out": ("output_client", "adapter_output"), "rho_gA": ("grad_A_client", "grad_A"),
