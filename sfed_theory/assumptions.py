@@ -56,6 +56,7 @@ class Symbols:
     nu: sp.Symbol  # refined model: the probe's isotropic input bulk, C = x x^T + nu I_k
     kappa: sp.Symbol  # refined model: cosine of the probe gradient's input direction z with the tokens' spike x
     nu_g: sp.Symbol  # refined model: the isotropic bulk of the gradient's token weighting, C_g = z z^T + nu_g I_k
+    lam_s: sp.Symbol  # refined model: the curvature met by the update's shared part (lam_s = lam: one curvature)
 
 
 SYM = Symbols(
@@ -78,6 +79,7 @@ SYM = Symbols(
     nu=sp.Symbol("nu", nonnegative=True),
     kappa=sp.Symbol("kappa", nonnegative=True),
     nu_g=sp.Symbol("nu_g", nonnegative=True),
+    lam_s=sp.Symbol("lambda_s", real=True),
 )
 
 
@@ -220,13 +222,16 @@ REGIMES: dict[str, Regime] = {
         "descends) plus sqrt(1-phi) w_i (client noise); the rest, sqrt(1-f_in) of it, is the canonical "
         "client-correlated increment; (c) gradients after the round are taken at G_end = g z^T + lambda dW C_g: "
         "each probe token's output gradient moved by the loss curvature lambda (isotropic in output space) times "
-        "its output change, summed over the tokens as the gradient weighs them, C_g = z z^T + nu_g I. The "
+        "its output change, summed over the tokens as the gradient weighs them, C_g = z z^T + nu_g I; the update's "
+        "shared part dW_s (the -sqrt(phi) g/tau share of u, common to every client) meets its own curvature lambda_s "
+        "(a saturating loss along the direction all clients descend; lambda_s = lambda is one curvature). The "
         "output sees the tokens' own input second moment C = x x^T + nu I (their top direction x plus an "
         "isotropic bulk nu per coordinate), so the adapter output is E||dW x||^2 + nu E||dW||_F^2. The two "
         "directions meet at the angle x . z = kappa X2; kappa = 1 and nu_g = nu is the model with one probe "
         "vector (z = x, C_g = C). A increments as in 'adam'",
         r"B_i = s_B\left[\sqrt{f_{in}}\,u_i (A z)^\top/(s_A\|z\|) + \sqrt{1-f_{in}}\,E_i\right],\ "
-        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g z^\top + \lambda\,\Delta W C_g,\ "
+        r"u_i = -\sqrt{\phi}\,g/\tau + \sqrt{1-\phi}\,w_i,\ G_{end} = g z^\top + \lambda\,(\Delta W - \Delta W_s) C_g "
+        r"+ \lambda_s\,\Delta W_s C_g,\ "
         r"C_g = z z^\top + \nu_g I,\ C = x x^\top + \nu I,\ x^\top z = \kappa X_2",
     ),
     "sgd": Regime(

@@ -49,6 +49,7 @@ class ModelParams:
     nu: float = 0.0  # refined model: the probe's isotropic input bulk, C = x x^T + nu I
     kappa: float = 1.0  # refined model: cos(z, x) of the probe gradient's input direction z and the spike x
     nu_g: float | None = None  # refined model: the gradient's token weighting's bulk, C_g = z z^T + nu_g I (None: nu)
+    lam_s: float | None = None  # refined model: the curvature along the update's shared part dW_s (None: lam)
 
     def __post_init__(self) -> None:
         for name in ("d", "k", "r", "n_clients"):
@@ -72,6 +73,11 @@ class ModelParams:
     def gradient_bulk(self) -> float:
         """``nu_g``, the bulk of the gradient's token weighting (``nu`` where not given: one probe vector's C)."""
         return self.nu if self.nu_g is None else self.nu_g
+
+    @property
+    def shared_curvature(self) -> float:
+        """``lam_s``, the curvature met by the update's shared part (``lam`` where not given: one curvature)."""
+        return self.lam if self.lam_s is None else self.lam_s
 
     @property
     def n_averaged(self) -> int:
@@ -165,35 +171,30 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
         a_i = a_init
     else:
         b_i = params.s_B * correlated(d, r)
+        b_shared = None
         if regime == "adam-refined":
-            u = (-math.sqrt(params.phi) * g[:, None, :] / params.tau
-                 + math.sqrt(1 - params.phi) * rng.standard_normal((s, kk, d)))
             ax = a_init @ z  # (s, K, r): built from A z, z the probe gradient's input direction
             scale = math.sqrt(params.f_in) * params.s_B / (params.s_A * math.sqrt(params.x_norm2))  # ||z|| = ||x||
-            b_i = scale * u[..., None] * ax[:, :, None, :] + math.sqrt(1 - params.f_in) * b_i
+            b_shared = scale * (-math.sqrt(params.phi) / params.tau) * g[:, None, :, None] * ax[:, :, None, :]
+            noise = math.sqrt(1 - params.phi) * rng.standard_normal((s, kk, d))
+            b_i = b_shared + scale * noise[..., None] * ax[:, :, None, :] + math.sqrt(1 - params.f_in) * b_i
         a_i = a_init + params.s_dA * correlated(r, k) if base != "ffa" else a_init
-    b_bar = np.einsum("sc,scdr->sdr", p, b_i)
-    a_bar = np.einsum("sc,scrk->srk", p, np.broadcast_to(a_i, (s, kk, r, k)))
-    dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
-    if scheme == "ffa":
-        b_f, a_f = b_bar, a
-    elif base == "fedsa":
-        # client c drawn with probability p_c: FedSA quantities are p-weighted means over clients' own models
-        c = (rng.random((s, 1)) > np.cumsum(p, axis=1)).sum(axis=1).clip(max=kk - 1)
-        b_f, a_f = b_i[np.arange(s), c], a_bar
-    elif scheme == "exact":
-        b_f, a_f = np.zeros_like(b_bar), a  # merged into W0; the adapter restarts at (0, A)
-    else:
-        b_f, a_f = b_bar, a_bar
-    dw = dw_exact if base == "exact" else gam * b_f @ a_f
+    a_i = np.broadcast_to(a_i, (s, kk, r, k))
+    # client c drawn with probability p_c: FedSA quantities are p-weighted means over clients' own models
+    c = (rng.random((s, 1)) > np.cumsum(p, axis=1)).sum(axis=1).clip(max=kk - 1) if base == "fedsa" else None
+    b_f, a_f, dw, dw_exact = _aggregate(scheme, gam, p, b_i, a_i, a, c)
     x_g = z if regime == "adam-refined" else x  # the probe gradient's input direction
     probe = g[:, :, None] * x_g[None, None, :]  # g x_g^T, (s, d, k)
     nu = params.nu if regime == "adam-refined" else 0.0  # the tokens' input bulk: C = x x^T + nu I
     if regime == "adam-refined":  # each token's output gradient after the step, as the gradient weighs the tokens:
-        probe = probe + params.lam * ((dw @ z)[:, :, None] * z[None, None, :] + params.gradient_bulk * dw)  # dW C_g
+        dw_s = _aggregate(scheme, gam, p, b_shared, a_i, a, c)[2]  # lam (dW - dW_s) C_g + lam_s dW_s C_g
+        for part, lam in ((dw, params.lam), (dw_s, params.shared_curvature - params.lam)):
+            probe = probe + lam * ((part @ z)[:, :, None] * z[None, None, :] + params.gradient_bulk * part)
     out: dict[str, np.ndarray] = {}
     if "adapter_output" in quantities:
         out["adapter_output"] = np.sum((dw @ x) ** 2, axis=1) + nu * np.sum(dw**2, axis=(1, 2))
+    if "shared_output" in quantities:
+        out["shared_output"] = np.sum((dw_s @ x) ** 2, axis=1) + nu * np.sum(dw_s**2, axis=(1, 2))
     if "update_fro" in quantities:
         out["update_fro"] = np.sum(dw**2, axis=(1, 2))
     if "grad_A" in quantities:
@@ -225,6 +226,27 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
             grad_w = g_clients[np.arange(s), c] if base == "fedsa" else np.einsum("sc,scdk->sdk", p, g_clients)
         out["loss_change"] = np.sum(grad_w * dw, axis=(1, 2))
     return out
+
+
+def _aggregate(scheme: str, gam: float, p: np.ndarray, b_i: np.ndarray, a_i: np.ndarray, a: np.ndarray,
+               c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(B, A, dW, dW_exact)`` after the server's aggregation of the clients' ``(b_i, a_i)`` (s, K, ...):
+    the adapter's factors where gradients are taken, its update, and the exact average of products."""
+    base = base_scheme(scheme)
+    b_bar = np.einsum("sc,scdr->sdr", p, b_i)
+    a_bar = np.einsum("sc,scrk->srk", p, a_i)
+    dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
+    if scheme == "ffa":
+        b_f, a_f = b_bar, a
+    elif base == "fedsa":
+        assert c is not None
+        b_f, a_f = b_i[np.arange(len(c)), c], a_bar
+    elif scheme == "exact":
+        b_f, a_f = np.zeros_like(b_bar), a  # merged into W0; the adapter restarts at (0, A)
+    else:
+        b_f, a_f = b_bar, a_bar
+    dw = dw_exact if base == "exact" else gam * b_f @ a_f
+    return b_f, a_f, dw, dw_exact
 
 
 def _estimates(values: dict[str, list[np.ndarray]]) -> dict[str, Estimate]:

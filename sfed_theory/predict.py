@@ -31,7 +31,7 @@ PREDICTABLE: tuple[str, ...] = ("adapter_output", "update_fro", "grad_A", "grad_
 
 _ARGS: tuple[sp.Symbol, ...] = (
     SYM.gamma, SYM.d, SYM.k, SYM.r, SYM.N, SYM.rho, SYM.s_A, SYM.s_B, SYM.s_dA, SYM.tau, SYM.eta, SYM.X2,
-    SYM.f_in, SYM.phi, SYM.lam, SYM.nu, SYM.kappa, SYM.nu_g, *(power_sum(m) for m in range(2, MAX_POWER_SUM + 1)),
+    SYM.f_in, SYM.phi, SYM.lam, SYM.nu, SYM.kappa, SYM.nu_g, SYM.lam_s, *(power_sum(m) for m in range(2, MAX_POWER_SUM + 1)),
 )
 
 
@@ -92,7 +92,7 @@ def expected_value(quantity: str, scheme: str, regime: str, params: ModelParams)
         sums = _subset_weight_sums(params.weights, kk)
     base = (params.gamma, params.d, params.k, params.r, kk, params.rho, params.s_A, params.s_B, params.s_dA,
             params.tau, params.eta, params.x_norm2, params.f_in, params.phi, params.lam, params.nu, params.kappa,
-            params.gradient_bulk)
+            params.gradient_bulk, params.shared_curvature)
     return float(np.mean([f(*base, *s) for s in sums]))
 
 
@@ -137,6 +137,7 @@ def predicted_norm(
     nu: float = 0.0,
     kappa: float = 1.0,
     nu_g: float | None = None,
+    lam_s: float | None = None,
 ) -> float:
     """Predicted RMS size ``sqrt(E[Q])`` of a quantity after one aggregation round.
 
@@ -174,6 +175,9 @@ def predicted_norm(
         tokens' spike (in [0, 1]), and the bulk of the gradient's token weighting (``C_g = z z^T +
         nu_g I``; default ``nu``). ``kappa = 1`` with ``nu_g = nu`` is one probe vector. Ignored by
         the other regimes.
+    lam_s:
+        The curvature met by the update's shared part, the share of B built from the descent direction
+        every client shares (refined regime; default ``lam``: one curvature for the whole update).
 
     Raises
     ------
@@ -196,8 +200,10 @@ def predicted_norm(
     for name, v, what in (("f_in", f_in, "a share"), ("phi", phi, "a share"), ("kappa", kappa, "a cosine's size")):
         if not (math.isfinite(float(v)) and 0.0 <= float(v) <= 1.0):
             raise ValueError(f"{name} is {what} and must lie in [0, 1], got {v!r}")
-    if not math.isfinite(float(lam)):
-        raise ValueError(f"lam must be finite, got {lam!r}")
+    lam_s = lam if lam_s is None else lam_s
+    for name, v in (("lam", lam), ("lam_s", lam_s)):
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name} must be finite, got {v!r}")
     nu_g = nu if nu_g is None else nu_g
     for name, v in (("nu", nu), ("nu_g", nu_g)):
         if not (math.isfinite(float(v)) and float(v) >= 0.0):
@@ -212,7 +218,7 @@ def predicted_norm(
              else scaling_factor(rule, alpha, r, kk))
     f = _compiled(quantity, scheme, regime)
     value = f(gamma, dd, kd, r, kk, rho_f, s_a, s_b, s_da, _positive("tau", tau), _positive("eta", eta), x2,
-              float(f_in), float(phi), float(lam), float(nu), float(kappa), float(nu_g),
+              float(f_in), float(phi), float(lam), float(nu), float(kappa), float(nu_g), float(lam_s),
               *weight_sums(kk))
     return math.sqrt(max(float(value), 0.0))
 

@@ -29,6 +29,9 @@ QUANTITY_TEXT: dict[str, str] = {
     # the p-weighted mean over c), beside the average's: their ratio is the correlation the harness
     # measures for that quantity (rho_out, rho_gA, rho_gB), see validation.refined
     "output_client": "E||y_c||^2, y_c = gamma B_c A_c x (one client's own update applied to the probe)",
+    # adam-refined only: the size of the step along the direction every client descends, at which the
+    # curvature lambda_s is taken (the loss saturates along it)
+    "shared_output": "E||y_s||^2, y_s = dW_s x, the update's shared part on the probe's tokens (+ nu E||dW_s||_F^2)",
     "grad_A_client": "E||gamma B_c^T G_end||^2 (one client's B in dL/dA, at the aggregated adapter's probe gradient)",
     "grad_B_client": "E||gamma G_end D_c^T||^2 (one client's A increment in dL/dB, at the aggregated adapter)",
     "grad_B_increment": "E||gamma G_end Dbar^T||^2 (the clients' mean A increment in dL/dB, at the aggregated adapter)",
@@ -54,6 +57,9 @@ def check_names(quantity: str, scheme: str, regime: str) -> None:
     if quantity in ("grad_B_client", "grad_B_increment") and not _a_moves(scheme, regime):
         raise ValueError(f"{quantity} projects the clients' A increments, which exist only where A trains "
                          "(not under FFA, nor in the one-step 'sgd' regime)")
+    if quantity == "shared_output" and regime != "adam-refined":
+        raise ValueError("shared_output is the update's part along the clients' shared descent direction, a part "
+                         "only the 'adam-refined' regime has")
     if quantity == "loss_change" and regime == "adam":
         raise ValueError("loss_change is defined in the 'sgd' and 'adam-refined' regimes only (under 'adam' the "
                          "model's increments are independent of the gradient, so E<G, dW> = 0 by assumption)")
@@ -94,16 +100,21 @@ def _a_init(scheme: str, i: Idx) -> Mat:
     return Mat.field("Ai", i) if _own_init(scheme) else Mat.field("A")
 
 
-def client_B(regime: str, i: Idx, scheme: str = "ffa") -> Mat:
-    """Client i's B after the round (B starts at 0; it is built from the client's own A init)."""
+def client_B(regime: str, i: Idx, scheme: str = "ffa", shared: bool = False) -> Mat:
+    """Client i's B after the round (B starts at 0; it is built from the client's own A init). ``shared``
+    (refined regime only): its part along the descent direction every client shares, ``-sqrt(phi) g/tau``."""
+    if shared and regime != "adam-refined":
+        raise ValueError("only the refined regime's B has a shared part")
     if regime == "adam":
         return Mat.field("B", i)
     a0 = _a_init(scheme, i)
     if regime == "adam-refined":
         # u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i: the shared descent direction plus client noise
-        u = Mat.field("g").scale(-sp.sqrt(SYM.phi) / SYM.tau) + Mat.field("w", i).scale(sp.sqrt(1 - SYM.phi))
+        u = Mat.field("g").scale(-sp.sqrt(SYM.phi) / SYM.tau)
+        if not shared:
+            u = u + Mat.field("w", i).scale(sp.sqrt(1 - SYM.phi))
         coherent = (u @ (a0 @ Mat.vector("z")).T).scale(sp.sqrt(SYM.f_in) * SYM.s_B / (SYM.s_A * sp.sqrt(SYM.X2)))
-        return coherent + Mat.field("B", i).scale(sp.sqrt(1 - SYM.f_in))
+        return coherent if shared else coherent + Mat.field("B", i).scale(sp.sqrt(1 - SYM.f_in))
     return (Mat.field("G", i) @ a0.T).scale(-SYM.gamma * SYM.eta)
 
 
@@ -119,43 +130,46 @@ def _abar(scheme: str, regime: str) -> Mat:
     return Mat.client_average(lambda i: client_A(scheme, regime, i), "r", "k")
 
 
-def _bbar(regime: str, scheme: str) -> Mat:
-    return Mat.client_average(lambda i: client_B(regime, i, scheme), "d", "r")
+def _bbar(regime: str, scheme: str, shared: bool = False) -> Mat:
+    return Mat.client_average(lambda i: client_B(regime, i, scheme, shared), "d", "r")
 
 
-def _exact(scheme: str, regime: str) -> Mat:
-    return Mat.client_average(lambda i: client_B(regime, i, scheme) @ client_A(scheme, regime, i), "d",
+def _exact(scheme: str, regime: str, shared: bool = False) -> Mat:
+    return Mat.client_average(lambda i: client_B(regime, i, scheme, shared) @ client_A(scheme, regime, i), "d",
                               "k").scale(SYM.gamma)
 
 
-def update(scheme: str, regime: str) -> Mat:
-    """The server's update dW (gamma included)."""
+def update(scheme: str, regime: str, shared: bool = False) -> Mat:
+    """The server's update dW (gamma included); ``shared``: its part built from the clients' shared B part
+    (:func:`client_B`), the rest of the update being client noise."""
     if base_scheme(scheme) == "exact":
-        return _exact(scheme, regime)
-    b, a = factors(scheme, regime)
+        return _exact(scheme, regime, shared)
+    b, a = factors(scheme, regime, shared)
     return (b @ a).scale(SYM.gamma)
 
 
-def factors(scheme: str, regime: str) -> tuple[Mat, Mat]:
-    """The factors (B, A) of the adapter after aggregation, at which gradients are taken.
+def factors(scheme: str, regime: str, shared: bool = False) -> tuple[Mat, Mat]:
+    """The factors (B, A) of the adapter after aggregation, at which gradients are taken (``shared``: B's
+    shared part in place of B).
 
     Exact aggregation merges the average of products into the frozen weight and restarts the
     adapter at ``(0, A)`` (B zero, A back at its init, as FLoRA-style methods re-initialise), so
     that is where its gradients are taken: ``dL/dA = gamma 0^T g x^T = 0`` there."""
     if base_scheme(scheme) == "fedsa":
-        return client_B(regime, FIXED_CLIENT, scheme), _abar(scheme, regime)
+        return client_B(regime, FIXED_CLIENT, scheme, shared), _abar(scheme, regime)
     if scheme == "exact":
         return Mat.zero("d", "r"), Mat.field("A")
-    return _bbar(regime, scheme), _abar(scheme, regime)
+    return _bbar(regime, scheme, shared), _abar(scheme, regime)
 
 
 def _probe_at_end(scheme: str, regime: str) -> Mat:
     """The probe's gradient wrt W at the aggregated adapter (d x k)."""
     probe = _probe_gradient(regime)
-    if regime == "adam-refined":  # each token's output gradient moved by lambda times its output change, summed
-        z = Mat.vector("z")       # as the gradient weighs the tokens: lambda dW C_g, C_g = z z^T + nu_g I
-        dw = update(scheme, regime)
-        probe = probe + (dw @ z @ z.T).scale(SYM.lam) + dw.scale(SYM.lam * SYM.nu_g)
+    if regime == "adam-refined":  # each token's output gradient moved by the curvature times its output change,
+        z = Mat.vector("z")       # summed as the gradient weighs the tokens: dW C_g, C_g = z z^T + nu_g I; lambda
+        # along the clients' noise, lambda_s along the shared part dW_s: lambda (dW - dW_s) C_g + lambda_s dW_s C_g
+        for dw, lam in ((update(scheme, regime), SYM.lam), (update(scheme, regime, shared=True), SYM.lam_s - SYM.lam)):
+            probe = probe + (dw @ z @ z.T).scale(lam) + dw.scale(lam * SYM.nu_g)
     return probe
 
 
@@ -188,6 +202,8 @@ def build(quantity: str, scheme: str, regime: str) -> list[Term]:
     fac = IndexFactory()
     if quantity == "adapter_output":
         return _output_norm2(update(scheme, regime), regime, fac)
+    if quantity == "shared_output":
+        return _output_norm2(update(scheme, regime, shared=True), regime, fac)
     if quantity == "update_fro":
         dw = update(scheme, regime)
         return frobenius_inner(dw, dw, fac)

@@ -28,8 +28,8 @@ def test_every_combination_derives_with_inspectable_steps():
     combos = defined_combinations()
     # 4 quantities x 6 schemes x 3 regimes + 12 aggregation errors + 12 loss changes, and the client projections:
     # output_client and grad_A_client for ffa, fedit, fedit-indep x 3 regimes, grad_B_client and grad_B_increment
-    # for fedit, fedit-indep x the 2 regimes where A trains
-    assert len(combos) == 96 + 2 * 9 + 2 * 4
+    # for fedit, fedit-indep x the 2 regimes where A trains; the update's shared part's output, refined regime only
+    assert len(combos) == 96 + 2 * 9 + 2 * 4 + 6
     for q, s, r in combos:
         dv = derive(q, s, r)
         if (q, s) == ("grad_A", "exact"):  # the adapter restarts at B = 0: dL/dA has no terms at all

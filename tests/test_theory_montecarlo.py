@@ -45,7 +45,7 @@ def _check_all(params: ModelParams, scheme: str, regime: str, seed: int) -> list
 
 
 BASE = ModelParams(d=4, k=5, r=3, n_clients=4, gamma=0.8, rho=0.25, s_A=0.7, s_B=1.1, s_dA=0.5, tau=0.9,
-                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7, nu=0.3, kappa=0.45)  # the refined regime's
+                   eta=0.6, x_norm2=1.5, f_in=0.4, phi=0.6, lam=0.7, nu=0.3, kappa=0.45, lam_s=-0.4)  # the refined regime's
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -67,6 +67,7 @@ def models(draw: st.DrawFn) -> tuple[ModelParams, str, str, int]:
         f_in=draw(st.floats(0.05, 1.0)), phi=draw(st.floats(0.05, 1.0)), lam=draw(st.floats(-1.0, 1.0)),
         nu=draw(st.sampled_from([0.0]) | st.floats(0.0, 1.0)),
         kappa=draw(st.sampled_from([1.0]) | (st.floats(0.0, 1.0) if k > 1 else st.nothing())),
+        lam_s=draw(st.none() | st.floats(-1.0, 1.0)),
     )
     return params, draw(st.sampled_from(list(SCHEMES))), draw(st.sampled_from(list(REGIMES))), draw(st.integers(0, 10**6))
 
@@ -169,3 +170,19 @@ def test_monte_carlo_sees_the_probes_input_bulk():
     for q in ("adapter_output", "grad_A", "grad_B"):
         assert est[q].contains(expected_value(q, "fedit", "adam-refined", p), Z), q
         assert not est[q].contains(expected_value(q, "fedit", "adam-refined", replace(p, nu=0.0)), Z), q
+
+
+@pytest.mark.parametrize("scheme", ["ffa", "fedit", "fedsa"])
+def test_monte_carlo_sees_the_shared_parts_own_curvature(scheme):
+    """The update's shared part meets its own curvature lambda_s: the derived gradients carry it (one curvature,
+    lambda_s = lambda, falls outside the Monte Carlo interval), and the shared part's output is what the
+    sampler's shared update puts on the probe's tokens."""
+    from dataclasses import replace
+
+    p = replace(BASE, phi=0.9, lam=0.2, lam_s=-1.5, n_clients=2)
+    est = simulate(p, scheme, "adam-refined", n_samples=SAMPLES, seed=13)
+    for q in ("grad_A", "grad_B", "shared_output"):
+        assert est[q].contains(expected_value(q, scheme, "adam-refined", p), Z), q
+    for q in ("grad_A", "grad_B"):
+        assert not est[q].contains(expected_value(q, scheme, "adam-refined", replace(p, lam_s=None)), Z), q
+    assert est["shared_output"].mean < est["adapter_output"].mean
