@@ -24,6 +24,8 @@ table measures how far the model's form can follow the data at all (a ceiling of
 ``--rule sfed`` fits and tabulates one rule's runs alone (``_rule_sfed``; its N = 1 runs are rsLoRA's where the grid
 ran only rsLoRA there): parameters free to differ between rules, so a slope missed even then is missed by the form at
 that rule's steps, not by parameters that fail to carry over from one rule's gamma to another's.
+``--saturating`` gives the update's shared part (along the direction every client descends) a curvature of its
+own that falls with its step, ``lambda/(1 + step/t0)``, ``t0`` fitted on the pilot (``_saturating``).
 Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
@@ -31,6 +33,7 @@ Deterministic given ``n_boot`` and the seed::
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16 --rule sfed
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --saturating
 """
 
 from __future__ import annotations
@@ -63,13 +66,16 @@ rather than the tokens' spike: ``nu`` then comes from the pilot's share of the t
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted", two_vectors: bool = False,
-                   pilot_max_n: int = PILOT_MAX_N, rule: str | None = None) -> tuple[pd.DataFrame, dict]:
+                   pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
+                   saturating: bool = False) -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
     ``pilot_max_n``: the largest N the refined model is fitted on (the measured inputs f_in, kappa and nu_g
     keep their own pilot); ``refined_sample`` labels a slope in-sample when its N stay within it. ``rule``: fit and
-    tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs."""
+    tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs.
+    ``saturating``: the update's shared part meets a curvature that falls with its own step (one more fitted
+    parameter, ``t0``)."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
     if check not in PILOT_RUNS:
@@ -90,7 +96,7 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
         held = measured_f_in(pilot, column=column) if column else None
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
         params = refined_fits(_one_rule(fitted_rows(check, results), rule), nu=nu, f_in=held, kappa=kappa,
-                              nu_g=nu_g, pilot_max_n=pilot_max_n)
+                              nu_g=nu_g, pilot_max_n=pilot_max_n, saturating=saturating)
         fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
         return fits, params  # slopes over the check's own grid
 
@@ -135,10 +141,12 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
-                 two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None) -> list[Path]:
+                 two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
+                 saturating: bool = False) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule)
+    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
+            + ("_saturating" if saturating else "")
             + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
@@ -168,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rule", default=None,
                     help="fit and tabulate this rule's runs alone (lora, rslora, sfed, ...): whether the model's form "
                          "follows one rule's steps when its parameters need not carry over to another rule's")
+    ap.add_argument("--saturating", action="store_true",
+                    help="the update's shared part (along the direction every client descends) meets a curvature "
+                         "falling with its own step, lambda/(1 + step/t0), t0 fitted on the pilot (default: one curvature)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
-        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule):
+        for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule,
+                                 ns.saturating):
             print(f"wrote {path}")
     return 0
 

@@ -372,3 +372,38 @@ def test_measured_f_in_is_the_pilot_mean_of_the_increments_coherent_share(small_
         measured_f_in(rows, column="inc_B_rms")
     fits = refined_fits(rows, pilot_max_n=2, nu=0.0, f_in=got)
     assert fits and {p.f_in for p in fits.values()} == set(got.values())
+
+
+def test_a_saturating_fit_meets_the_shared_curvature_at_the_shared_step(small_grid):
+    """``saturating``: the shared part's curvature is lambda / (1 + step / t0) at each point, step the root of the
+    derived shared output there; the update's own size does not see it. The fit starts from one curvature's optimum,
+    so its pilot misfit is never larger."""
+    from dataclasses import replace
+
+    from sfed_theory.montecarlo import ModelParams
+    from sfed_theory.predict import expected_value
+    from sfed_theory.rules import scaling_factor
+    from validation.refined import RefinedParams
+
+    fitted = fit_refined(small_grid, pilot_max_n=2, saturating=True)
+    one = fit_refined(small_grid, pilot_max_n=2)
+    assert not one.saturating and fitted.rms_log_residual <= one.rms_log_residual + 1e-12
+    r, n = 4, 4
+    s_b, s_da = fitted.s_B["sfed"], fitted.s_dA["sfed"] or fitted.s_B["sfed"]
+    model = ModelParams(d=fitted.d, k=fitted.k, r=r, n_clients=n, gamma=scaling_factor("sfed", 16.0, r, n),
+                        rho=fitted.rho, s_A=1 / math.sqrt(3 * fitted.k), s_B=s_b, s_dA=s_da,
+                        tau=math.sqrt(fitted.tau2x2[r]), x_norm2=1.0, f_in=0.3, phi=0.4, nu=fitted.nu)
+    step = math.sqrt(expected_value("shared_output", fitted.scheme, "adam-refined", model))
+    assert step > 0
+    p = replace(fitted, f_in=0.3, phi=0.4, lam=3.0, t0=0.5 * step)  # the shared part meets lambda / 3
+    assert p.saturating and "t0=" in p.describe() and RefinedParams.from_row(p.to_row()) == p
+    for q in ("grad_A", "grad_B"):
+        want = predicted_norm(q, "sfed", regime="adam-refined", scheme=p.scheme, rank=r, n_clients=n, alpha=16.0,
+                              rho=p.rho, d=p.d, k=p.k, s_A=1 / math.sqrt(3 * p.k), s_B=s_b, s_dA=s_da,
+                              tau=math.sqrt(p.tau2x2[r]), x_norm2=1.0, f_in=p.f_in, phi=p.phi, lam=p.lam, nu=p.nu,
+                              lam_s=p.lam / 3)
+        assert predict_points(p, q, "sfed", [r], [n], [n], 16.0)[0] == pytest.approx(want, rel=1e-10), q
+        one_curvature = predict_points(replace(p, t0=math.inf), q, "sfed", [r], [n], [n], 16.0)[0]
+        assert one_curvature != pytest.approx(want, rel=1e-6), q
+    update = [predict_points(v, "update_fro", "sfed", [r], [n], [n], 16.0)[0] for v in (p, replace(p, t0=math.inf))]
+    assert update[0] == update[1]

@@ -52,6 +52,11 @@ rank dependence. Which parameter comes from what:
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
+* ``t0`` (only with ``saturating=True``; else infinite: one curvature): the update's shared part ``dW_s``, built
+  from the descent direction every client shares, meets its own curvature ``lambda_s = lam/(1 + step/t0)``,
+  ``step`` the root of the derived ``E||dW_s X^T||^2`` at the point (``shared_output``): a loss that saturates
+  along that direction has a secant curvature falling as 1/step. Fitted with the three above, starting from their
+  one-curvature optimum, so the pilot misfit never grows.
 
 Layers of one model are treated alike (MiniLM's adapted layers are all 384 x 384): the ``__all__``
 value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant that the free scale takes.
@@ -114,6 +119,7 @@ class RefinedParams:
     nu: float = 0.0  # the probe's isotropic input bulk (C = x x^T + nu I, ||x|| = 1): measured, not fitted
     kappa: float = 1.0  # cos of the probe gradient's input direction with the tokens' spike: measured (1: one vector)
     nu_g: float | None = None  # the bulk of the gradient's token weighting, C_g = z z^T + nu_g I: measured (None: nu)
+    t0: float = math.inf  # the shared step at which the shared part's curvature halves (inf: one curvature)
 
     @property
     def label_law(self) -> bool:
@@ -174,10 +180,17 @@ class RefinedParams:
         return self.nu if self.nu_g is None else self.nu_g
 
     def _vectors(self) -> str:
+        sat = (f"; t0={self.t0:.4g} (fitted: the shared step at which its curvature halves, "
+               "lambda_s = lambda/(1 + step/t0))" if self.saturating else "")
         if self.kappa == 1.0 and self.nu_g is None:
-            return ""
+            return sat
         bulk = "" if self.nu_g is None else f", nu_g={self.nu_g:.4g} (the gradient's token bulk, measured)"
-        return f"; kappa={self.kappa:.3f} (gradient direction vs spike, measured){bulk}"
+        return f"; kappa={self.kappa:.3f} (gradient direction vs spike, measured){bulk}{sat}"
+
+    @property
+    def saturating(self) -> bool:
+        """Whether the update's shared part meets a curvature that falls with its own step (finite ``t0``)."""
+        return math.isfinite(self.t0)
 
     def to_row(self) -> dict:
         """Flat dict for a CSV."""
@@ -255,7 +268,7 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
             rho) -> np.ndarray:
     """The derived ``E[quantity]`` of ``scheme`` at points (rank ``r``, K ``kk``; ``rule`` one name or one
     per point) and the model correlation ``rho`` (broadcast against the points)."""
-    from sfed_theory.predict import moment_function, weight_sums
+    from sfed_theory.predict import MOMENT_ARGS, moment_function, weight_sums
 
     rules = np.broadcast_to(np.asarray(rule, dtype=object), r.shape)
     alphas = np.broadcast_to(np.asarray(alpha, dtype=float), r.shape)
@@ -265,9 +278,13 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
     s_b = np.array([p.s_B[str(u)] for u in rules])
     s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
-    f = moment_function(quantity, scheme, REFINED_REGIME)
-    return f(gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, p.kappa,
-             p.gradient_bulk, *weight_sums(kk))
+    args = [gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, p.kappa,
+            p.gradient_bulk, p.lam, *weight_sums(kk)]
+    if p.saturating:  # the loss saturates along the direction every client descends: the secant curvature met
+        # by the update's shared part falls as 1/step beyond t0 (step: that part's output on the probe's tokens)
+        step = np.sqrt(np.maximum(moment_function("shared_output", scheme, REFINED_REGIME)(*args), 0.0))
+        args[MOMENT_ARGS.index("lambda_s")] = p.lam / (1.0 + step / p.t0)
+    return moment_function(quantity, scheme, REFINED_REGIME)(*args)
 
 
 _PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
@@ -342,7 +359,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
                 nu: float = 0.0, f_in: float | None = None, kappa: float = 1.0,
-                nu_g: float | None = None) -> RefinedParams:
+                nu_g: float | None = None, saturating: bool = False) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -360,8 +377,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     ``nu``, the tokens' input bulk (``C = x x^T + nu I``, :mod:`validation.probe_inputs`); ``kappa``, the cosine of
     the gradient's input direction with their spike (:func:`validation.analysis.measured_kappa`); ``nu_g``, the
     gradient's token bulk (None: ``nu``); ``kappa = 1`` is one probe vector. ``f_in``: None fits it; a value in
-    [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ValueError for a value out of range, or a pilot
-    with one rank or no N > 1."""
+    [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ``saturating``: the update's shared part meets
+    its own curvature ``lambda/(1 + step/t0)``, falling with its step (the model's shared output), and ``t0`` is
+    fitted too (False: one curvature). ValueError for a value out of range, or a pilot with one rank or no N > 1."""
     _check_inputs(f_in, kappa)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
@@ -377,9 +395,9 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     pair_pts = t[t.n_participating > 1]
     projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
 
-    def params(f: float, ph: float, lam: float) -> RefinedParams:  # the residual is set once the fit is done
+    def params(f: float, ph: float, lam: float, t0: float = math.inf) -> RefinedParams:  # residual: once fitted
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
-                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g)
+                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g, t0=t0)
         if correlation_at is not None:
             return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)
@@ -388,19 +406,15 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
         rho0, s, gap = _solve_correlation(p, pair_pts, pilot_means, unskewed_rho)
         return replace(p, rho_model=rho0, rho_skew=s, rho_gap=gap, pilot_ks=tuple(pilot_means))
 
-    def predicted(p: RefinedParams, q: str) -> np.ndarray:
-        out = np.empty(len(t))
-        for idx, rule, ranks, ns, ks, alpha in groups:
-            out[idx] = predict_points(p, q, rule, ranks, ns, ks, alpha)
-        return out
+    # lambda's natural unit: the probe gradient's size over the size of the output change (t0's: the latter)
+    out_unit = float(np.median(_predicted(params(0, 0, 0), "adapter_output", groups, len(t))))
+    lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / out_unit
+    n_shares = 2 if f_in is None else 1
 
-    # lambda's natural unit: the probe gradient's size over the size of the output change
-    lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / float(np.median(predicted(params(0, 0, 0),
-                                                                                        "adapter_output")))
-
-    def unpack(x: np.ndarray) -> tuple[float, float, float]:  # (f_in,) phi, lambda from the optimiser's x
+    def unpack(x: np.ndarray) -> tuple[float, ...]:  # (f_in,) phi, lambda (, t0) from the optimiser's x
         shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
-        return (*shares, lam_unit * math.exp(float(np.clip(x[-1], -30, 30))))
+        scales = np.exp(np.clip(x[n_shares:], -30, 30)) * [lam_unit, out_unit][:x.size - n_shares]
+        return (*shares, *map(float, scales))
 
     def loss(x: np.ndarray) -> float:
         p = params(*unpack(x))
@@ -408,16 +422,35 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             return 1e6
         total = RHO_GAP_WEIGHT * len(pair_pts) * p.rho_gap**2
         for q, y in meas.items():
-            r = y - np.log(np.maximum(predicted(p, q), 1e-300))
+            r = y - np.log(np.maximum(_predicted(p, q, groups, len(t)), 1e-300))
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    best = min((minimize(loss, s, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
-                for s in _starts(f_in is None)), key=lambda r: r.fun)
+    best = _minimise(loss, _starts(f_in is None), saturating)
     fitted = params(*unpack(best.x))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
+
+
+def _predicted(p: RefinedParams, quantity: str, groups: list[tuple], n: int) -> np.ndarray:
+    """:func:`predict_points` at the ``n`` points of a pilot table, from its :func:`_rule_groups`."""
+    out = np.empty(n)
+    for idx, rule, ranks, ns, ks, alpha in groups:
+        out[idx] = predict_points(p, quantity, rule, ranks, ns, ks, alpha)
+    return out
+
+
+def _minimise(loss, starts: list[np.ndarray], saturating: bool):
+    """The best Nelder-Mead optimum of ``loss`` from ``starts``; ``saturating``: then from that optimum again with
+    log t0 appended at 0.3, 3 and 30 units (t0 far beyond every step is the one-curvature model: no loss)."""
+    def fit(start: np.ndarray):
+        return minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
+
+    best = min(map(fit, starts), key=lambda r: r.fun)
+    if saturating:
+        best = min([best, *(fit(np.r_[best.x, math.log(t0)]) for t0 in (0.3, 3.0, 30.0))], key=lambda r: r.fun)
+    return best
 
 
 def _rule_groups(t: pd.DataFrame) -> list[tuple]:
