@@ -202,14 +202,14 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
     if "grad_B" in quantities:
         out["grad_B"] = gam**2 * np.sum((probe @ np.swapaxes(a_f, 1, 2)) ** 2, axis=(1, 2))
     if "output_client" in quantities:  # p-weighted mean over the client c of its own update's output
-        own_w = gam * b_i @ np.broadcast_to(a_i, (s, kk, r, k))
+        own_w = gam * b_i @ a_i
         own = np.sum((own_w @ x) ** 2, axis=2) + nu * np.sum(own_w**2, axis=(2, 3))
         out["output_client"] = np.einsum("sc,sc->s", p, own)
     if "grad_A_client" in quantities:
         out["grad_A_client"] = gam**2 * np.einsum("sc,sc->s", p, np.sum(
             (np.swapaxes(b_i, 2, 3) @ probe[:, None]) ** 2, axis=(2, 3)))
     if "grad_B_client" in quantities or "grad_B_increment" in quantities:
-        d_i = np.broadcast_to(a_i, (s, kk, r, k)) - a_init  # the A increments
+        d_i = a_i - a_init  # the A increments
         if "grad_B_client" in quantities:
             out["grad_B_client"] = gam**2 * np.einsum("sc,sc->s", p, np.sum(
                 (probe[:, None] @ np.swapaxes(d_i, 2, 3)) ** 2, axis=(2, 3)))
