@@ -205,7 +205,9 @@ for q in ("adapter_output", "loss_change"):
 # * the output direction `u_i = -sqrt(phi) g / tau + sqrt(1 - phi) w_i` is shared along the loss gradient
 #   (every client descends the same loss) plus client noise;
 # * after the step each probe token's output gradient moved by the curvature times its output change:
-#   `G_end = g z^T + lambda dW C_g`, the tokens summed as the gradient weighs them, `C_g = z z^T + nu_g I`.
+#   `G_end = g z^T + lambda dW C_g`, the tokens summed as the gradient weighs them, `C_g = z z^T + nu_g I`;
+#   the update's shared part `dW_s` (built from the `-sqrt(phi) g / tau` share every client has) may meet a
+#   curvature of its own, `lambda_s` in place of `lambda` (`lambda_s = lambda`: one curvature).
 #
 # The output sees the tokens' own input second moment `C = x x^T + nu I`: their top direction `x` plus an
 # isotropic bulk `nu` per coordinate. The gradient's direction `z` and the spike `x` meet at the angle
@@ -249,8 +251,8 @@ for kap in (0, 1):
 # Frobenius norm:
 
 # %%
-grad_a = closed_form("grad_A", "ffa", "adam-refined").subs(SYM.lam, 0)
-print("E||dL/dA||^2 (lambda = 0) =", sp.factor(grad_a))
+grad_a = closed_form("grad_A", "ffa", "adam-refined").subs({SYM.lam: 0, SYM.lam_s: 0})
+print("E||dL/dA||^2 (lambda = lambda_s = 0) =", sp.factor(grad_a))
 print("first-order loss change E<G, dW> =", closed_form("loss_change", "ffa", "adam-refined"))
 
 # %% [markdown]
@@ -267,10 +269,21 @@ k_avg = sp.Symbol("K", positive=True)
 equal_k = {power_sum(m): k_avg ** (1 - m) for m in range(2, 9)}
 model_rho = (k_avg * mean / one - 1) / (k_avg - 1)
 print("canonical limit (f_in = 0, lambda = 0):",
-      sp.simplify(model_rho.subs(equal_k).subs({SYM.f_in: 0, SYM.lam: 0})))
+      sp.simplify(model_rho.subs(equal_k).subs({SYM.f_in: 0, SYM.lam: 0, SYM.lam_s: 0})))
 at = {SYM.d: 384, SYM.k: 384, SYM.r: 16, SYM.rho: 0, SYM.f_in: sp.Rational(1, 40), SYM.phi: sp.Rational(1, 20),
-      SYM.lam: 0, SYM.gamma: 1, SYM.s_A: 1, SYM.s_B: 1, SYM.tau: 1, SYM.X2: 1, k_avg: 4}
+      SYM.lam: 0, SYM.lam_s: 0, SYM.gamma: 1, SYM.s_A: 1, SYM.s_B: 1, SYM.tau: 1, SYM.X2: 1, k_avg: 4}
 print("rho = 0, f_in = 0.025, phi = 0.05, d = 384: rho_gA =", float(model_rho.subs(equal_k).subs(at)))
+
+# %% [markdown]
+# The shared part's own curvature enters the gradients only: what it adds to dL/dB is the part of the form that
+# vanishes at `lambda_s = lambda`, and the size of the shared step is a derived moment of its own (the shared
+# part's output on the probe's tokens). `fit_refined(..., saturating=True)` lets `lambda_s` fall with that
+# step; on the stored grid it moves no slope in-sample (docs/THEORY.md, "Two curvatures").
+
+# %%
+grad_b = closed_form("grad_B", "ffa", "adam-refined")
+print("E||dL/dB||^2 minus its one-curvature form =", sp.factor(grad_b - grad_b.subs(SYM.lam_s, SYM.lam)))
+print("E||dW_s X^T||^2 =", sp.factor(closed_form("shared_output", "ffa", "adam-refined")))
 
 # %% [markdown]
 # ## 9. One broadcast A init, or one per client
