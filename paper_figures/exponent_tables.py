@@ -76,6 +76,13 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs.
     ``saturating``: the update's shared part meets a curvature that falls with its own step (one more fitted
     parameter, ``t0``)."""
+    fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating)
+    return fits, params
+
+
+def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: bool, pilot_max_n: int,
+                rule: str | None, saturating: bool) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    """:func:`exponent_table`'s ``(fits, params)`` and the rows the parameters were fitted on."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
     if check not in PILOT_RUNS:
@@ -95,10 +102,11 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
         pilot = load(MEASURED_F_IN[check], results) if column or two_vectors else None
         held = measured_f_in(pilot, column=column) if column else None
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
-        params = refined_fits(_one_rule(fitted_rows(check, results), rule), nu=nu, f_in=held, kappa=kappa,
-                              nu_g=nu_g, pilot_max_n=pilot_max_n, saturating=saturating)
+        rows = _one_rule(fitted_rows(check, results), rule)
+        params = refined_fits(rows, nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, pilot_max_n=pilot_max_n,
+                              saturating=saturating)
         fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
-        return fits, params  # slopes over the check's own grid
+        return fits, params, rows  # slopes over the check's own grid
 
 
 def fitted_rows(check: str, results: Path = DEFAULT_RESULTS) -> pd.DataFrame:
@@ -144,7 +152,7 @@ def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000
                  two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
                  saturating: bool = False) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params = exponent_table(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating)
+    fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
             + ("_saturating" if saturating else "")
             + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
@@ -154,7 +162,7 @@ def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000
         out.append(results / f"{stem}_refined_params.csv")
         from validation.refined_store import write_params
 
-        write_params(params, out[1], _one_rule(fitted_rows(check, results), rule))
+        write_params(params, out[1], rows)
     return out
 
 
