@@ -182,12 +182,12 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
     a_i = np.broadcast_to(a_i, (s, kk, r, k))
     # client c drawn with probability p_c: FedSA quantities are p-weighted means over clients' own models
     c = (rng.random((s, 1)) > np.cumsum(p, axis=1)).sum(axis=1).clip(max=kk - 1) if base == "fedsa" else None
-    b_f, a_f, dw, dw_exact = _aggregate(scheme, gam, p, b_i, a_i, a, c)
+    b_f, a_f, dw, dw_exact = _aggregate(scheme, gam, p, b_i, a_i, a, c, "aggregation_error" in quantities)
     x_g = z if regime == "adam-refined" else x  # the probe gradient's input direction
     probe = g[:, :, None] * x_g[None, None, :]  # g x_g^T, (s, d, k)
     nu = params.nu if regime == "adam-refined" else 0.0  # the tokens' input bulk: C = x x^T + nu I
     if regime == "adam-refined":  # each token's output gradient after the step, as the gradient weighs the tokens:
-        dw_s = _aggregate(scheme, gam, p, b_shared, a_i, a, c)[2]  # lam (dW - dW_s) C_g + lam_s dW_s C_g
+        dw_s = _aggregate(scheme, gam, p, b_shared, a_i, a, c, False)[2]  # lam (dW - dW_s) C_g + lam_s dW_s C_g
         for part, lam in ((dw, params.lam), (dw_s, params.shared_curvature - params.lam)):
             probe = probe + lam * ((part @ z)[:, :, None] * z[None, None, :] + params.gradient_bulk * part)
     out: dict[str, np.ndarray] = {}
@@ -229,13 +229,15 @@ def _batch(rng: np.random.Generator, params: ModelParams, scheme: str, regime: s
 
 
 def _aggregate(scheme: str, gam: float, p: np.ndarray, b_i: np.ndarray, a_i: np.ndarray, a: np.ndarray,
-               c: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               c: np.ndarray | None, with_exact: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """``(B, A, dW, dW_exact)`` after the server's aggregation of the clients' ``(b_i, a_i)`` (s, K, ...):
-    the adapter's factors where gradients are taken, its update, and the exact average of products."""
+    the adapter's factors where gradients are taken, its update, and the exact average of products (None
+    unless ``with_exact`` or the scheme aggregates exactly: the K products are the costliest step)."""
     base = base_scheme(scheme)
     b_bar = np.einsum("sc,scdr->sdr", p, b_i)
     a_bar = np.einsum("sc,scrk->srk", p, a_i)
-    dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i)
+    exact = with_exact or base == "exact"
+    dw_exact = gam * np.einsum("sc,scdk->sdk", p, b_i @ a_i) if exact else None
     if scheme == "ffa":
         b_f, a_f = b_bar, a
     elif base == "fedsa":
