@@ -407,3 +407,34 @@ def test_a_saturating_fit_meets_the_shared_curvature_at_the_shared_step(small_gr
         assert one_curvature != pytest.approx(want, rel=1e-6), q
     update = [predict_points(v, "update_fro", "sfed", [r], [n], [n], 16.0)[0] for v in (p, replace(p, t0=math.inf))]
     assert update[0] == update[1]
+
+
+def test_a_rank_curvature_fit_meets_lambda_times_the_rank_law_at_each_rank(small_grid):
+    """``rank_curvature``: at rank r the whole update meets lambda (r/16)^lam_rank (both curvature slots), so each
+    prediction is the closed form's at that rank's own curvature; lam_rank = 0 is the one-curvature model. The fit
+    starts from that model's optimum, so its pilot misfit is never larger; it cannot be combined with saturation."""
+    from dataclasses import replace
+
+    from validation.refined import CURVATURE_REFERENCE_RANK, RefinedParams
+
+    fitted = fit_refined(small_grid, pilot_max_n=2, rank_curvature=True)
+    one = fit_refined(small_grid, pilot_max_n=2)
+    assert one.lam_rank == 0.0 and fitted.rms_log_residual <= one.rms_log_residual + 1e-12
+    with pytest.raises(ValueError, match="one curvature law"):
+        fit_refined(small_grid, pilot_max_n=2, rank_curvature=True, saturating=True)
+    p = replace(fitted, f_in=0.3, phi=0.4, lam=2.0, lam_rank=0.8)
+    assert "lam_rank=0.800" in p.describe() and RefinedParams.from_row(p.to_row()) == p
+    assert p.curvature(CURVATURE_REFERENCE_RANK) == pytest.approx(2.0)
+    s_b, s_da = p.s_B["sfed"], p.s_dA["sfed"] or p.s_B["sfed"]
+    for r in (2, 4):
+        lam_r = 2.0 * (r / 16) ** 0.8
+        assert p.curvature(r) == pytest.approx(lam_r, rel=1e-12)
+        for q in ("grad_A", "grad_B", "adapter_output"):
+            want = predicted_norm(q, "sfed", regime="adam-refined", scheme=p.scheme, rank=r, n_clients=4, alpha=16.0,
+                                  rho=p.rho, d=p.d, k=p.k, s_A=1 / math.sqrt(3 * p.k), s_B=s_b, s_dA=s_da,
+                                  tau=math.sqrt(p.tau2x2[r]), x_norm2=1.0, f_in=p.f_in, phi=p.phi, lam=lam_r, nu=p.nu)
+            assert predict_points(p, q, "sfed", [r], [4], [4], 16.0)[0] == pytest.approx(want, rel=1e-10), (q, r)
+        flat = replace(p, lam_rank=0.0)
+        if r != CURVATURE_REFERENCE_RANK:  # the law moves the gradients, which see the curvature
+            assert predict_points(flat, "grad_B", "sfed", [r], [4], [4], 16.0)[0] != pytest.approx(
+                predict_points(p, "grad_B", "sfed", [r], [4], [4], 16.0)[0], rel=1e-6)

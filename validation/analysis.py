@@ -236,7 +236,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, labels_f
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_MAX_N, correlation_law: str = "label",
                  nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
                  kappa: float = 1.0, nu_g: float | None = None, only: tuple[str, str] | None = None,
-                 saturating: bool = False) -> dict:
+                 saturating: bool = False, rank_curvature: bool = False) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -254,9 +254,11 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
     ``grad_input_share``); 1 and None (``nu``) are one probe vector. Groups with too little pilot data are left
     out with a warning. ``only``: fit just this ``(scheme, partition)`` group (every group's runs still form the
     pilots and the label law, as in the full fit). ``saturating``: the update's shared part meets a curvature
-    falling with its own step (``saturating`` of :func:`validation.refined.fit_refined`)."""
-    from validation.refined import fit_refined
+    falling with its own step (``saturating`` of :func:`validation.refined.fit_refined`); ``rank_curvature``: the
+    curvature follows a rank law, its exponent fitted on the pilot (``rank_curvature`` of the same)."""
+    from validation.refined import check_curvature_laws, fit_refined
 
+    check_curvature_laws(saturating, rank_curvature)
     if correlation_law not in ("label", "k"):
         raise ValueError(f"correlation_law must be 'label' or 'k', got {correlation_law!r}")
 
@@ -288,7 +290,8 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
             try:
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
-                                             nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, saturating=saturating)
+                                             nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, saturating=saturating,
+                                             rank_curvature=rank_curvature)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out

@@ -57,6 +57,10 @@ rank dependence. Which parameter comes from what:
   ``step`` the root of the derived ``E||dW_s X^T||^2`` at the point (``shared_output``): a loss that saturates
   along that direction has a secant curvature falling as 1/step. Fitted with the three above, starting from their
   one-curvature optimum, so the pilot misfit never grows.
+* ``lam_rank`` (only with ``rank_curvature=True``; else 0: one curvature at every rank): the curvature follows a rank
+  law, ``lambda(r) = lam (r/16)^lam_rank``, met by the whole update; fitted with the three above, again from their
+  one-curvature optimum. The harness's measured secant curvature along the update grows about as ``r^1``, faster than
+  the model's geometry gives a rank-free ``lambda`` (:mod:`validation.secant_curvature` compares the two).
 
 Layers of one model are treated alike (MiniLM's adapted layers are all 384 x 384): the ``__all__``
 value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant that the free scale takes.
@@ -76,7 +80,8 @@ from validation.config import PILOT_MAX_N
 from validation.correlation_law import fit_k_law
 from validation.metrics import ALL
 
-__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "QUANTITY_COLUMNS", "PROJECTED_MOMENTS", "RefinedParams", "fit_refined",
+__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "CURVATURE_REFERENCE_RANK", "check_curvature_laws", "QUANTITY_COLUMNS",
+           "PROJECTED_MOMENTS", "RefinedParams", "fit_refined",
            "predict_points", "predicted_correlation", "predicted_slope"]
 
 REFINED_REGIME = "adam-refined"
@@ -85,6 +90,9 @@ QUANTITY_COLUMNS = {"adapter_output": "adapter_rms", "update_fro": "update_fro",
 PROJECTED_MOMENTS = {"rho_out": ("output_client", "adapter_output"), "rho_gA": ("grad_A_client", "grad_A"),
                      "rho_gB": ("grad_B_client", "grad_B_increment")}
 """A measured projected correlation -> (one client's contribution, the clients' mean contribution)."""
+CURVATURE_REFERENCE_RANK = 16
+"""The rank at which ``lam`` is quoted when the curvature follows a rank law (``lam_rank``): the middle of the
+checks' ranks 4, 16, 64. The fit does not depend on it (it rescales ``lam`` only)."""
 RHO_GAP_WEIGHT = 1e3
 """Weight of the squared gap between the model's and the measured pilot correlation in the fit's loss
 (squared log residuals of about 0.05 each): a gap of 0.01 costs as much as the whole shape misfit."""
@@ -120,6 +128,7 @@ class RefinedParams:
     kappa: float = 1.0  # cos of the probe gradient's input direction with the tokens' spike: measured (1: one vector)
     nu_g: float | None = None  # the bulk of the gradient's token weighting, C_g = z z^T + nu_g I: measured (None: nu)
     t0: float = math.inf  # the shared step at which the shared part's curvature halves (inf: one curvature)
+    lam_rank: float = 0.0  # the curvature's rank law lambda(r) = lam (r/16)^lam_rank (0: one curvature at every rank)
 
     @property
     def label_law(self) -> bool:
@@ -182,10 +191,18 @@ class RefinedParams:
     def _vectors(self) -> str:
         sat = (f"; t0={self.t0:.4g} (fitted: the shared step at which its curvature halves, "
                "lambda_s = lambda/(1 + step/t0))" if self.saturating else "")
+        if self.lam_rank:
+            sat += (f"; lam_rank={self.lam_rank:.3f} (fitted: the curvature's rank law, lambda(r) = lambda "
+                    f"(r/{CURVATURE_REFERENCE_RANK})^lam_rank)")
         if self.kappa == 1.0 and self.nu_g is None:
             return sat
         bulk = "" if self.nu_g is None else f", nu_g={self.nu_g:.4g} (the gradient's token bulk, measured)"
         return f"; kappa={self.kappa:.3f} (gradient direction vs spike, measured){bulk}{sat}"
+
+    def curvature(self, rank) -> np.ndarray:
+        """The output-space curvature at ``rank`` (a number or an array): ``lam (rank/16)^lam_rank``; ``lam`` is
+        its value at :data:`CURVATURE_REFERENCE_RANK`."""
+        return self.lam * (np.asarray(rank, dtype=float) / CURVATURE_REFERENCE_RANK) ** self.lam_rank
 
     @property
     def saturating(self) -> bool:
@@ -278,12 +295,13 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     s_a = 1.0 / math.sqrt(3 * p.k)  # peft's Kaiming-uniform A init U(-1/sqrt(k), 1/sqrt(k))
     s_b = np.array([p.s_B[str(u)] for u in rules])
     s_da = np.array([p.s_dA.get(str(u), 0.0) or p.s_B[str(u)] for u in rules])
-    args = [gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, p.lam, p.nu, p.kappa,
-            p.gradient_bulk, p.lam, *weight_sums(kk)]
+    lam = p.curvature(r)
+    args = [gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, lam, p.nu, p.kappa,
+            p.gradient_bulk, lam, *weight_sums(kk)]
     if p.saturating:  # the loss saturates along the direction every client descends: the secant curvature met
         # by the update's shared part falls as 1/step beyond t0 (step: that part's output on the probe's tokens)
         step = np.sqrt(np.maximum(moment_function("shared_output", scheme, REFINED_REGIME)(*args), 0.0))
-        args[MOMENT_ARGS.index("lambda_s")] = p.lam / (1.0 + step / p.t0)
+        args[MOMENT_ARGS.index("lambda_s")] = lam / (1.0 + step / p.t0)
     return moment_function(quantity, scheme, REFINED_REGIME)(*args)
 
 
@@ -359,7 +377,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
                 nu: float = 0.0, f_in: float | None = None, kappa: float = 1.0,
-                nu_g: float | None = None, saturating: bool = False) -> RefinedParams:
+                nu_g: float | None = None, saturating: bool = False, rank_curvature: bool = False) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -379,8 +397,12 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     gradient's token bulk (None: ``nu``); ``kappa = 1`` is one probe vector. ``f_in``: None fits it; a value in
     [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ``saturating``: the update's shared part meets
     its own curvature ``lambda/(1 + step/t0)``, falling with its step (the model's shared output), and ``t0`` is
-    fitted too (False: one curvature). ValueError for a value out of range, or a pilot with one rank or no N > 1."""
+    fitted too (False: one curvature). ``rank_curvature``: the curvature follows a rank law, ``lambda (r/16)^lam_rank``,
+    its exponent fitted too (False: the same curvature at every rank); not with ``saturating``. Each added parameter
+    starts from the optimum without it, so the pilot misfit never grows. ValueError for a value out of range, both
+    curvature laws at once, or a pilot with one rank or no N > 1."""
     _check_inputs(f_in, kappa)
+    check_curvature_laws(saturating, rank_curvature)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -395,9 +417,10 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     pair_pts = t[t.n_participating > 1]
     projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
 
-    def params(f: float, ph: float, lam: float, t0: float = math.inf) -> RefinedParams:  # residual: once fitted
+    def params(f: float, ph: float, lam: float, t0: float = math.inf, lam_rank: float = 0.0) -> RefinedParams:
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
-                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g, t0=t0)
+                          tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g, t0=t0,
+                          lam_rank=lam_rank)  # rms_log_residual: once fitted
         if correlation_at is not None:
             return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)
@@ -409,12 +432,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     # lambda's natural unit: the probe gradient's size over the size of the output change (t0's: the latter)
     out_unit = float(np.median(_predicted(params(0, 0, 0), "adapter_output", groups, len(t))))
     lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / out_unit
-    n_shares = 2 if f_in is None else 1
-
-    def unpack(x: np.ndarray) -> tuple[float, ...]:  # (f_in,) phi, lambda (, t0) from the optimiser's x
-        shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
-        scales = np.exp(np.clip(x[n_shares:], -30, 30)) * [lam_unit, out_unit][:x.size - n_shares]
-        return (*shares, *map(float, scales))
+    unpack = _unpacker(f_in, lam_unit, out_unit, saturating, rank_curvature)
 
     def loss(x: np.ndarray) -> float:
         p = params(*unpack(x))
@@ -426,11 +444,26 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    best = _minimise(loss, _starts(f_in is None), saturating)
+    best = _minimise(loss, _starts(f_in is None), saturating, rank_curvature)
     fitted = params(*unpack(best.x))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
+
+
+def _unpacker(f_in: float | None, lam_unit: float, out_unit: float, saturating: bool, rank_curvature: bool):
+    """The map from the optimiser's x, ``[(logit f_in,) logit phi, log lambda (, log t0 | lam_rank)]``, to
+    ``(f_in, phi, lambda, t0, lam_rank)``; the last slot is appended by :func:`_minimise` once the rest is fitted."""
+    n_shares = 2 if f_in is None else 1
+
+    def unpack(x: np.ndarray) -> tuple[float, ...]:
+        shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
+        extra = x[n_shares + 1:]
+        t0 = out_unit * math.exp(np.clip(extra[0], -30, 30)) if saturating and extra.size else math.inf
+        lam_rank = float(np.clip(extra[0], -3.0, 3.0)) if rank_curvature and extra.size else 0.0
+        return (*shares, lam_unit * math.exp(np.clip(x[n_shares], -30, 30)), t0, lam_rank)
+
+    return unpack
 
 
 def _predicted(p: RefinedParams, quantity: str, groups: list[tuple], n: int) -> np.ndarray:
@@ -441,15 +474,19 @@ def _predicted(p: RefinedParams, quantity: str, groups: list[tuple], n: int) -> 
     return out
 
 
-def _minimise(loss, starts: list[np.ndarray], saturating: bool):
+def _minimise(loss, starts: list[np.ndarray], saturating: bool, rank_curvature: bool = False):
     """The best Nelder-Mead optimum of ``loss`` from ``starts``; ``saturating``: then from that optimum again with
-    log t0 appended at 0.3, 3 and 30 units (t0 far beyond every step is the one-curvature model: no loss)."""
+    log t0 appended at 0.3, 3 and 30 units (t0 far beyond every step is the one-curvature model: no loss);
+    ``rank_curvature``: likewise with the curvature's rank exponent appended at 0.25 and 1 (0, the same curvature
+    at every rank, is that optimum itself, kept where nothing beats it). One of the two at most: x has one slot."""
     def fit(start: np.ndarray):
         return minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
 
     best = min(map(fit, starts), key=lambda r: r.fun)
     if saturating:
         best = min([best, *(fit(np.r_[best.x, math.log(t0)]) for t0 in (0.3, 3.0, 30.0))], key=lambda r: r.fun)
+    elif rank_curvature:
+        best = min([best, *(fit(np.r_[best.x, beta]) for beta in (0.25, 1.0))], key=lambda r: r.fun)
     return best
 
 
@@ -590,6 +627,12 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
     return corr, solve
+
+
+def check_curvature_laws(saturating: bool, rank_curvature: bool) -> None:
+    """ValueError unless one curvature law at most is asked for (the fit has one slot for its parameter)."""
+    if saturating and rank_curvature:
+        raise ValueError("one curvature law at a time: saturating (along the shared part) or rank_curvature")
 
 
 def _check_inputs(f_in: float | None, kappa: float) -> None:
