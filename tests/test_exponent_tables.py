@@ -181,3 +181,26 @@ def test_one_rule_keeps_the_rslora_runs_that_stand_for_its_single_client():
     sfed = exponent_tables._one_rule(rows, "sfed")
     assert sorted(zip(sfed.n_clients, sfed.v)) == [(1, 1), (4, 3)]
     assert exponent_tables._one_rule(rows, None) is rows
+
+
+def test_a_rank_law_for_the_curvature_goes_to_its_own_tables(check_and_pilot, monkeypatch, tmp_path):
+    """``--rank-curvature``: the fits carry their own rank exponent, written beside the one-curvature tables and
+    read back by the secant-curvature table; the two curvature laws are not combined."""
+    from paper_figures.secant_curvature_table import secant_table
+
+    check, _ = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, rank_curvature=True)
+    assert [p.name for p in paths] == ["gradient_check_one_step_rank_curvature_exponents.csv",
+                                       "gradient_check_one_step_rank_curvature_refined_params.csv"]
+    assert "lam_rank" in pd.read_csv(paths[1])
+    with pytest.raises(ValueError, match="one curvature law"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20, rank_curvature=True,
+                                       saturating=True)
+    monkeypatch.setattr("paper_figures.secant_curvature_table.load", lambda name, results: check)
+    monkeypatch.setattr("paper_figures.secant_curvature_table.fitted_rows", lambda name, results: check)
+    secant = secant_table("gradient_check_one_step_rank_curvature", tmp_path, n_boot=20)
+    assert set(secant.fitted_on) == {"grad_A", "grad_B"} and set(secant.rule) == {"lora", "sfed"}
+    assert (secant.model - secant.model_geometry - secant.lam_rank).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="no parameters"):
+        secant_table("gradient_check_one_step_saturating", tmp_path)

@@ -1,0 +1,83 @@
+"""The refined model's secant curvature along the update, against the harness's measured ``curvature``.
+
+In the refined model the probe gradient moves within the round by ``lambda(r) dW C_g`` (one curvature; ``C_g =
+z z^T + nu_g I``, the tokens as the gradient weighs them), so its secant curvature along the update is
+
+    <G_end - G_start, dW> / ||dW||_F^2 = lambda(r) (||dW z||^2 + nu_g ||dW||_F^2) / ||dW||_F^2.
+
+As a ratio of expectations that is ``lambda(r)`` times the derived ``adapter_output`` taken with the output's probe
+vector at ``z`` (``kappa = 1``) and the gradient's bulk ``nu_g``, over the derived ``update_fro``: no new closed
+form, two checked ones at other arguments. The harness measures the same ratio on the real model (``curvature``,
+:mod:`validation.metrics`), which the refined fit never sees; so the slope in r of the measured curvature is a
+check of the fitted curvature's rank law (``lam_rank``) together with the model's geometry (``f_in``, ``phi``:
+B's coherent part lies along ``A z`` and meets the curvature more fully as r grows). Only absolute sizes are
+not compared (the fit has a free scale per quantity).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+
+from validation.analysis import TOLERANCE, loglog_slope
+from validation.metrics import ALL
+from validation.refined import RefinedParams, predict_points
+
+__all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes"]
+
+
+def model_secant_curvature(p: RefinedParams, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
+    """The model's ``E<G_end - G_start, dW> / E||dW||_F^2`` at grid points (rank, N, K clients averaged).
+    ValueError for a saturating model (two curvatures: the shared part's secant is not ``lambda`` times a norm)."""
+    if p.saturating:
+        raise ValueError("the secant curvature of a saturating model has two curvatures; fit one (t0 = inf)")
+    along_z = replace(p, kappa=1.0, nu=p.gradient_bulk, nu_g=None)
+    response = predict_points(along_z, "adapter_output", rule, ranks, ns, ks, alpha) ** 2
+    update = predict_points(along_z, "update_fro", rule, ranks, ns, ks, alpha) ** 2
+    return p.curvature(np.asarray(ranks, dtype=float)) * response / update
+
+
+def measured_rank_slope(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """``(slope, ci_low, ci_high)`` of log mean ``curvature`` over seeds against log rank, from ``rows``
+    (one point's runs: columns ``rank``, ``seed``, ``curvature``); the 95% CI resamples the seeds, paired
+    across ranks (a seed's runs share their batches). NaN where fewer than two ranks are measured."""
+    wide = rows.pivot_table(index="seed", columns="rank", values="curvature", aggfunc="mean").dropna(axis=1, how="all")
+    ranks = wide.columns.to_numpy(float)
+    if ranks.size < 2:
+        return float("nan"), float("nan"), float("nan")
+    values = wide.to_numpy(float)
+    est = loglog_slope(ranks, np.nanmean(values, axis=0))
+    rng = np.random.default_rng(seed)
+    draws = values[rng.integers(0, len(values), (n_boot, len(values)))]  # (boot, seed, rank)
+    with np.errstate(invalid="ignore"):
+        boots = np.array([loglog_slope(ranks, np.nanmean(d, axis=0)) for d in draws])
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots.size else (np.nan, np.nan)
+    return est, float(lo), float(hi)
+
+
+def secant_slopes(rows: pd.DataFrame, params: dict, quantity: str = "grad_B", round: int = 1,
+                  n_boot: int = 1000) -> pd.DataFrame:
+    """Per (scheme, partition, rule, N) of ``rows`` (harness rows; the ``__all__`` layer at ``round``): the measured
+    curvature's slope in r with its CI, and the model's at the parameters fitted for ``quantity``
+    (``params``: :func:`validation.analysis.refined_fits`' dict), split into its geometry (``lam_rank = 0``) and the
+    rank law; ``in_ci`` and ``agrees`` (within :data:`validation.analysis.TOLERANCE`) of the model's slope."""
+    a = rows[(rows.layer == ALL) & (rows["round"] == round) & rows.curvature.notna()]
+    out = []
+    for (scheme, opt, part, rule, n), g in a.groupby(["scheme", "optimizer", "partition", "rule", "n_clients"]):
+        p = params.get((scheme, opt, part, quantity))
+        ranks = np.sort(g["rank"].unique()).astype(float)
+        if p is None or rule not in p.s_B or ranks.size < 2:
+            continue
+        slope, lo, hi = measured_rank_slope(g, n_boot)
+        ks = [float(g.loc[g["rank"] == r, "n_participating"].max()) for r in ranks]
+        at = dict(rule=rule, ranks=ranks, ns=np.full(ranks.size, float(n)), ks=ks, alpha=float(g.alpha.iloc[0]))
+        model = loglog_slope(ranks, model_secant_curvature(p, **at))
+        geometry = loglog_slope(ranks, model_secant_curvature(replace(p, lam_rank=0.0), **at))
+        out.append({"scheme": scheme, "optimizer": opt, "partition": part, "rule": rule, "n_clients": int(n),
+                    "fitted_on": quantity, "measured": slope, "ci_low": lo, "ci_high": hi, "model": model,
+                    "model_geometry": geometry, "lam_rank": p.lam_rank, "in_ci": lo <= model <= hi,
+                    "agrees": abs(model - slope) <= TOLERANCE})
+    return pd.DataFrame(out)
