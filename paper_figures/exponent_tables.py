@@ -29,6 +29,9 @@ own that falls with its step, ``lambda/(1 + step/t0)``, ``t0`` fitted on the pil
 ``--rank-curvature`` lets the curvature follow a rank law instead, ``lambda (r/16)^lam_rank``, its exponent fitted
 on the pilot (``_rank_curvature``): the measured secant curvature along the update (``curvature``) grows about as
 ``r^1`` at every rule, N and step size, faster than the model's geometry gives a rank-free ``lambda``.
+``--measured-curvature`` takes that measurement itself instead: lambda at each point is such that the model's secant
+curvature along its update is one fitted scale times the pilot's measured one at the point's rule and rank
+(``_measured_curvature``; :func:`validation.analysis.measured_curvature`, FedSA takes FedIT's).
 Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
@@ -38,6 +41,7 @@ Deterministic given ``n_boot`` and the seed::
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --pilot-max-n 16 --rule sfed
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --saturating
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --rank-curvature
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --measured-curvature
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ rather than the tokens' spike: ``nu`` then comes from the pilot's share of the t
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted", two_vectors: bool = False,
                    pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                   saturating: bool = False, rank_curvature: bool = False) -> tuple[pd.DataFrame, dict]:
+                   saturating: bool = False, rank_curvature: bool = False,
+                   measured_curvature: bool = False) -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
@@ -80,14 +85,16 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs.
     ``saturating``: the update's shared part meets a curvature that falls with its own step (one more fitted
     parameter, ``t0``); ``rank_curvature``: the curvature follows a rank law (one more fitted parameter,
-    ``lam_rank``; not with ``saturating``)."""
+    ``lam_rank``; not with ``saturating``); ``measured_curvature``: lambda follows the pilot's measured secant
+    curvature per rule and rank (no parameter added; one curvature law at a time)."""
     fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating,
-                                  rank_curvature)
+                                  rank_curvature, measured_curvature)
     return fits, params
 
 
 def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: bool, pilot_max_n: int,
-                rule: str | None, saturating: bool, rank_curvature: bool) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+                rule: str | None, saturating: bool, rank_curvature: bool,
+                measured_curvature: bool) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """:func:`exponent_table`'s ``(fits, params)`` and the rows the parameters were fitted on."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
@@ -110,7 +117,8 @@ def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: 
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
         rows = _one_rule(fitted_rows(check, results), rule)
         params = refined_fits(rows, nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, pilot_max_n=pilot_max_n,
-                              saturating=saturating, rank_curvature=rank_curvature)
+                              saturating=saturating, rank_curvature=rank_curvature,
+                              measured_curvature=measured_curvature)
         fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
         return fits, params, rows  # slopes over the check's own grid
 
@@ -156,12 +164,13 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
                  two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                 saturating: bool = False, rank_curvature: bool = False) -> list[Path]:
+                 saturating: bool = False, rank_curvature: bool = False, measured_curvature: bool = False) -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
     fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating,
-                                     rank_curvature)
+                                     rank_curvature, measured_curvature)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
             + ("_saturating" if saturating else "") + ("_rank_curvature" if rank_curvature else "")
+            + ("_measured_curvature" if measured_curvature else "")
             + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
@@ -197,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank-curvature", action="store_true",
                     help="the curvature follows a rank law, lambda (r/16)^lam_rank, its exponent fitted on the pilot "
                          "(default: the same curvature at every rank); not with --saturating")
+    ap.add_argument("--measured-curvature", action="store_true",
+                    help="lambda follows the secant curvature along the update measured on the pilot per rule and rank "
+                         "(default: the same curvature everywhere); not with the other curvature laws")
     ns = ap.parse_args(argv)
     for check in ns.checks:
         for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule,
-                                 ns.saturating, ns.rank_curvature):
+                                 ns.saturating, ns.rank_curvature, ns.measured_curvature):
             print(f"wrote {path}")
     return 0
 

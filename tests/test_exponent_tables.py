@@ -204,3 +204,21 @@ def test_a_rank_law_for_the_curvature_goes_to_its_own_tables(check_and_pilot, mo
     assert (secant.model - secant.model_geometry - secant.lam_rank).abs().max() < 1e-9
     with pytest.raises(ValueError, match="no parameters"):
         secant_table("gradient_check_one_step_saturating", tmp_path)
+
+
+def test_the_measured_curvature_goes_to_its_own_tables(check_and_pilot, monkeypatch, tmp_path):
+    """``--measured-curvature``: every fit carries the pilot's curvature per (rule, rank) of its own runs."""
+    from validation.analysis import measured_curvature
+
+    check, _ = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, measured_curvature=True)
+    assert [p.name for p in paths] == ["gradient_check_one_step_measured_curvature_exponents.csv",
+                                       "gradient_check_one_step_measured_curvature_refined_params.csv"]
+    from validation.refined import RefinedParams
+
+    want = tuple(sorted((u, r, c) for (u, r), c in measured_curvature(check, 4).items()))
+    stored = pd.read_csv(paths[1], dtype={"fitted_on": str, "pilot_ks": str}).to_dict("records")
+    assert stored and all(RefinedParams.from_row(row).curvature_measured == want for row in stored)
+    with pytest.raises(ValueError, match="one curvature law"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, measured_curvature=True, saturating=True)

@@ -438,3 +438,41 @@ def test_a_rank_curvature_fit_meets_lambda_times_the_rank_law_at_each_rank(small
         if r != CURVATURE_REFERENCE_RANK:  # the law moves the gradients, which see the curvature
             assert predict_points(flat, "grad_B", "sfed", [r], [4], [4], 16.0)[0] != pytest.approx(
                 predict_points(p, "grad_B", "sfed", [r], [4], [4], 16.0)[0], rel=1e-6)
+
+
+def test_a_measured_curvature_sets_lambda_so_the_models_secant_is_the_pilots(small_grid):
+    """``curvature``: at each point lambda = lam kappa_pilot(rule, r) / (E<dW C_g, dW> / E||dW||^2), the latter from
+    the output moment at z with the gradient's bulk over the update's size; so each prediction is the closed form's
+    at that lambda (computed here through predicted_norm), and the model's secant curvature is lam kappa_pilot."""
+    from dataclasses import replace
+
+    from validation.analysis import measured_curvature
+    from validation.refined import RefinedParams, check_curvature_laws
+    from validation.secant_curvature import model_secant_curvature
+
+    table = {("lora", 2): 0.02, ("lora", 4): 0.05, ("sfed", 2): 0.03, ("sfed", 4): 0.04}
+    fitted = fit_refined(small_grid, pilot_max_n=2, curvature=table)
+    assert fitted.curvature_measured == (("lora", 2, 0.02), ("lora", 4, 0.05), ("sfed", 2, 0.03), ("sfed", 4, 0.04))
+    assert RefinedParams.from_row(fitted.to_row()) == fitted and "sfed@4" in fitted.describe()
+    with pytest.raises(ValueError, match="one curvature law"):
+        check_curvature_laws(False, True, True)
+    p = replace(fitted, f_in=0.3, phi=0.4, lam=2.0, nu_g=0.5, kappa=0.7)
+    s_b, s_da = p.s_B["sfed"], p.s_dA["sfed"] or p.s_B["sfed"]
+    n = 4
+    for r in (2, 4):
+        common = dict(regime="adam-refined", scheme=p.scheme, rank=r, n_clients=n, alpha=16.0, rho=p.rho, d=p.d,
+                      k=p.k, s_A=1 / math.sqrt(3 * p.k), s_B=s_b, s_dA=s_da, tau=math.sqrt(p.tau2x2[r]), x_norm2=1.0,
+                      f_in=p.f_in, phi=p.phi)
+        response = predicted_norm("adapter_output", "sfed", nu=0.5, kappa=1.0, **common) ** 2
+        size = predicted_norm("update_fro", "sfed", nu=0.5, kappa=1.0, **common) ** 2
+        lam_r = 2.0 * table[("sfed", r)] / (response / size)
+        for q in ("grad_A", "grad_B"):
+            want = predicted_norm(q, "sfed", nu=p.nu, kappa=0.7, nu_g=0.5, lam=lam_r, **common)
+            assert predict_points(p, q, "sfed", [r], [n], [n], 16.0)[0] == pytest.approx(want, rel=1e-10), (q, r)
+        assert model_secant_curvature(p, "sfed", [r], [n], [n], 16.0)[0] == pytest.approx(2.0 * table[("sfed", r)])
+    with pytest.raises(ValueError, match="no measured pilot curvature"):
+        predict_points(p, "grad_B", "sfed", [8], [n], [n], 16.0)
+    rows = small_grid.assign(curvature=np.where(small_grid.n_clients > 2, 99.0, small_grid["rank"] * 0.01))
+    assert measured_curvature(rows, 2) == pytest.approx({(u, r): 0.01 * r for u in ("lora", "sfed") for r in (2, 4)})
+    with pytest.raises(ValueError, match="no measured curvature"):
+        measured_curvature(rows.assign(curvature=np.nan), 2)

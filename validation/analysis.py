@@ -36,7 +36,8 @@ import pandas as pd
 from validation.config import PILOT_MAX_N, SAME_AS_RSLORA_AT_N1
 from validation.metrics import ALL
 
-__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_kappa", "measured_f_in", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
+__all__ = ["SAME_AS_RSLORA_AT_N1", "identical_n1_runs", "QUANTITY_COLUMNS", "OPTIMIZER_REGIME", "TOLERANCE", "PREDICTIONS", "fit_exponents", "refined_fits", "measured_nu", "measured_kappa", "measured_f_in",
+           "measured_curvature", "CURVATURE_SOURCE", "F_IN_COLUMNS", "label_law_targets", "LABEL_LAW_COLUMNS",
            "with_pilot_runs", "agreement_summary", "format_report", "loglog_slope", "is_hetero"]
 
 QUANTITY_COLUMNS: dict[str, str] = {
@@ -236,7 +237,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, labels_f
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_MAX_N, correlation_law: str = "label",
                  nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
                  kappa: float = 1.0, nu_g: float | None = None, only: tuple[str, str] | None = None,
-                 saturating: bool = False, rank_curvature: bool = False) -> dict:
+                 saturating: bool = False, rank_curvature: bool = False, measured_curvature: bool = False) -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -255,10 +256,13 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
     out with a warning. ``only``: fit just this ``(scheme, partition)`` group (every group's runs still form the
     pilots and the label law, as in the full fit). ``saturating``: the update's shared part meets a curvature
     falling with its own step (``saturating`` of :func:`validation.refined.fit_refined`); ``rank_curvature``: the
-    curvature follows a rank law, its exponent fitted on the pilot (``rank_curvature`` of the same)."""
+    curvature follows a rank law, its exponent fitted on the pilot (``rank_curvature`` of the same);
+    ``measured_curvature``: lambda follows the secant curvature measured on the pilot per (rule, rank)
+    (:func:`measured_curvature`; FedSA's clients are FedIT's random model and its runs do not measure it, so it takes
+    FedIT's of the same split)."""
     from validation.refined import check_curvature_laws, fit_refined
 
-    check_curvature_laws(saturating, rank_curvature)
+    check_curvature_laws(saturating, rank_curvature, measured_curvature)
     if correlation_law not in ("label", "k"):
         raise ValueError(f"correlation_law must be 'label' or 'k', got {correlation_law!r}")
 
@@ -288,13 +292,36 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
             if f_in is not None and held is None:
                 warnings.warn(f"no measured f_in for {key[0]}, {key[2]}: it is fitted", stacklevel=2)
             try:
+                curv = _group_curvature(ok, key, pilot_max_n) if measured_curvature else None
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
                                              nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, saturating=saturating,
-                                             rank_curvature=rank_curvature)
+                                             rank_curvature=rank_curvature, curvature=curv)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out
+
+
+CURVATURE_SOURCE = {"fedsa": "fedit"}
+"""Schemes whose runs do not measure the secant curvature -> the scheme whose pilot stands in (FedSA's clients train
+as FedIT's; only the server's aggregation of B differs)."""
+
+
+def measured_curvature(rows: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, *, round: int = 1) -> dict[tuple[str, int], float]:
+    """``{(rule, rank): mean curvature}`` over the ``__all__`` rows of ``round`` with ``n_clients <= pilot_max_n`` (one
+    scheme and split's runs): the secant curvature along the round's update, ``<G_end - G_start, dW> / ||dW||_F^2``
+    (:mod:`validation.metrics`). ValueError where no row measures it."""
+    a = rows[(rows["layer"] == ALL) & (rows["round"] == round) & (rows["n_clients"] <= pilot_max_n)]
+    c = a.dropna(subset=["curvature"]) if "curvature" in a else a.iloc[0:0]
+    if c.empty:
+        raise ValueError(f"no measured curvature in the pilot runs (N <= {pilot_max_n})")
+    return {(str(u), int(r)): float(v) for (u, r), v in c.groupby(["rule", "rank"]).curvature.mean().items()}
+
+
+def _group_curvature(ok: pd.DataFrame, key: tuple, pilot_max_n: int) -> dict[tuple[str, int], float]:
+    scheme = CURVATURE_SOURCE.get(key[0], key[0])
+    grp = ok[(ok.scheme == scheme) & (ok.optimizer == key[1]) & (ok.partition == key[2])]
+    return measured_curvature(grp, pilot_max_n)
 
 
 F_IN_COLUMNS = ("inc_B_coherent", "inc_B_coherent_probe", "inc_B_coherent_grad")

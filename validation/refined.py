@@ -81,7 +81,7 @@ from validation.correlation_law import fit_k_law
 from validation.metrics import ALL
 
 __all__ = ["REFINED_REGIME", "PILOT_MAX_N", "CURVATURE_REFERENCE_RANK", "check_curvature_laws", "QUANTITY_COLUMNS",
-           "PROJECTED_MOMENTS", "RefinedParams", "fit_refined",
+           "PROJECTED_MOMENTS", "RefinedParams", "fit_refined", "pilot_curvature",
            "predict_points", "predicted_correlation", "predicted_slope"]
 
 REFINED_REGIME = "adam-refined"
@@ -129,6 +129,7 @@ class RefinedParams:
     nu_g: float | None = None  # the bulk of the gradient's token weighting, C_g = z z^T + nu_g I: measured (None: nu)
     t0: float = math.inf  # the shared step at which the shared part's curvature halves (inf: one curvature)
     lam_rank: float = 0.0  # the curvature's rank law lambda(r) = lam (r/16)^lam_rank (0: one curvature at every rank)
+    curvature_measured: tuple[tuple[str, int, float], ...] = ()  # pilot's secant curvature per (rule, rank); () unused
 
     @property
     def label_law(self) -> bool:
@@ -194,6 +195,9 @@ class RefinedParams:
         if self.lam_rank:
             sat += (f"; lam_rank={self.lam_rank:.3f} (fitted: the curvature's rank law, lambda(r) = lambda "
                     f"(r/{CURVATURE_REFERENCE_RANK})^lam_rank)")
+        if self.curvature_measured:
+            sat += (f"; secant curvature per rule@rank={_fmt(_curvature_key(self.curvature_measured))} (measured on "
+                    "the pilot; the model's reproduces it times lambda)")
         if self.kappa == 1.0 and self.nu_g is None:
             return sat
         bulk = "" if self.nu_g is None else f", nu_g={self.nu_g:.4g} (the gradient's token bulk, measured)"
@@ -217,6 +221,7 @@ class RefinedParams:
         d["pilot_ks"] = ",".join(map(str, self.pilot_ks))
         for key in ("corr_by_k", "rho_by_k"):
             d[key] = _fmt(dict(getattr(self, key)), exact=True)
+        d["curvature_measured"] = _fmt(_curvature_key(self.curvature_measured), exact=True)
         for key in ("tau2x2", "s_B", "s_dA"):
             d[key] = _fmt(getattr(self, key), exact=True)
         return d
@@ -232,8 +237,11 @@ class RefinedParams:
                 continue
             if _missing(v) and key in ("rho_model", "nu_g"):  # optional: written as empty
                 out[key] = None
-            elif _missing(v) and key in ("pilot_ks", "corr_by_k", "rho_by_k"):  # empty tuples
+            elif _missing(v) and key in ("pilot_ks", "corr_by_k", "rho_by_k", "curvature_measured"):  # empty tuples
                 out[key] = ()
+            elif key == "curvature_measured":
+                out[key] = tuple(sorted((u, int(a), c) for (u, a), c in
+                                        ((k_.split("@"), c) for k_, c in _parse(v, str).items())))
             elif key in ("tau2x2", "corr_by_k", "rho_by_k"):
                 m = _parse(v, int)
                 out[key] = m if key == "tau2x2" else tuple(sorted(m.items()))
@@ -250,6 +258,10 @@ class RefinedParams:
             else:
                 out[key] = float(v)
         return cls(**out)
+
+
+def _curvature_key(table: tuple[tuple[str, int, float], ...]) -> dict[str, float]:
+    return {f"{u}@{a}": c for u, a, c in table}
 
 
 def _fmt(m: dict, exact: bool = False) -> str:
@@ -298,11 +310,39 @@ def _moment(p: RefinedParams, quantity: str, scheme: str, rule, r: np.ndarray, k
     lam = p.curvature(r)
     args = [gamma, p.d, p.k, r, kk, rho, s_a, s_b, s_da, tau, 1.0, 1.0, p.f_in, p.phi, lam, p.nu, p.kappa,
             p.gradient_bulk, lam, *weight_sums(kk)]
+    if p.curvature_measured:  # lambda at each point such that the model's secant curvature along its own update,
+        # lambda times the update's response over its size (validation.secant_curvature), is lam times the pilot's
+        lam = p.lam * pilot_curvature(p, rules, r) / _update_response(p, args)
+        args[MOMENT_ARGS.index("lambda")] = args[MOMENT_ARGS.index("lambda_s")] = lam
     if p.saturating:  # the loss saturates along the direction every client descends: the secant curvature met
         # by the update's shared part falls as 1/step beyond t0 (step: that part's output on the probe's tokens)
         step = np.sqrt(np.maximum(moment_function("shared_output", scheme, REFINED_REGIME)(*args), 0.0))
         args[MOMENT_ARGS.index("lambda_s")] = lam / (1.0 + step / p.t0)
     return moment_function(quantity, scheme, REFINED_REGIME)(*args)
+
+
+def pilot_curvature(p: RefinedParams, rules, r) -> np.ndarray:
+    """The pilot's measured secant curvature (``p.curvature_measured``) at each point's (rule, rank); ``rules`` one
+    name or one per point. ValueError for a point it lacks."""
+    r = np.atleast_1d(np.asarray(r, dtype=float))
+    rules = np.broadcast_to(np.asarray(rules, dtype=object), r.shape)
+    table = {(u, a): c for u, a, c in p.curvature_measured}
+    missing = sorted({(str(u), int(a)) for u, a in zip(rules, r)} - set(table))
+    if missing:
+        raise ValueError(f"no measured pilot curvature at (rule, rank) {missing}; measured at {sorted(table)}")
+    return np.array([table[(str(u), int(a))] for u, a in zip(rules, r)])
+
+
+def _update_response(p: RefinedParams, args: list) -> np.ndarray:
+    """``E<dW C_g, dW> / E||dW||_F^2`` of the group's own update at ``args``: the output moment with its vector
+    at the gradient's direction ``z`` (``kappa = 1``) and the gradient's bulk, over the update's size."""
+    from sfed_theory.predict import MOMENT_ARGS, moment_function
+
+    along_z = list(args)
+    along_z[MOMENT_ARGS.index("kappa")] = 1.0
+    along_z[MOMENT_ARGS.index("nu")] = p.gradient_bulk
+    return (moment_function("adapter_output", p.scheme, REFINED_REGIME)(*along_z)
+            / moment_function("update_fro", p.scheme, REFINED_REGIME)(*along_z))
 
 
 _PROJECTION_SCHEMES = {"ffa": "ffa", "fedit": "fedit", "fedsa": "fedit"}
@@ -377,7 +417,8 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
                 nu: float = 0.0, f_in: float | None = None, kappa: float = 1.0,
-                nu_g: float | None = None, saturating: bool = False, rank_curvature: bool = False) -> RefinedParams:
+                nu_g: float | None = None, saturating: bool = False, rank_curvature: bool = False,
+                curvature: dict[tuple[str, int], float] | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
     ``rows``: harness rows of that group at the round the theory describes (round 1), any N; only
@@ -399,10 +440,12 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     its own curvature ``lambda/(1 + step/t0)``, falling with its step (the model's shared output), and ``t0`` is
     fitted too (False: one curvature). ``rank_curvature``: the curvature follows a rank law, ``lambda (r/16)^lam_rank``,
     its exponent fitted too (False: the same curvature at every rank); not with ``saturating``. Each added parameter
-    starts from the optimum without it, so the pilot misfit never grows. ValueError for a value out of range, both
-    curvature laws at once, or a pilot with one rank or no N > 1."""
+    starts from the optimum without it, so the pilot misfit never grows. ``curvature``: the secant curvature along
+    the update measured on the pilot per (rule, rank) (:func:`validation.analysis.measured_curvature`); lambda at each
+    point is then such that the model's own secant curvature is ``lambda`` times it (one scale fitted, not a law).
+    ValueError for a value out of range, two curvature laws at once, or a pilot with one rank or no N > 1."""
     _check_inputs(f_in, kappa)
-    check_curvature_laws(saturating, rank_curvature)
+    check_curvature_laws(saturating, rank_curvature, curvature is not None)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -415,12 +458,13 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     groups = _rule_groups(t)
 
     pair_pts = t[t.n_participating > 1]
+    measured = tuple(sorted((str(u), int(a), float(c)) for (u, a), c in (curvature or {}).items()))
     projected = rho_column in PROJECTED_MOMENTS and scheme in _PROJECTION_SCHEMES
 
     def params(f: float, ph: float, lam: float, t0: float = math.inf, lam_rank: float = 0.0) -> RefinedParams:
         p = RefinedParams(scheme, part, f, ph, rho_f, lam, tau2x2, s_b, s_da, d, k, pilot_max_n, len(t), math.nan,
                           tuple(meas), rho_column, 0.0 if projected else skew, nu=nu, kappa=kappa, nu_g=nu_g, t0=t0,
-                          lam_rank=lam_rank)  # rms_log_residual: once fitted
+                          lam_rank=lam_rank, curvature_measured=measured)  # rms_log_residual: once fitted
         if correlation_at is not None:
             return _with_label_law(replace(p, rho_skew=0.0, pilot_ks=tuple(pilot_means)), pair_pts, correlation_at,
                                    projected)
@@ -629,10 +673,12 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
     return corr, solve
 
 
-def check_curvature_laws(saturating: bool, rank_curvature: bool) -> None:
-    """ValueError unless one curvature law at most is asked for (the fit has one slot for its parameter)."""
-    if saturating and rank_curvature:
-        raise ValueError("one curvature law at a time: saturating (along the shared part) or rank_curvature")
+def check_curvature_laws(saturating: bool, rank_curvature: bool, measured: bool = False) -> None:
+    """ValueError unless one curvature law at most is asked for: saturating along the shared part, a fitted rank
+    law, or the pilot's measured curvature (each replaces the one curvature in its own way)."""
+    if saturating + rank_curvature + measured > 1:
+        raise ValueError("one curvature law at a time: saturating (along the shared part), rank_curvature, or the "
+                         "measured curvature")
 
 
 def _check_inputs(f_in: float | None, kappa: float) -> None:

@@ -11,7 +11,8 @@ form, two checked ones at other arguments. The harness measures the same ratio o
 :mod:`validation.metrics`), which the refined fit never sees; so the slope in r of the measured curvature is a
 check of the fitted curvature's rank law (``lam_rank``) together with the model's geometry (``f_in``, ``phi``:
 B's coherent part lies along ``A z`` and meets the curvature more fully as r grows). Only absolute sizes are
-not compared (the fit has a free scale per quantity).
+not compared (the fit has a free scale per quantity). A model whose lambda follows the pilot's measured curvature
+(``curvature_measured``) reproduces the pilot's by construction; at N beyond the pilot its slope is the pilot's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pandas as pd
 
 from validation.analysis import TOLERANCE, loglog_slope
 from validation.metrics import ALL
-from validation.refined import RefinedParams, predict_points
+from validation.refined import RefinedParams, pilot_curvature, predict_points
 
 __all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes"]
 
@@ -33,6 +34,8 @@ def model_secant_curvature(p: RefinedParams, rule: str, ranks, ns, ks, alpha: fl
     ValueError for a saturating model (two curvatures: the shared part's secant is not ``lambda`` times a norm)."""
     if p.saturating:
         raise ValueError("the secant curvature of a saturating model has two curvatures; fit one (t0 = inf)")
+    if p.curvature_measured:  # lambda is set at each point so that this ratio is lam times the pilot's measurement
+        return p.lam * pilot_curvature(p, rule, ranks)
     along_z = replace(p, kappa=1.0, nu=p.gradient_bulk, nu_g=None)
     response = predict_points(along_z, "adapter_output", rule, ranks, ns, ks, alpha) ** 2
     update = predict_points(along_z, "update_fro", rule, ranks, ns, ks, alpha) ** 2
