@@ -61,6 +61,10 @@ rank dependence. Which parameter comes from what:
   law, ``lambda(r) = lam (r/16)^lam_rank``, met by the whole update; fitted with the three above, again from their
   one-curvature optimum. The harness's measured secant curvature along the update grows about as ``r^1``, faster than
   the model's geometry gives a rank-free ``lambda`` (:mod:`validation.secant_curvature` compares the two).
+* ``curvature_measured`` (only with ``curvature=``; else empty): that secant curvature as measured on the pilot per
+  (rule, rank) (:func:`validation.analysis.measured_curvature`). ``lambda`` at each point is then ``lam`` times it over
+  the model's own ``E<dW C_g, dW> / E||dW||^2`` there, so the model's secant curvature is ``lam`` times the pilot's;
+  ``lam`` is fitted as a scale, nothing is added. At N beyond the pilot the pilot's value at that rule and rank is used.
 
 Layers of one model are treated alike (MiniLM's adapted layers are all 384 x 384): the ``__all__``
 value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant that the free scale takes.
