@@ -277,7 +277,7 @@ print("rho = 0, f_in = 0.025, phi = 0.05, d = 384: rho_gA =", float(model_rho.su
 # %% [markdown]
 # The shared part's own curvature enters the gradients only: what it adds to dL/dB is the part of the form that
 # vanishes at `lambda_s = lambda`, and the size of the shared step is a derived moment of its own (the shared
-# part's output on the probe's tokens). `fit_refined(..., saturating=True)` lets `lambda_s` fall with that
+# part's output on the probe's tokens). `fit_refined(..., curvature_law="saturating")` lets `lambda_s` fall with that
 # step; on the stored grid it moves no slope in-sample (docs/THEORY.md, "Two curvatures").
 
 # %%

@@ -70,31 +70,30 @@ GRADIENT_DIRECTION = ("grad",)
 """``--f-in`` choices whose model takes its probe vector ``x`` to be the probe gradient's input direction ``x_g``
 rather than the tokens' spike: ``nu`` then comes from the pilot's share of the tokens' energy along ``x_g``
 (``grad_input_share``)."""
+CURVATURE_STEMS = {"one": "", "saturating": "_saturating", "rank": "_rank_curvature", "measured": "_measured_curvature"}
+"""Each curvature law (:data:`validation.refined.CURVATURE_LAWS`) -> its tables' file-name part."""
 
 
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted", two_vectors: bool = False,
                    pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                   saturating: bool = False, rank_curvature: bool = False,
-                   measured_curvature: bool = False) -> tuple[pd.DataFrame, dict]:
+                   curvature_law: str = "one") -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
     ``pilot_max_n``: the largest N the refined model is fitted on (the measured inputs f_in, kappa and nu_g
     keep their own pilot); ``refined_sample`` labels a slope in-sample when its N stay within it. ``rule``: fit and
     tabulate that rule's runs alone (None: every rule, one fit for all); the measured inputs keep every rule's runs.
-    ``saturating``: the update's shared part meets a curvature that falls with its own step (one more fitted
-    parameter, ``t0``); ``rank_curvature``: the curvature follows a rank law (one more fitted parameter,
-    ``lam_rank``; not with ``saturating``); ``measured_curvature``: lambda follows the pilot's measured secant
-    curvature per rule and rank (no parameter added; one curvature law at a time)."""
-    fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating,
-                                  rank_curvature, measured_curvature)
+    ``curvature_law`` (:data:`validation.refined.CURVATURE_LAWS`): ``"saturating"``, the update's shared part meets
+    a curvature that falls with its own step (one more fitted parameter, ``t0``); ``"rank"``, the curvature follows
+    a rank law (one more fitted parameter, ``lam_rank``); ``"measured"``, lambda follows the pilot's measured secant
+    curvature per rule and rank (no parameter added); ``"one"``, one curvature."""
+    fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law)
     return fits, params
 
 
 def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: bool, pilot_max_n: int,
-                rule: str | None, saturating: bool, rank_curvature: bool,
-                measured_curvature: bool) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+                rule: str | None, curvature_law: str) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """:func:`exponent_table`'s ``(fits, params)`` and the rows the parameters were fitted on."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
@@ -117,8 +116,7 @@ def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: 
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
         rows = _one_rule(fitted_rows(check, results), rule)
         params = refined_fits(rows, nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, pilot_max_n=pilot_max_n,
-                              saturating=saturating, rank_curvature=rank_curvature,
-                              measured_curvature=measured_curvature)
+                              curvature_law=curvature_law)
         fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
         return fits, params, rows  # slopes over the check's own grid
 
@@ -164,13 +162,11 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
                  two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                 saturating: bool = False, rank_curvature: bool = False, measured_curvature: bool = False) -> list[Path]:
+                 curvature_law: str = "one") -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, saturating,
-                                     rank_curvature, measured_curvature)
+    fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
-            + ("_saturating" if saturating else "") + ("_rank_curvature" if rank_curvature else "")
-            + ("_measured_curvature" if measured_curvature else "")
+            + CURVATURE_STEMS[curvature_law]
             + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
@@ -200,19 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rule", default=None,
                     help="fit and tabulate this rule's runs alone (lora, rslora, sfed, ...): whether the model's form "
                          "follows one rule's steps when its parameters need not carry over to another rule's")
-    ap.add_argument("--saturating", action="store_true",
-                    help="the update's shared part (along the direction every client descends) meets a curvature "
-                         "falling with its own step, lambda/(1 + step/t0), t0 fitted on the pilot (default: one curvature)")
-    ap.add_argument("--rank-curvature", action="store_true",
-                    help="the curvature follows a rank law, lambda (r/16)^lam_rank, its exponent fitted on the pilot "
-                         "(default: the same curvature at every rank); not with --saturating")
-    ap.add_argument("--measured-curvature", action="store_true",
-                    help="lambda follows the secant curvature along the update measured on the pilot per rule and rank "
-                         "(default: the same curvature everywhere); not with the other curvature laws")
+    law = ap.add_mutually_exclusive_group()  # one curvature law at a time; default: one curvature
+    law.add_argument("--saturating", dest="curvature_law", action="store_const", const="saturating", default="one",
+                     help="the update's shared part (along the direction every client descends) meets a curvature "
+                          "falling with its own step, lambda/(1 + step/t0), t0 fitted on the pilot (default: one "
+                          "curvature)")
+    law.add_argument("--rank-curvature", dest="curvature_law", action="store_const", const="rank",
+                     help="the curvature follows a rank law, lambda (r/16)^lam_rank, its exponent fitted on the pilot "
+                          "(default: the same curvature at every rank)")
+    law.add_argument("--measured-curvature", dest="curvature_law", action="store_const", const="measured",
+                     help="lambda follows the secant curvature along the update measured on the pilot per rule and "
+                          "rank (default: the same curvature everywhere)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
         for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule,
-                                 ns.saturating, ns.rank_curvature, ns.measured_curvature):
+                                 ns.curvature_law):
             print(f"wrote {path}")
     return 0
 

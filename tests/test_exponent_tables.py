@@ -185,18 +185,19 @@ def test_one_rule_keeps_the_rslora_runs_that_stand_for_its_single_client():
 
 def test_a_rank_law_for_the_curvature_goes_to_its_own_tables(check_and_pilot, monkeypatch, tmp_path):
     """``--rank-curvature``: the fits carry their own rank exponent, written beside the one-curvature tables and
-    read back by the secant-curvature table; the two curvature laws are not combined."""
+    read back by the secant-curvature table; an unknown law is refused, and the CLI takes one law at a time."""
     from paper_figures.secant_curvature_table import secant_table
 
     check, _ = check_and_pilot
     monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
-    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, rank_curvature=True)
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, curvature_law="rank")
     assert [p.name for p in paths] == ["gradient_check_one_step_rank_curvature_exponents.csv",
                                        "gradient_check_one_step_rank_curvature_refined_params.csv"]
     assert "lam_rank" in pd.read_csv(paths[1])
-    with pytest.raises(ValueError, match="one curvature law"):
-        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20, rank_curvature=True,
-                                       saturating=True)
+    with pytest.raises(ValueError, match="curvature_law must be one of"):
+        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, n_boot=20, curvature_law="ranked")
+    with pytest.raises(SystemExit):
+        exponent_tables.main(["--checks", "gradient_check_one_step", "--rank-curvature", "--saturating"])
     monkeypatch.setattr("paper_figures.secant_curvature_table.load", lambda name, results: check)
     monkeypatch.setattr("paper_figures.secant_curvature_table.fitted_rows", lambda name, results: check)
     secant = secant_table("gradient_check_one_step_rank_curvature", tmp_path, n_boot=20)
@@ -212,7 +213,7 @@ def test_the_measured_curvature_goes_to_its_own_tables(check_and_pilot, monkeypa
 
     check, _ = check_and_pilot
     monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
-    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, measured_curvature=True)
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, curvature_law="measured")
     assert [p.name for p in paths] == ["gradient_check_one_step_measured_curvature_exponents.csv",
                                        "gradient_check_one_step_measured_curvature_refined_params.csv"]
     from validation.refined import RefinedParams
@@ -220,5 +221,5 @@ def test_the_measured_curvature_goes_to_its_own_tables(check_and_pilot, monkeypa
     want = tuple(sorted((u, r, c) for (u, r), c in measured_curvature(check, 4).items()))
     stored = pd.read_csv(paths[1], dtype={"fitted_on": str, "pilot_ks": str}).to_dict("records")
     assert stored and all(RefinedParams.from_row(row).curvature_measured == want for row in stored)
-    with pytest.raises(ValueError, match="one curvature law"):
-        exponent_tables.exponent_table("gradient_check_one_step", tmp_path, measured_curvature=True, saturating=True)
+    with pytest.raises(SystemExit):
+        exponent_tables.main(["--checks", "gradient_check_one_step", "--measured-curvature", "--saturating"])

@@ -375,7 +375,7 @@ def test_measured_f_in_is_the_pilot_mean_of_the_increments_coherent_share(small_
 
 
 def test_a_saturating_fit_meets_the_shared_curvature_at_the_shared_step(small_grid):
-    """``saturating``: the shared part's curvature is lambda / (1 + step / t0) at each point, step the root of the
+    """``curvature_law="saturating"``: the shared part's curvature is lambda / (1 + step / t0) at each point, step the root of the
     derived shared output there; the update's own size does not see it. The fit starts from one curvature's optimum,
     so its pilot misfit is never larger."""
     from dataclasses import replace
@@ -385,7 +385,7 @@ def test_a_saturating_fit_meets_the_shared_curvature_at_the_shared_step(small_gr
     from sfed_theory.rules import scaling_factor
     from validation.refined import RefinedParams
 
-    fitted = fit_refined(small_grid, pilot_max_n=2, saturating=True)
+    fitted = fit_refined(small_grid, pilot_max_n=2, curvature_law="saturating")
     one = fit_refined(small_grid, pilot_max_n=2)
     assert not one.saturating and fitted.rms_log_residual <= one.rms_log_residual + 1e-12
     r, n = 4, 4
@@ -410,18 +410,18 @@ def test_a_saturating_fit_meets_the_shared_curvature_at_the_shared_step(small_gr
 
 
 def test_a_rank_curvature_fit_meets_lambda_times_the_rank_law_at_each_rank(small_grid):
-    """``rank_curvature``: at rank r the whole update meets lambda (r/16)^lam_rank (both curvature slots), so each
-    prediction is the closed form's at that rank's own curvature; lam_rank = 0 is the one-curvature model. The fit
-    starts from that model's optimum, so its pilot misfit is never larger; it cannot be combined with saturation."""
+    """``curvature_law="rank"``: at rank r the whole update meets lambda (r/16)^lam_rank (both curvature slots), so
+    each prediction is the closed form's at that rank's own curvature; lam_rank = 0 is the one-curvature model. The
+    fit starts from that model's optimum, so its pilot misfit is never larger; an unknown law is refused."""
     from dataclasses import replace
 
     from validation.refined import CURVATURE_REFERENCE_RANK, RefinedParams
 
-    fitted = fit_refined(small_grid, pilot_max_n=2, rank_curvature=True)
+    fitted = fit_refined(small_grid, pilot_max_n=2, curvature_law="rank")
     one = fit_refined(small_grid, pilot_max_n=2)
     assert one.lam_rank == 0.0 and fitted.rms_log_residual <= one.rms_log_residual + 1e-12
-    with pytest.raises(ValueError, match="one curvature law"):
-        fit_refined(small_grid, pilot_max_n=2, rank_curvature=True, saturating=True)
+    with pytest.raises(ValueError, match="curvature_law must be one of"):
+        fit_refined(small_grid, pilot_max_n=2, curvature_law="rank+saturating")
     p = replace(fitted, f_in=0.3, phi=0.4, lam=2.0, lam_rank=0.8)
     assert "lam_rank=0.800" in p.describe() and RefinedParams.from_row(p.to_row()) == p
     assert p.curvature(CURVATURE_REFERENCE_RANK) == pytest.approx(2.0)
@@ -441,21 +441,22 @@ def test_a_rank_curvature_fit_meets_lambda_times_the_rank_law_at_each_rank(small
 
 
 def test_a_measured_curvature_sets_lambda_so_the_models_secant_is_the_pilots(small_grid):
-    """``curvature``: at each point lambda = lam kappa_pilot(rule, r) / (E<dW C_g, dW> / E||dW||^2), the latter from
+    """``curvature_law="measured"``: at each point lambda = lam kappa_pilot(rule, r) / (E<dW C_g, dW> / E||dW||^2), the latter from
     the output moment at z with the gradient's bulk over the update's size; so each prediction is the closed form's
     at that lambda (computed here through predicted_norm), and the model's secant curvature is lam kappa_pilot."""
     from dataclasses import replace
 
     from validation.analysis import measured_curvature
-    from validation.refined import RefinedParams, check_curvature_laws
+    from validation.refined import RefinedParams
     from validation.secant_curvature import model_secant_curvature
 
     table = {("lora", 2): 0.02, ("lora", 4): 0.05, ("sfed", 2): 0.03, ("sfed", 4): 0.04}
-    fitted = fit_refined(small_grid, pilot_max_n=2, curvature=table)
+    fitted = fit_refined(small_grid, pilot_max_n=2, curvature_law="measured", curvature=table)
     assert fitted.curvature_measured == (("lora", 2, 0.02), ("lora", 4, 0.05), ("sfed", 2, 0.03), ("sfed", 4, 0.04))
     assert RefinedParams.from_row(fitted.to_row()) == fitted and "sfed@4" in fitted.describe()
-    with pytest.raises(ValueError, match="one curvature law"):
-        check_curvature_laws(False, True, True)
+    for law, given in (("measured", None), ("rank", table), ("one", table)):  # the table goes with its law only
+        with pytest.raises(ValueError, match="takes the pilot's table"):
+            fit_refined(small_grid, pilot_max_n=2, curvature_law=law, curvature=given)
     p = replace(fitted, f_in=0.3, phi=0.4, lam=2.0, nu_g=0.5, kappa=0.7)
     s_b, s_da = p.s_B["sfed"], p.s_dA["sfed"] or p.s_B["sfed"]
     n = 4

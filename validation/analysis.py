@@ -237,7 +237,7 @@ def label_law_targets(df: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, labels_f
 def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_MAX_N, correlation_law: str = "label",
                  nu: float | None = None, f_in: dict[tuple[str, str], float] | None = None,
                  kappa: float = 1.0, nu_g: float | None = None, only: tuple[str, str] | None = None,
-                 saturating: bool = False, rank_curvature: bool = False, measured_curvature: bool = False) -> dict:
+                 curvature_law: str = "one") -> dict:
     """``{(scheme, optimizer, partition, quantity): RefinedParams}``: the refined model fitted on each
     AdamW group's pilot runs, separately for each quantity: each quantity's own pilot data estimates
     its parameters, and its client correlation is the measured one projected on its direction
@@ -254,15 +254,13 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
     the tokens' spike (:func:`measured_kappa`) and the bulk of the gradient's token weighting (``measured_nu`` of
     ``grad_input_share``); 1 and None (``nu``) are one probe vector. Groups with too little pilot data are left
     out with a warning. ``only``: fit just this ``(scheme, partition)`` group (every group's runs still form the
-    pilots and the label law, as in the full fit). ``saturating``: the update's shared part meets a curvature
-    falling with its own step (``saturating`` of :func:`validation.refined.fit_refined`); ``rank_curvature``: the
-    curvature follows a rank law, its exponent fitted on the pilot (``rank_curvature`` of the same);
-    ``measured_curvature``: lambda follows the secant curvature measured on the pilot per (rule, rank)
-    (:func:`measured_curvature`; FedSA's clients are FedIT's random model and its runs do not measure it, so it takes
-    FedIT's of the same split)."""
-    from validation.refined import check_curvature_laws, fit_refined
+    pilots and the label law, as in the full fit). ``curvature_law``: how lambda varies (``curvature_law`` of
+    :func:`validation.refined.fit_refined`); with ``"measured"`` it follows the secant curvature measured on the
+    pilot per (rule, rank) (:func:`measured_curvature`; FedSA's clients are FedIT's random model and its runs do not
+    measure it, so it takes FedIT's of the same split)."""
+    from validation.refined import check_curvature_law, fit_refined
 
-    check_curvature_laws(saturating, rank_curvature, measured_curvature)
+    check_curvature_law(curvature_law)
     if correlation_law not in ("label", "k"):
         raise ValueError(f"correlation_law must be 'label' or 'k', got {correlation_law!r}")
 
@@ -283,6 +281,11 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
         if only is not None and (key[0], key[2]) != tuple(only):
             continue
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
+        try:
+            curv = _group_curvature(ok, key, pilot_max_n) if curvature_law == "measured" else None
+        except ValueError as e:
+            warnings.warn(f"no refined prediction for {key}: {e}", stacklevel=2)
+            continue
         for q in QUANTITY_COLUMNS:
             if q in _zero_forms(key[0], key[1]):
                 continue
@@ -292,11 +295,10 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
             if f_in is not None and held is None:
                 warnings.warn(f"no measured f_in for {key[0]}, {key[2]}: it is fitted", stacklevel=2)
             try:
-                curv = _group_curvature(ok, key, pilot_max_n) if measured_curvature else None
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
-                                             nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, saturating=saturating,
-                                             rank_curvature=rank_curvature, curvature=curv)
+                                             nu=nu, f_in=held, kappa=kappa, nu_g=nu_g,
+                                             curvature_law=curvature_law, curvature=curv)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out

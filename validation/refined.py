@@ -52,17 +52,17 @@ rank dependence. Which parameter comes from what:
 * ``f_in``, ``phi``, ``lam``: least squares of ``log measured - log predicted`` over the pilot points of
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
-* ``t0`` (only with ``saturating=True``; else infinite: one curvature): the update's shared part ``dW_s``, built
-  from the descent direction every client shares, meets its own curvature ``lambda_s = lam/(1 + step/t0)``,
+* ``t0`` (only with ``curvature_law="saturating"``; else infinite: one curvature): the update's shared part
+  ``dW_s``, built from the descent direction every client shares, meets its own curvature ``lambda_s = lam/(1 + step/t0)``,
   ``step`` the root of the derived ``E||dW_s X^T||^2`` at the point (``shared_output``): a loss that saturates
   along that direction has a secant curvature falling as 1/step. Fitted with the three above, starting from their
   one-curvature optimum, so the pilot misfit never grows.
-* ``lam_rank`` (only with ``rank_curvature=True``; else 0: one curvature at every rank): the curvature follows a rank
+* ``lam_rank`` (only with ``curvature_law="rank"``; else 0: one curvature at every rank): the curvature follows a rank
   law, ``lambda(r) = lam (r/16)^lam_rank``, met by the whole update; fitted with the three above, again from their
   one-curvature optimum. The harness's measured secant curvature along the update grows about as ``r^1``, faster than
   the model's geometry gives a rank-free ``lambda`` (:mod:`validation.secant_curvature` compares the two).
-* ``curvature_measured`` (only with ``curvature=``; else empty): that secant curvature as measured on the pilot per
-  (rule, rank) (:func:`validation.analysis.measured_curvature`). ``lambda`` at each point is then ``lam`` times it over
+* ``curvature_measured`` (only with ``curvature_law="measured"``; else empty): that secant curvature as measured on
+  the pilot per (rule, rank) (:func:`validation.analysis.measured_curvature`). ``lambda`` at each point is then ``lam`` times it over
   the model's own ``E<dW C_g, dW> / E||dW||^2`` there, so the model's secant curvature is ``lam`` times the pilot's;
   ``lam`` is fitted as a scale, nothing is added. At N beyond the pilot the pilot's value at that rule and rank is used.
 
@@ -84,7 +84,8 @@ from validation.config import PILOT_MAX_N
 from validation.correlation_law import fit_k_law
 from validation.metrics import ALL
 
-__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "CURVATURE_REFERENCE_RANK", "check_curvature_laws", "QUANTITY_COLUMNS",
+__all__ = ["REFINED_REGIME", "PILOT_MAX_N", "CURVATURE_REFERENCE_RANK", "CURVATURE_LAWS", "check_curvature_law",
+           "QUANTITY_COLUMNS",
            "PROJECTED_MOMENTS", "RefinedParams", "fit_refined", "pilot_curvature",
            "predict_points", "predicted_correlation", "predicted_slope"]
 
@@ -97,6 +98,10 @@ PROJECTED_MOMENTS = {"rho_out": ("output_client", "adapter_output"), "rho_gA": (
 CURVATURE_REFERENCE_RANK = 16
 """The rank at which ``lam`` is quoted when the curvature follows a rank law (``lam_rank``): the middle of the
 checks' ranks 4, 16, 64. The fit does not depend on it (it rescales ``lam`` only)."""
+CURVATURE_LAWS = ("one", "saturating", "rank", "measured")
+"""How the curvature ``lambda`` varies (:func:`fit_refined`'s ``curvature_law``): one value everywhere; falling along
+the update's shared part with its step (``t0`` fitted); a rank law (``lam_rank`` fitted); or the pilot's measured
+secant curvature per (rule, rank) times one fitted scale."""
 RHO_GAP_WEIGHT = 1e3
 """Weight of the squared gap between the model's and the measured pilot correlation in the fit's loss
 (squared log residuals of about 0.05 each): a gap of 0.01 costs as much as the whole shape misfit."""
@@ -421,7 +426,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
                 quantities: tuple[str, ...] = tuple(QUANTITY_COLUMNS), rho_column: str = "rho_ratio",
                 unskewed_rho: float | None = None, correlation_at: dict[int, float] | None = None,
                 nu: float = 0.0, f_in: float | None = None, kappa: float = 1.0,
-                nu_g: float | None = None, saturating: bool = False, rank_curvature: bool = False,
+                nu_g: float | None = None, curvature_law: str = "one",
                 curvature: dict[tuple[str, int], float] | None = None) -> RefinedParams:
     """Estimate the refined model's parameters from the pilot runs of one (scheme, optimizer, partition).
 
@@ -440,16 +445,16 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     ``nu``, the tokens' input bulk (``C = x x^T + nu I``, :mod:`validation.probe_inputs`); ``kappa``, the cosine of
     the gradient's input direction with their spike (:func:`validation.analysis.measured_kappa`); ``nu_g``, the
     gradient's token bulk (None: ``nu``); ``kappa = 1`` is one probe vector. ``f_in``: None fits it; a value in
-    [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ``saturating``: the update's shared part meets
-    its own curvature ``lambda/(1 + step/t0)``, falling with its step (the model's shared output), and ``t0`` is
-    fitted too (False: one curvature). ``rank_curvature``: the curvature follows a rank law, ``lambda (r/16)^lam_rank``,
-    its exponent fitted too (False: the same curvature at every rank); not with ``saturating``. Each added parameter
-    starts from the optimum without it, so the pilot misfit never grows. ``curvature``: the secant curvature along
-    the update measured on the pilot per (rule, rank) (:func:`validation.analysis.measured_curvature`); lambda at each
-    point is then such that the model's own secant curvature is ``lambda`` times it (one scale fitted, not a law).
-    ValueError for a value out of range, two curvature laws at once, or a pilot with one rank or no N > 1."""
-    _check_inputs(f_in, kappa)
-    check_curvature_laws(saturating, rank_curvature, curvature is not None)
+    [0, 1/2] holds it (:func:`validation.analysis.measured_f_in`). ``curvature_law`` (one of
+    :data:`CURVATURE_LAWS`): ``"one"``, one curvature everywhere; ``"saturating"``, the update's shared part meets
+    its own curvature ``lambda/(1 + step/t0)``, falling with its step (the model's shared output), ``t0`` fitted too;
+    ``"rank"``, the curvature follows a rank law, ``lambda (r/16)^lam_rank``, its exponent fitted too. Each added
+    parameter starts from the optimum without it, so the pilot misfit never grows. ``"measured"``: ``curvature`` is
+    the secant curvature along the update measured on the pilot per (rule, rank)
+    (:func:`validation.analysis.measured_curvature`); lambda at each point is then such that the model's own secant
+    curvature is ``lambda`` times it (one scale fitted, not a law). ValueError for a value out of range, an unknown
+    law, a ``curvature`` table without the measured law or the reverse, or a pilot with one rank or no N > 1."""
+    _check_inputs(f_in, kappa, curvature_law, curvature is not None)
     a = rows[(rows.layer == ALL) & (~rows.diverged.astype(bool)) & (rows.n_clients <= pilot_max_n)]
     if a.empty or a["rank"].nunique() < 2 or not (a.n_clients > 1).any():
         raise ValueError(f"the pilot part (N <= {pilot_max_n}) needs >= 2 ranks and some N > 1 to fit the refined model")
@@ -480,7 +485,7 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
     # lambda's natural unit: the probe gradient's size over the size of the output change (t0's: the latter)
     out_unit = float(np.median(_predicted(params(0, 0, 0), "adapter_output", groups, len(t))))
     lam_unit = math.sqrt(d * np.mean(list(tau2x2.values()))) / out_unit
-    unpack = _unpacker(f_in, lam_unit, out_unit, saturating, rank_curvature)
+    unpack = _unpacker(f_in, lam_unit, out_unit, curvature_law)
 
     def loss(x: np.ndarray) -> float:
         p = params(*unpack(x))
@@ -492,14 +497,14 @@ def fit_refined(rows: pd.DataFrame, *, pilot_max_n: int = PILOT_MAX_N,
             total += float(np.sum((r - r.mean()) ** 2))  # one free scale per quantity
         return total
 
-    best = _minimise(loss, _starts(f_in is None), saturating, rank_curvature)
+    best = _minimise(loss, _starts(f_in is None), curvature_law)
     fitted = params(*unpack(best.x))
     shape_loss = best.fun - RHO_GAP_WEIGHT * len(pair_pts) * fitted.rho_gap**2
     n_points = max(1, sum(v.size for v in meas.values()))
     return replace(fitted, rms_log_residual=float(np.sqrt(max(shape_loss, 0.0) / n_points)))
 
 
-def _unpacker(f_in: float | None, lam_unit: float, out_unit: float, saturating: bool, rank_curvature: bool):
+def _unpacker(f_in: float | None, lam_unit: float, out_unit: float, curvature_law: str):
     """The map from the optimiser's x, ``[(logit f_in,) logit phi, log lambda (, log t0 | lam_rank)]``, to
     ``(f_in, phi, lambda, t0, lam_rank)``; the last slot is appended by :func:`_minimise` once the rest is fitted."""
     n_shares = 2 if f_in is None else 1
@@ -507,8 +512,9 @@ def _unpacker(f_in: float | None, lam_unit: float, out_unit: float, saturating: 
     def unpack(x: np.ndarray) -> tuple[float, ...]:
         shares = _shares(x[:2]) if f_in is None else (f_in, _shares(x[:1])[0])
         extra = x[n_shares + 1:]
-        t0 = out_unit * math.exp(np.clip(extra[0], -30, 30)) if saturating and extra.size else math.inf
-        lam_rank = float(np.clip(extra[0], -3.0, 3.0)) if rank_curvature and extra.size else 0.0
+        saturating = curvature_law == "saturating" and extra.size
+        t0 = out_unit * math.exp(np.clip(extra[0], -30, 30)) if saturating else math.inf
+        lam_rank = float(np.clip(extra[0], -3.0, 3.0)) if curvature_law == "rank" and extra.size else 0.0
         return (*shares, lam_unit * math.exp(np.clip(x[n_shares], -30, 30)), t0, lam_rank)
 
     return unpack
@@ -522,20 +528,17 @@ def _predicted(p: RefinedParams, quantity: str, groups: list[tuple], n: int) -> 
     return out
 
 
-def _minimise(loss, starts: list[np.ndarray], saturating: bool, rank_curvature: bool = False):
-    """The best Nelder-Mead optimum of ``loss`` from ``starts``; ``saturating``: then from that optimum again with
+def _minimise(loss, starts: list[np.ndarray], curvature_law: str = "one"):
+    """The best Nelder-Mead optimum of ``loss`` from ``starts``; ``"saturating"``: then from that optimum again with
     log t0 appended at 0.3, 3 and 30 units (t0 far beyond every step is the one-curvature model: no loss);
-    ``rank_curvature``: likewise with the curvature's rank exponent appended at 0.25 and 1 (0, the same curvature
-    at every rank, is that optimum itself, kept where nothing beats it). One of the two at most: x has one slot."""
+    ``"rank"``: likewise with the curvature's rank exponent appended at 0.25 and 1 (0, the same curvature at every
+    rank, is that optimum itself, kept where nothing beats it)."""
     def fit(start: np.ndarray):
         return minimize(loss, start, method="Nelder-Mead", options={"xatol": 1e-3, "fatol": 1e-8, "maxiter": 800})
 
     best = min(map(fit, starts), key=lambda r: r.fun)
-    if saturating:
-        best = min([best, *(fit(np.r_[best.x, math.log(t0)]) for t0 in (0.3, 3.0, 30.0))], key=lambda r: r.fun)
-    elif rank_curvature:
-        best = min([best, *(fit(np.r_[best.x, beta]) for beta in (0.25, 1.0))], key=lambda r: r.fun)
-    return best
+    extra = {"saturating": [math.log(t0) for t0 in (0.3, 3.0, 30.0)], "rank": [0.25, 1.0]}.get(curvature_law, [])
+    return min([best, *(fit(np.r_[best.x, v]) for v in extra)], key=lambda r: r.fun)
 
 
 def _rule_groups(t: pd.DataFrame) -> list[tuple]:
@@ -677,15 +680,16 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
     return corr, solve
 
 
-def check_curvature_laws(saturating: bool, rank_curvature: bool, measured: bool = False) -> None:
-    """ValueError unless one curvature law at most is asked for: saturating along the shared part, a fitted rank
-    law, or the pilot's measured curvature (each replaces the one curvature in its own way)."""
-    if saturating + rank_curvature + measured > 1:
-        raise ValueError("one curvature law at a time: saturating (along the shared part), rank_curvature, or the "
-                         "measured curvature")
+def check_curvature_law(law: str) -> None:
+    """ValueError unless ``law`` is one of :data:`CURVATURE_LAWS`."""
+    if law not in CURVATURE_LAWS:
+        raise ValueError(f"curvature_law must be one of {CURVATURE_LAWS}, got {law!r}")
 
 
-def _check_inputs(f_in: float | None, kappa: float) -> None:
+def _check_inputs(f_in: float | None, kappa: float, curvature_law: str = "one", table: bool = False) -> None:
+    check_curvature_law(curvature_law)
+    if (curvature_law == "measured") != table:
+        raise ValueError("the measured curvature law takes the pilot's table (curvature=...), and only it does")
     if f_in is not None and not 0.0 <= f_in <= 0.5:
         raise ValueError(f"f_in must lie in [0, 1/2] (the model's bound on a share), got {f_in}")
     if not 0.0 <= kappa <= 1.0:
