@@ -6,6 +6,12 @@ the model's (:mod:`validation.secant_curvature`), read from the stored refined p
 (written by :mod:`paper_figures.exponent_tables`; the fit never sees the measured curvature)::
 
     python -m paper_figures.secant_curvature_table [--table gradient_check_two_vectors_rank_curvature]
+
+``--rise`` writes ``results/<check>_curvature_rise.csv`` instead: per (scheme, split, rule, rank) the ratio of the
+measured curvature's seed mean from N = 1 to 4 (the pilot's own step) and from 4 to 16, each with its seed-bootstrap
+CI (:func:`validation.secant_curvature.curvature_rise`)::
+
+    python -m paper_figures.secant_curvature_table --rise [--check gradient_check]
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import pandas as pd
 from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.exponent_tables import fitted_rows
 
-__all__ = ["secant_table", "main"]
+__all__ = ["secant_table", "rise_table", "main"]
 
 DEFAULT_TABLE = "gradient_check_two_vectors_rank_curvature"
 
@@ -46,13 +52,32 @@ def secant_table(table: str = DEFAULT_TABLE, results: Path = DEFAULT_RESULTS, n_
                          ignore_index=True)
 
 
+def rise_table(check: str = "gradient_check", results: Path = DEFAULT_RESULTS, n_boot: int = 1000) -> pd.DataFrame:
+    """:func:`validation.secant_curvature.curvature_rise` of a stored check's runs."""
+    from validation.secant_curvature import curvature_rise
+
+    return curvature_rise(load(check, results), n_boot=n_boot)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m paper_figures.secant_curvature_table",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--table", default=DEFAULT_TABLE, help="the stored refined parameters' stem in results/")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--n-boot", type=int, default=1000)
+    ap.add_argument("--rise", action="store_true", help="write the curvature's ratios between client counts instead")
+    ap.add_argument("--check", default="gradient_check", help="the stored check whose runs --rise reads")
     ns = ap.parse_args(argv)
+    if ns.rise:
+        rise = rise_table(ns.check, ns.results, ns.n_boot)
+        path = ns.results / f"{ns.check}_curvature_rise.csv"
+        rise.to_csv(path, index=False)
+        for (a, b), g in rise.groupby(["n_from", "n_to"]):
+            print(f"N = {a} -> {b}: ratio {g.ratio.min():.3f}-{g.ratio.max():.3f}, CI width median "
+                  f"{(g.ci_high - g.ci_low).median():.3f}; CI excludes 1 at {int(((g.ci_low > 1) | (g.ci_high < 1)).sum())}"
+                  f"/{len(g)}")
+        print(f"wrote {path}")
+        return 0
     out = secant_table(ns.table, ns.results, ns.n_boot)
     path = ns.results / f"{ns.table}_secant_curvature.csv"
     out.to_csv(path, index=False)

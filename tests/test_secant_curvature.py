@@ -11,7 +11,8 @@ import pytest
 from sfed_theory.montecarlo import ModelParams, simulate
 from sfed_theory.rules import scaling_factor
 from validation.refined import RefinedParams
-from validation.secant_curvature import measured_rank_slope, model_secant_curvature, secant_slopes
+from validation.secant_curvature import (curvature_rise, measured_n_ratio, measured_rank_slope, model_secant_curvature,
+                                         secant_slopes)
 
 D, K_IN, ALPHA = 6, 5, 8.0
 PARAMS = RefinedParams(scheme="fedit", partition="iid", f_in=0.3, phi=0.4, rho_f=0.3, lam=2.0,
@@ -81,3 +82,28 @@ def test_secant_slopes_compare_a_known_power_law_with_the_model():
     assert row.measured == pytest.approx(0.9) and row.ci_low == pytest.approx(0.9) and row.ci_high == pytest.approx(0.9)
     assert row.model == pytest.approx(row.model_geometry + 0.7, abs=1e-9)
     assert bool(row.agrees) == (abs(row.model - 0.9) <= 0.05)
+
+
+def test_measured_n_ratio_is_the_ratio_of_seed_means_by_hand():
+    """(2 + 4)/2 over (1 + 3)/2 = 1.5, not the mean of the per-seed ratios ((2 + 4/3)/2 = 1.67); a seed resampled
+    alone gives 2 or 4/3, so the CI lies within those; a missing N gives NaN."""
+    rows = pd.DataFrame({"seed": [0, 0, 1, 1], "n_clients": [1, 4, 1, 4], "curvature": [1.0, 2.0, 3.0, 4.0]})
+    ratio, lo, hi = measured_n_ratio(rows, 1, 4, n_boot=400)
+    assert ratio == pytest.approx(1.5)
+    assert 4 / 3 - 1e-12 <= lo <= ratio <= hi <= 2.0 + 1e-12 and lo < hi
+    assert all(math.isnan(v) for v in measured_n_ratio(rows, 4, 16))
+
+
+def test_curvature_rise_tabulates_each_point_and_step():
+    """Per (scheme, partition, rule, rank): N = 1 -> 4 and 4 -> 16 from the ``__all__`` rows of the round only; a
+    point without N = 1 (SFed's grid) keeps its 4 -> 16 step."""
+    base = dict(scheme="ffa", partition="iid", layer="__all__", round=1)
+    rows = [dict(base, rule="lora", rank=4, seed=s, n_clients=n, curvature=c * (1 + s))
+            for s in (0, 1) for n, c in ((1, 1.0), (4, 1.0), (16, 1.5))]
+    rows += [dict(base, rule="sfed", rank=4, seed=s, n_clients=n, curvature=c)
+             for s in (0, 1) for n, c in ((4, 2.0), (16, 1.0))]
+    rows += [dict(base, rule="lora", rank=4, seed=0, n_clients=16, curvature=99.0, layer="q.0"),
+             dict(base, rule="lora", rank=4, seed=0, n_clients=16, curvature=99.0, round=2)]
+    t = curvature_rise(pd.DataFrame(rows), n_boot=50)
+    got = {(u, a, b): v for u, a, b, v in t[["rule", "n_from", "n_to", "ratio"]].itertuples(index=False)}
+    assert got == pytest.approx({("lora", 1, 4): 1.0, ("lora", 4, 16): 1.5, ("sfed", 4, 16): 0.5})

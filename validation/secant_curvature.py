@@ -13,6 +13,8 @@ check of the fitted curvature's rank law (``lam_rank``) together with the model'
 B's coherent part lies along ``A z`` and meets the curvature more fully as r grows). Only absolute sizes are
 not compared (the fit has a free scale per quantity). A model whose lambda follows the pilot's measured curvature
 (``curvature_measured``) reproduces the pilot's by construction; at N beyond the pilot its slope is the pilot's.
+Whether a pilot could tell how the curvature moves with N is :func:`curvature_rise`'s question: the ratio of the
+seed-mean curvature between two client counts, with its seed-bootstrap CI.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from validation.analysis import TOLERANCE, loglog_slope
 from validation.metrics import ALL
 from validation.refined import RefinedParams, pilot_curvature, predict_points
 
-__all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes"]
+__all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes", "measured_n_ratio", "curvature_rise"]
 
 
 def model_secant_curvature(p: RefinedParams, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
@@ -83,4 +85,38 @@ def secant_slopes(rows: pd.DataFrame, params: dict, quantity: str = "grad_B", ro
                     "fitted_on": quantity, "measured": slope, "ci_low": lo, "ci_high": hi, "model": model,
                     "model_geometry": geometry, "lam_rank": p.lam_rank, "in_ci": lo <= model <= hi,
                     "agrees": abs(model - slope) <= TOLERANCE})
+    return pd.DataFrame(out)
+
+
+def measured_n_ratio(rows: pd.DataFrame, n_from: int, n_to: int, n_boot: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """``(ratio, ci_low, ci_high)``: the mean ``curvature`` over seeds at ``n_to`` clients over that at ``n_from``,
+    from ``rows`` (one (scheme, split, rule, rank)'s runs: columns ``n_clients``, ``seed``, ``curvature``); the 95%
+    CI resamples the seeds, paired across the two N (a ratio of means, not a mean of per-seed ratios). NaN where
+    either N is not measured."""
+    wide = rows.pivot_table(index="seed", columns="n_clients", values="curvature", aggfunc="mean")
+    if n_from not in wide or n_to not in wide:
+        return float("nan"), float("nan"), float("nan")
+    values = wide[[n_from, n_to]].dropna(how="all").to_numpy(float)
+    est = float(np.nanmean(values[:, 1]) / np.nanmean(values[:, 0]))
+    draws = values[np.random.default_rng(seed).integers(0, len(values), (n_boot, len(values)))]  # (boot, seed, 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = np.nanmean(draws[:, :, 1], axis=1) / np.nanmean(draws[:, :, 0], axis=1)
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots.size else (np.nan, np.nan)
+    return est, float(lo), float(hi)
+
+
+def curvature_rise(rows: pd.DataFrame, steps=((1, 4), (4, 16)), round: int = 1, n_boot: int = 1000) -> pd.DataFrame:
+    """Per (scheme, partition, rule, rank) of ``rows`` (harness rows; the ``__all__`` layer at ``round``) and per
+    ``(n_from, n_to)`` of ``steps``: :func:`measured_n_ratio` of the measured secant curvature. A pilot whose own
+    step (N = 1 to 4) moves it less than its CI's width cannot predict how it moves further out."""
+    a = rows[(rows.layer == ALL) & (rows["round"] == round) & rows.curvature.notna()]
+    out = []
+    for (scheme, part, rule, rank), g in a.groupby(["scheme", "partition", "rule", "rank"]):
+        for n_from, n_to in steps:
+            ratio, lo, hi = measured_n_ratio(g, n_from, n_to, n_boot)
+            if np.isfinite(ratio):
+                out.append({"scheme": scheme, "partition": part, "rule": rule, "rank": int(rank), "n_from": n_from,
+                            "n_to": n_to, "ratio": ratio, "ci_low": lo, "ci_high": hi})
     return pd.DataFrame(out)
