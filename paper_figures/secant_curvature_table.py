@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         path = ns.results / f"{ns.check}_curvature_rise.csv"
         rise.to_csv(path, index=False)
         for (a, b), g in rise.groupby(["n_from", "n_to"]):
+            moved = int(((g.ci_low > 1) | (g.ci_high < 1)).sum())
             print(f"N = {a} -> {b}: ratio {g.ratio.min():.3f}-{g.ratio.max():.3f}, CI width median "
-                  f"{(g.ci_high - g.ci_low).median():.3f}; CI excludes 1 at {int(((g.ci_low > 1) | (g.ci_high < 1)).sum())}"
-                  f"/{len(g)}")
+                  f"{(g.ci_high - g.ci_low).median():.3f}; CI excludes 1 at {moved}/{len(g)}")
         print(f"wrote {path}")
         return 0
     out = secant_table(ns.table, ns.results, ns.n_boot)

@@ -53,18 +53,19 @@ rank dependence. Which parameter comes from what:
   the four quantities, all rules and ranks, with one free scale per quantity: only shapes are
   fitted, absolute sizes are not predicted.
 * ``t0`` (only with ``curvature_law="saturating"``; else infinite: one curvature): the update's shared part
-  ``dW_s``, built from the descent direction every client shares, meets its own curvature ``lambda_s = lam/(1 + step/t0)``,
-  ``step`` the root of the derived ``E||dW_s X^T||^2`` at the point (``shared_output``): a loss that saturates
-  along that direction has a secant curvature falling as 1/step. Fitted with the three above, starting from their
-  one-curvature optimum, so the pilot misfit never grows.
+  ``dW_s``, built from the descent direction every client shares, meets its own curvature
+  ``lambda_s = lam/(1 + step/t0)``, ``step`` the root of the derived ``E||dW_s X^T||^2`` at the point (``shared_output``): a loss that
+  saturates along that direction has a secant curvature falling as 1/step. Fitted with the three above, starting
+  from their one-curvature optimum, so the pilot misfit never grows.
 * ``lam_rank`` (only with ``curvature_law="rank"``; else 0: one curvature at every rank): the curvature follows a rank
   law, ``lambda(r) = lam (r/16)^lam_rank``, met by the whole update; fitted with the three above, again from their
   one-curvature optimum. The harness's measured secant curvature along the update grows about as ``r^1``, faster than
   the model's geometry gives a rank-free ``lambda`` (:mod:`validation.secant_curvature` compares the two).
 * ``curvature_measured`` (only with ``curvature_law="measured"``; else empty): that secant curvature as measured on
-  the pilot per (rule, rank) (:func:`validation.analysis.measured_curvature`). ``lambda`` at each point is then ``lam`` times it over
-  the model's own ``E<dW C_g, dW> / E||dW||^2`` there, so the model's secant curvature is ``lam`` times the pilot's;
-  ``lam`` is fitted as a scale, nothing is added. At N beyond the pilot the pilot's value at that rule and rank is used.
+  the pilot per (rule, rank) (:func:`validation.analysis.measured_curvature`). ``lambda`` at each point is then
+  ``lam`` times it over the model's own ``E<dW C_g, dW> / E||dW||^2`` there, so the model's secant curvature is
+  ``lam`` times the pilot's; ``lam`` is fitted as a scale, nothing is added. At N beyond the pilot the pilot's value
+  at that rule and rank is used.
 
 Layers of one model are treated alike (MiniLM's adapted layers are all 384 x 384): the ``__all__``
 value of a quantity is ``sqrt(L)`` times the per-layer prediction, a constant that the free scale takes.
