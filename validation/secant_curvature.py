@@ -52,12 +52,16 @@ def measured_rank_slope(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -
     ranks = wide.columns.to_numpy(float)
     if ranks.size < 2:
         return float("nan"), float("nan"), float("nan")
-    values = wide.to_numpy(float)
-    est = loglog_slope(ranks, np.nanmean(values, axis=0))
-    rng = np.random.default_rng(seed)
-    draws = values[rng.integers(0, len(values), (n_boot, len(values)))]  # (boot, seed, rank)
-    with np.errstate(invalid="ignore"):
-        boots = np.array([loglog_slope(ranks, np.nanmean(d, axis=0)) for d in draws])
+    return _seed_bootstrap(wide.to_numpy(float), lambda means: loglog_slope(ranks, means), n_boot, seed)
+
+
+def _seed_bootstrap(values: np.ndarray, statistic, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """``(statistic, ci_low, ci_high)`` of ``statistic`` of the column means of ``values`` (seed x column): the 95%
+    CI resamples the rows (seeds), paired across the columns; draws where the statistic is not finite are left out."""
+    est = float(statistic(np.nanmean(values, axis=0)))
+    draws = values[np.random.default_rng(seed).integers(0, len(values), (n_boot, len(values)))]  # (boot, seed, col)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = np.array([statistic(np.nanmean(d, axis=0)) for d in draws], dtype=float)
     boots = boots[np.isfinite(boots)]
     lo, hi = np.percentile(boots, [2.5, 97.5]) if boots.size else (np.nan, np.nan)
     return est, float(lo), float(hi)
@@ -98,13 +102,7 @@ def measured_n_ratio(rows: pd.DataFrame, n_from: int, n_to: int, n_boot: int = 1
     if n_from not in wide or n_to not in wide:
         return float("nan"), float("nan"), float("nan")
     values = wide[[n_from, n_to]].dropna(how="all").to_numpy(float)
-    est = float(np.nanmean(values[:, 1]) / np.nanmean(values[:, 0]))
-    draws = values[np.random.default_rng(seed).integers(0, len(values), (n_boot, len(values)))]  # (boot, seed, 2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = np.nanmean(draws[:, :, 1], axis=1) / np.nanmean(draws[:, :, 0], axis=1)
-    boots = boots[np.isfinite(boots)]
-    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots.size else (np.nan, np.nan)
-    return est, float(lo), float(hi)
+    return _seed_bootstrap(values, lambda means: means[1] / means[0], n_boot, seed)
 
 
 def curvature_rise(rows: pd.DataFrame, steps=((1, 4), (4, 16)), round: int = 1, n_boot: int = 1000) -> pd.DataFrame:
