@@ -32,6 +32,9 @@ on the pilot (``_rank_curvature``): the measured secant curvature along the upda
 ``--measured-curvature`` takes that measurement itself instead: lambda at each point is such that the model's secant
 curvature along its update is one fitted scale times the pilot's measured one at the point's rule and rank
 (``_measured_curvature``; :func:`validation.analysis.measured_curvature`, FedSA takes FedIT's).
+``--measured-correlation`` is a diagnostic: the client correlations measured at every K of the grid, N = 16 included
+(:func:`validation.analysis.measured_correlation_targets`), replace the label law's prediction from the pilot
+(``_measured_correlation``; every slope in-sample), so a slope missed even then is not missed for the correlation.
 Deterministic given ``n_boot`` and the seed::
 
     python -m paper_figures.exponent_tables [--checks gradient_check gradient_check_small_lr] [--n-boot 1000]
@@ -42,6 +45,7 @@ Deterministic given ``n_boot`` and the seed::
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --saturating
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --rank-curvature
     python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --measured-curvature
+    python -m paper_figures.exponent_tables --checks gradient_check --two-vectors --measured-curvature --measured-correlation
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ CURVATURE_STEMS = {"one": "", "saturating": "_saturating", "rank": "_rank_curvat
 def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000,
                    f_in: str = "fitted", two_vectors: bool = False,
                    pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                   curvature_law: str = "one") -> tuple[pd.DataFrame, dict]:
+                   curvature_law: str = "one", correlation_law: str = "label") -> tuple[pd.DataFrame, dict]:
     """``(fits, refined parameters)`` of a stored check (:data:`PILOT_RUNS`); ``f_in``: a key of
     :data:`F_IN_CHOICES` (``"top"``, ``"probe"``: held at :data:`MEASURED_F_IN`'s pilot measurement);
     ``two_vectors``: the gradient's direction and the tokens' spike as two vectors (:func:`_input_directions`);
@@ -87,13 +91,17 @@ def exponent_table(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 10
     ``curvature_law`` (:data:`validation.refined.CURVATURE_LAWS`): ``"saturating"``, the update's shared part meets
     a curvature that falls with its own step (one more fitted parameter, ``t0``); ``"rank"``, the curvature follows
     a rank law (one more fitted parameter, ``lam_rank``); ``"measured"``, lambda follows the pilot's measured secant
-    curvature per rule and rank (no parameter added); ``"one"``, one curvature."""
-    fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law)
+    curvature per rule and rank (no parameter added); ``"one"``, one curvature. ``correlation_law``
+    (:data:`validation.analysis.CORRELATION_LAWS`): ``"label"``, the label law fitted on the pilot; ``"measured"``, the
+    correlation measured at every K (a diagnostic: every slope is then in-sample, ``refined_sample == "in"``)."""
+    fits, params, _ = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law,
+                                  correlation_law)
     return fits, params
 
 
 def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: bool, pilot_max_n: int,
-                rule: str | None, curvature_law: str) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+                rule: str | None, curvature_law: str,
+                correlation_law: str = "label") -> tuple[pd.DataFrame, dict, pd.DataFrame]:
     """:func:`exponent_table`'s ``(fits, params)`` and the rows the parameters were fitted on."""
     from validation.analysis import fit_exponents, measured_f_in, refined_fits
 
@@ -116,8 +124,10 @@ def _fit_tables(check: str, results: Path, n_boot: int, f_in: str, two_vectors: 
         nu, kappa, nu_g = _input_directions(df, pilot, results, f_in in GRADIENT_DIRECTION, two_vectors)
         rows = _one_rule(fitted_rows(check, results), rule)
         params = refined_fits(rows, nu=nu, f_in=held, kappa=kappa, nu_g=nu_g, pilot_max_n=pilot_max_n,
-                              curvature_law=curvature_law)
+                              curvature_law=curvature_law, correlation_law=correlation_law)
         fits = fit_exponents(_one_rule(df, rule), n_boot=n_boot, refined=params or False, pilot_max_n=pilot_max_n)
+        if correlation_law == "measured":  # N = 16's own correlation entered: no slope is a prediction
+            fits.loc[fits["refined_sample"] == "out", "refined_sample"] = "in"
         return fits, params, rows  # slopes over the check's own grid
 
 
@@ -162,11 +172,12 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",
                  two_vectors: bool = False, pilot_max_n: int = PILOT_MAX_N, rule: str | None = None,
-                 curvature_law: str = "one") -> list[Path]:
+                 curvature_law: str = "one", correlation_law: str = "label") -> list[Path]:
     """Write the check's exponent table (and its refined parameters) into ``results``; returns the paths."""
-    fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law)
+    fits, params, rows = _fit_tables(check, results, n_boot, f_in, two_vectors, pilot_max_n, rule, curvature_law,
+                                     correlation_law)
     stem = (check + ("" if f_in == "fitted" else f"_f_in_{f_in}") + ("_two_vectors" if two_vectors else "")
-            + CURVATURE_STEMS[curvature_law]
+            + CURVATURE_STEMS[curvature_law] + ("_measured_correlation" if correlation_law == "measured" else "")
             + ("" if pilot_max_n == PILOT_MAX_N else f"_pilot_n{pilot_max_n}") + (f"_rule_{rule}" if rule else ""))
     out = [results / f"{stem}_exponents.csv"]
     fits.to_csv(out[0], index=False)
@@ -207,10 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     law.add_argument("--measured-curvature", dest="curvature_law", action="store_const", const="measured",
                      help="lambda follows the secant curvature along the update measured on the pilot per rule and "
                           "rank (default: the same curvature everywhere)")
+    ap.add_argument("--measured-correlation", dest="correlation_law", action="store_const", const="measured",
+                    default="label", help="a diagnostic: the client correlation measured at every K, N = 16 included, "
+                                          "instead of the label law's prediction from the pilot (every slope in-sample)")
     ns = ap.parse_args(argv)
     for check in ns.checks:
         for path in write_tables(check, ns.results, ns.n_boot, ns.f_in, ns.two_vectors, ns.pilot_max_n, ns.rule,
-                                 ns.curvature_law):
+                                 ns.curvature_law, ns.correlation_law):
             print(f"wrote {path}")
     return 0
 

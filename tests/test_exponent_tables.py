@@ -223,3 +223,26 @@ def test_the_measured_curvature_goes_to_its_own_tables(check_and_pilot, monkeypa
     assert stored and all(RefinedParams.from_row(row).curvature_measured == want for row in stored)
     with pytest.raises(SystemExit):
         exponent_tables.main(["--checks", "gradient_check_one_step", "--measured-curvature", "--saturating"])
+
+
+def test_the_measured_correlation_goes_to_its_own_tables_with_every_slope_in_sample(check_and_pilot, monkeypatch,
+                                                                                   tmp_path):
+    """``--measured-correlation`` (a diagnostic): each fit meets the correlation measured at every K of the grid,
+    N = 8 beyond the pilot included, and no slope is labelled a prediction."""
+    from validation.analysis import measured_correlation_targets
+    from validation.refined import RefinedParams
+
+    check, _ = check_and_pilot
+    monkeypatch.setattr(exponent_tables, "load", lambda name, results: {"gradient_check_one_step": check}[name])
+    paths = exponent_tables.write_tables("gradient_check_one_step", tmp_path, n_boot=20, correlation_law="measured")
+    assert [p.name for p in paths] == ["gradient_check_one_step_measured_correlation_exponents.csv",
+                                       "gradient_check_one_step_measured_correlation_refined_params.csv"]
+    fits = pd.read_csv(paths[0])
+    assert fits.predicted_refined.notna().any() and set(fits.refined_sample) == {"in"}
+    targets = measured_correlation_targets(check)
+    stored = pd.read_csv(paths[1], dtype={"fitted_on": str, "pilot_ks": str}).to_dict("records")
+    assert stored
+    for row in stored:
+        p = RefinedParams.from_row(row)
+        assert sorted(dict(p.corr_by_k)) == [4, 8]
+        assert dict(p.corr_by_k) == pytest.approx(targets[(p.scheme, p.partition, p.rho_column)])

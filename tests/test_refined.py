@@ -324,6 +324,31 @@ def test_refined_fits_take_each_k_from_the_label_law_fitted_on_the_pilot(small_g
         refined_fits(both, correlation_law="cubic")
 
 
+def test_measured_correlation_targets_are_the_mean_at_each_k_of_the_counted_rows():
+    """Hand computation: the mean over the AdamW ``__all__`` rows of round 1 at each K > 1; other layers, rounds,
+    optimizers, diverged runs and K = 1 do not count, and a column with no value at a K has no entry there."""
+    from validation.analysis import measured_correlation_targets
+
+    base = dict(scheme="ffa", partition="iid", optimizer="adamw", round=1, layer="__all__", diverged=False,
+                rho_ratio=np.nan, rho_out=np.nan, rho_gA=np.nan, rho_gB=np.nan)
+    rows = pd.DataFrame([
+        {**base, "n_participating": 4, "rho_ratio": 0.10, "rho_out": 0.5},
+        {**base, "n_participating": 4, "rho_ratio": 0.30, "rho_out": 0.7},
+        {**base, "n_participating": 16, "rho_ratio": -0.20},
+        {**base, "n_participating": 16, "rho_ratio": 9.0, "layer": "q"},
+        {**base, "n_participating": 16, "rho_ratio": 9.0, "round": 2},
+        {**base, "n_participating": 16, "rho_ratio": 9.0, "optimizer": "sgd"},
+        {**base, "n_participating": 16, "rho_ratio": 9.0, "diverged": True},
+        {**base, "n_participating": 1, "rho_ratio": 9.0},
+        {**base, "n_participating": 4, "rho_ratio": 0.05, "partition": "dirichlet"},
+    ])
+    got = measured_correlation_targets(rows)
+    assert got[("ffa", "iid", "rho_ratio")] == pytest.approx({4: 0.20, 16: -0.20})
+    assert got[("ffa", "iid", "rho_out")] == pytest.approx({4: 0.60})
+    assert got[("ffa", "dirichlet", "rho_ratio")] == pytest.approx({4: 0.05})
+    assert ("ffa", "iid", "rho_gA") not in got
+
+
 def test_label_law_applies_only_where_its_premises_hold(small_grid):
     """Equal weights and full participation (else the K-law, with a warning), the round asked for, and at
     least one K > 1 to reproduce."""
