@@ -246,3 +246,12 @@ def test_the_measured_correlation_goes_to_its_own_tables_with_every_slope_in_sam
         p = RefinedParams.from_row(row)
         assert sorted(dict(p.corr_by_k)) == [4, 8]
         assert dict(p.corr_by_k) == pytest.approx(targets[(p.scheme, p.partition, p.rho_column)])
+
+
+def test_every_curvature_law_has_its_own_file_name_part():
+    """A law added to the refined model without a stem here would fail only after its whole fit; distinct stems keep
+    one law's tables from overwriting another's."""
+    from validation.refined import CURVATURE_LAWS
+
+    assert set(exponent_tables.CURVATURE_STEMS) == set(CURVATURE_LAWS)
+    assert len(set(exponent_tables.CURVATURE_STEMS.values())) == len(CURVATURE_LAWS)
