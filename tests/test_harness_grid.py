@@ -184,6 +184,20 @@ def test_bootstrap_slopes_are_the_resampled_cubes_slopes_one_by_one():
     assert np.isnan(_loglog_slopes(xs, ys)[2]) and _loglog_slopes(xs, ys)[0] == pytest.approx(3 / 4)
 
 
+def test_analyze_takes_the_measured_curvature_where_the_runs_measured_it(capsys):
+    """``--curvature measured`` (the default) falls back to one curvature, saying so, on runs without the measurement;
+    any other law is taken as asked."""
+    from validation.cli import _curvature_law, _parser
+
+    assert _parser().parse_args(["analyze", "d"]).curvature == "measured"
+    measured = pd.DataFrame({"curvature": [0.3, float("nan")]})
+    assert _curvature_law(measured, "measured") == "measured" and capsys.readouterr().out == ""
+    for old in (pd.DataFrame({"x": [1.0]}), pd.DataFrame({"curvature": [float("nan")]})):
+        assert _curvature_law(old, "measured") == "one"
+        assert "do not measure the secant curvature" in capsys.readouterr().out
+    assert _curvature_law(measured, "rank") == "rank"
+
+
 def test_cli_run_and_analyze(tmp_path, capsys):
     out = tmp_path / "res"
     argv = ["run", "--model", "synthetic", "--dataset", "synthetic", "--ranks", "2", "4", "--n-clients", "1", "2",
@@ -196,5 +210,7 @@ def test_cli_run_and_analyze(tmp_path, capsys):
     assert main(argv) == 0
     assert "skipped (already finished) 8" in capsys.readouterr().out
     assert main(["analyze", str(out), "--n-boot", "50"]) == 0
+    stored = pd.read_csv(out / "refined_params.csv")  # the default law: the pilot's measured curvature per rule@rank
+    assert stored.curvature_measured.astype(str).str.contains("lora@2").all()
     assert main(["run", "--rules", "nope", "--out", str(out)]) == 2
     assert "unknown rule" in capsys.readouterr().err

@@ -465,6 +465,22 @@ def test_a_rank_curvature_fit_meets_lambda_times_the_rank_law_at_each_rank(small
                 predict_points(p, "grad_B", "sfed", [r], [4], [4], 16.0)[0], rel=1e-6)
 
 
+def test_a_slope_at_a_rank_without_a_pilot_curvature_is_nan_with_a_warning(small_grid):
+    """fit_exponents' refined slope: the measured law has no curvature at a rank the pilot did not run, so no number
+    (NaN and a warning naming the point), never an extrapolated one; a rank it has gives the model's slope."""
+    from validation.analysis import _refined_slope
+    from validation.refined import predicted_slope
+
+    table = {("lora", 2): 0.02, ("lora", 4): 0.05, ("sfed", 2): 0.03, ("sfed", 4): 0.04}
+    p = fit_refined(small_grid, pilot_max_n=2, curvature_law="measured", curvature=table)
+    assert _refined_slope(p, "grad_B", "lora", "rank", [2, 4], 4, 4, 16.0) == predicted_slope(
+        p, "grad_B", "lora", "rank", [2, 4], 4, 4, 16.0)
+    with pytest.warns(UserWarning, match="no measured pilot curvature at .*'lora', 8"):
+        assert math.isnan(_refined_slope(p, "grad_B", "lora", "rank", [2, 8], 4, 4, 16.0))
+    assert math.isnan(_refined_slope(p, "grad_B", "rslora", "rank", [2, 4], 4, 4, 16.0))  # a rule it was not fitted on
+    assert math.isnan(_refined_slope(None, "grad_B", "lora", "rank", [2, 4], 4, 4, 16.0))
+
+
 def test_a_measured_curvature_sets_lambda_so_the_models_secant_is_the_pilots(small_grid):
     """``curvature_law="measured"``: at each point lambda = lam kappa_pilot(rule, r) / (E<dW C_g, dW> / E||dW||^2), the latter from
     the output moment at z with the gradient's bulk over the update's size; so each prediction is the closed form's

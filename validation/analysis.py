@@ -473,8 +473,6 @@ def fit_exponents(df: pd.DataFrame, *, round: int = 1, n_boot: int = 1000, seed:
 def _fit_rule(g: pd.DataFrame, a: pd.DataFrame, scheme: str, opt: str, part: str, rule: str, rho_column: str,
               ref, pilot_max_n: int, n_boot: int, rng: np.random.Generator) -> list[dict]:
     """The fit rows of one rule: per-layer rows ``g``, its ``__all__`` rows ``a``."""
-    from validation.refined import predicted_slope
-
     d = int(a["d_out"].iloc[0]) if len(a) and a["d_out"].iloc[0] > 0 else 384
     k = int(a["k_in"].iloc[0]) if len(a) and a["k_in"].iloc[0] > 0 else 384
     alpha = float(g["alpha"].iloc[0])
@@ -504,9 +502,7 @@ def _fit_rule(g: pd.DataFrame, a: pd.DataFrame, scheme: str, opt: str, part: str
                 pred0 = _predict(quantity, r0, wrt, xs.tolist(), int(fixed), rho=0.0, **kw)
                 pred_rho = (_predict(quantity, rr, wrt, xs.tolist(), int(fixed), rho=float(rho_m), **kw)
                             if math.isfinite(rho_m) else float("nan"))
-                rq = ref.get(quantity)
-                pred_ref = (predicted_slope(rq, quantity, rule, wrt, xs, int(fixed), k_avg, alpha)
-                            if rq is not None and rule in rq.s_B else float("nan"))
+                pred_ref = _refined_slope(ref.get(quantity), quantity, rule, wrt, xs, int(fixed), k_avg, alpha)
                 out.append({"scheme": scheme, "optimizer": opt, "partition": part, "rule": rule,
                             "quantity": quantity, "column": col, "wrt": wrt,
                             "fixed": f"{'N' if fixed_col == 'n_clients' else 'r'}={fixed}",
@@ -527,6 +523,20 @@ def _zero_forms(scheme: str, opt: str) -> set[str]:
     except ImportError:
         return set()
     return {q for q in QUANTITY_COLUMNS if closed_form(q, scheme, OPTIMIZER_REGIME[opt]) == 0}
+
+
+def _refined_slope(p, quantity: str, rule: str, wrt: str, xs, fixed: int, k_avg, alpha: float) -> float:
+    """The refined model's slope (:func:`validation.refined.predicted_slope`); NaN, with a warning, where the fit has no
+    input for the slope's points (a rule it was not fitted on, a rank without a measured pilot curvature)."""
+    from validation.refined import predicted_slope
+
+    if p is None or rule not in p.s_B:
+        return float("nan")
+    try:
+        return predicted_slope(p, quantity, rule, wrt, xs, fixed, k_avg, alpha)
+    except ValueError as e:
+        warnings.warn(f"no refined prediction of {quantity}'s slope in {wrt} ({rule}): {e}", stacklevel=2)
+        return float("nan")
 
 
 def agreement_summary(fits: pd.DataFrame) -> pd.DataFrame:
