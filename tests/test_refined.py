@@ -481,6 +481,16 @@ def test_a_slope_at_a_rank_without_a_pilot_curvature_is_nan_with_a_warning(small
     assert math.isnan(_refined_slope(None, "grad_B", "lora", "rank", [2, 4], 4, 4, 16.0))
 
 
+def test_a_group_without_a_measured_curvature_keeps_a_prediction_with_one_curvature(small_grid):
+    """refined_fits' measured law on runs that did not measure the curvature: one curvature for that group, with a
+    warning, rather than no prediction at all."""
+    with pytest.warns(UserWarning, match="no measured curvature.*one curvature"):
+        params = refined_fits(small_grid.assign(curvature=np.nan), pilot_max_n=2, correlation_law="k",
+                              curvature_law="measured")
+    assert params and all(p.curvature_measured == () and p.lam_rank == 0.0 and not p.saturating
+                          for p in params.values())
+
+
 def test_a_measured_curvature_sets_lambda_so_the_models_secant_is_the_pilots(small_grid):
     """``curvature_law="measured"``: at each point lambda = lam kappa_pilot(rule, r) / (E<dW C_g, dW> / E||dW||^2), the latter from
     the output moment at z with the gradient's bulk over the update's size; so each prediction is the closed form's

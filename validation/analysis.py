@@ -285,7 +285,8 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
     pilots and the label law, as in the full fit). ``curvature_law``: how lambda varies (``curvature_law`` of
     :func:`validation.refined.fit_refined`); with ``"measured"`` it follows the secant curvature measured on the
     pilot per (rule, rank) (:func:`measured_curvature`; FedSA's clients are FedIT's random model and its runs do not
-    measure it, so it takes FedIT's of the same split)."""
+    measure it, so it takes FedIT's of the same split; a group with no measurement there takes one curvature, with a
+    warning)."""
     from validation.refined import check_curvature_law, fit_refined
 
     check_curvature_law(curvature_law)
@@ -310,11 +311,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
         if only is not None and (key[0], key[2]) != tuple(only):
             continue
         iid = pilot[(pilot.scheme == key[0]) & (pilot.optimizer == key[1]) & (pilot.partition == "iid")]
-        try:
-            curv = _group_curvature(ok, key, pilot_max_n) if curvature_law == "measured" else None
-        except ValueError as e:
-            warnings.warn(f"no refined prediction for {key}: {e}", stacklevel=2)
-            continue
+        law, curv = _group_curvature_law(ok, key, pilot_max_n, curvature_law)
         for q in QUANTITY_COLUMNS:
             if q in _zero_forms(key[0], key[1]):
                 continue
@@ -327,7 +324,7 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
                 out[(*key, q)] = fit_refined(grp, pilot_max_n=pilot_max_n, quantities=(q,), rho_column=col,
                                              unskewed_rho=unskewed, correlation_at=targets.get((key[0], key[2], col)),
                                              nu=nu, f_in=held, kappa=kappa, nu_g=nu_g,
-                                             curvature_law=curvature_law, curvature=curv)
+                                             curvature_law=law, curvature=curv)
             except ValueError as e:
                 warnings.warn(f"no refined prediction for {key} {q}: {e}", stacklevel=2)
     return out
@@ -347,6 +344,19 @@ def measured_curvature(rows: pd.DataFrame, pilot_max_n: int = PILOT_MAX_N, *, ro
     if c.empty:
         raise ValueError(f"no measured curvature in the pilot runs (N <= {pilot_max_n})")
     return {(str(u), int(r)): float(v) for (u, r), v in c.groupby(["rule", "rank"]).curvature.mean().items()}
+
+
+def _group_curvature_law(ok: pd.DataFrame, key: tuple, pilot_max_n: int,
+                         curvature_law: str) -> tuple[str, dict[tuple[str, int], float] | None]:
+    """``(law, table)`` of one group's fit: the measured law with its pilot's table, or one curvature (with a warning)
+    where that pilot measured none; any other law as it is, without a table."""
+    if curvature_law != "measured":
+        return curvature_law, None
+    try:
+        return curvature_law, _group_curvature(ok, key, pilot_max_n)
+    except ValueError as e:
+        warnings.warn(f"{key}: {e}; its refined model takes one curvature", stacklevel=3)
+        return "one", None
 
 
 def _group_curvature(ok: pd.DataFrame, key: tuple, pilot_max_n: int) -> dict[tuple[str, int], float]:
