@@ -9,10 +9,10 @@ output by gamma times its size and dL/dB carries another gamma, so at a fixed lo
 :func:`derive_second_step` runs the two recursions in sympy and returns the ratio ``f(x)`` of the second step to the
 first, its slope at ``x = 0`` and its zero. The slope is ``1/(1 + beta1) - 1/(1 + beta2)`` (0.026 at PyTorch's
 defaults): m_hat and sqrt(v_hat) move almost together, so to first order the second step ignores the first's effect,
-and any model linear in the step sees no gamma in the increments. The response is a threshold instead: the second
-step is cut by 7% at ``x = -1/2``, by a third at ``x = -1`` and vanishes at ``x = -(1 + beta1)``. An effect of
-this kind can stay invisible at a pilot's steps and appear at four times their x (SFed's gamma doubles from
-N = 4 to N = 16).
+when the two steps see the same batch. Away from 0 the response is steep: the second step is cut by 7% at
+``x = -1/2``, by a third at ``x = -1`` (slope 0.75 there) and vanishes at ``x = -(1 + beta1)``. Where a round's
+clients operate is measured by :mod:`validation.second_step`: on the default task each new batch moves the gradient
+by about its own size (median x near -1), so the second step answers the first's effect at first order.
 """
 
 from __future__ import annotations
