@@ -184,18 +184,11 @@ def test_bootstrap_slopes_are_the_resampled_cubes_slopes_one_by_one():
     assert np.isnan(_loglog_slopes(xs, ys)[2]) and _loglog_slopes(xs, ys)[0] == pytest.approx(3 / 4)
 
 
-def test_analyze_takes_the_measured_curvature_where_the_runs_measured_it(capsys):
-    """``--curvature measured`` (the default) falls back to one curvature, saying so, on runs without the measurement;
-    any other law is taken as asked."""
-    from validation.cli import _curvature_law, _parser
+def test_analyze_takes_the_measured_curvature_by_default():
+    from validation.cli import _parser
 
     assert _parser().parse_args(["analyze", "d"]).curvature == "measured"
-    measured = pd.DataFrame({"curvature": [0.3, float("nan")]})
-    assert _curvature_law(measured, "measured") == "measured" and capsys.readouterr().out == ""
-    for old in (pd.DataFrame({"x": [1.0]}), pd.DataFrame({"curvature": [float("nan")]})):
-        assert _curvature_law(old, "measured") == "one"
-        assert "do not measure the secant curvature" in capsys.readouterr().out
-    assert _curvature_law(measured, "rank") == "rank"
+    assert _parser().parse_args(["analyze", "d", "--curvature", "one"]).curvature == "one"
 
 
 def test_cli_run_and_analyze(tmp_path, capsys):

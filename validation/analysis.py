@@ -209,10 +209,10 @@ the pilot, or (a diagnostic) the correlation measured at every K."""
 
 def measured_correlation_targets(df: pd.DataFrame, rnd: int = 1) -> dict[tuple[str, str, str], dict[int, float]]:
     """``targets[(scheme, partition, column)] = {K: c}``: the mean measured correlation over the AdamW ``__all__`` rows
-    of round ``rnd``'s non-diverged runs at each K clients averaged (K > 1, any N), for every correlation the refined model reproduces
-    (the Frobenius ``rho_ratio`` and the projected ones). The same shape as :func:`label_law_targets`' targets, with
-    no law in between: N = 16's own measurement enters, so a model given these follows the correlation by
-    construction."""
+    of round ``rnd``'s non-diverged runs at each K clients averaged (K > 1, any N), for every correlation the refined
+    model reproduces (the Frobenius ``rho_ratio`` and the projected ones). The same shape as
+    :func:`label_law_targets`' targets, with no law in between: N = 16's own measurement enters, so a model given
+    these follows the correlation by construction."""
     from validation.refined import PROJECTED_MOMENTS
 
     columns = [c for c in ("rho_ratio", *PROJECTED_MOMENTS) if c in df]
@@ -274,9 +274,10 @@ def refined_fits(df: pd.DataFrame, *, round: int = 1, pilot_max_n: int = PILOT_M
     from its own pilot (``unskewed_rho`` of :func:`validation.refined.fit_refined`), or with two pilot K
     its own K-law. ``"measured"`` is a diagnostic, not a prediction: the correlation measured at every K of the grid
     (:func:`measured_correlation_targets`, N beyond the pilot included), so the model meets it at N = 16 by
-    construction and what it still misses there is not the correlation's law. ``nu``: the probe's input bulk (``C = x x^T + nu I``); ``None`` takes it from the runs'
-    own measurement at the round's start (``probe_top_share``, :mod:`validation.probe_inputs`), or 0 (one
-    probe vector, with a warning) for results that predate it. ``f_in``: None fits each group's input-coherent
+    construction and what it still misses there is not the correlation's law. ``nu``: the probe's input bulk
+    (``C = x x^T + nu I``); ``None`` takes it from the runs' own measurement at the round's start
+    (``probe_top_share``, :mod:`validation.probe_inputs`), or 0 (one probe vector, with a warning) for results that
+    predate it. ``f_in``: None fits each group's input-coherent
     share; ``{(scheme, partition): share}`` (:func:`measured_f_in`) holds it at the measured value (a group
     missing from it is fitted, with a warning). ``kappa``, ``nu_g``: the probe gradient's input direction against
     the tokens' spike (:func:`measured_kappa`) and the bulk of the gradient's token weighting (``measured_nu`` of

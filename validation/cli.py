@@ -72,8 +72,8 @@ def _analysis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures", help="figure folder (default: the results folder)")
     p.add_argument("--curvature", choices=CURVATURE_LAWS, default="measured",
                    help="how the refined model's curvature varies (validation.refined.CURVATURE_LAWS): by default it "
-                        "follows the secant curvature the pilot runs measured per rule and rank (one curvature where "
-                        "the runs did not measure it)")
+                        "follows the secant curvature the pilot runs measured per rule and rank (one curvature, with "
+                        "a warning, for a group whose runs did not measure it)")
 
 
 def _grid_from_args(ns: argparse.Namespace) -> GridConfig:
@@ -110,7 +110,7 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
         df = df[~hetero]
         if df.empty:
             return 0
-    params = refined_fits(df, round=ns.round, curvature_law=_curvature_law(df, ns.curvature))
+    params = refined_fits(df, round=ns.round, curvature_law=ns.curvature)
     fits = fit_exponents(df, round=ns.round, n_boot=ns.n_boot, refined=params)
     print(format_report(fits, list(params.values())))
     fig_dir.mkdir(parents=True, exist_ok=True)
@@ -122,15 +122,6 @@ def _analyze(out: Path, ns: argparse.Namespace) -> int:
     for p in coordinate_check(df, fig_dir, round=ns.round):
         print(f"figure: {p}")
     return 0
-
-
-def _curvature_law(df: pd.DataFrame, asked: str) -> str:
-    """``asked``, or one curvature where the measured law is asked of runs that did not measure the curvature."""
-    if asked == "measured" and ("curvature" not in df or df["curvature"].isna().all()):
-        print("the runs do not measure the secant curvature (results older than the harness's measurement): "
-              "the refined model takes one curvature")
-        return "one"
-    return asked
 
 
 def _analyze_hetero(df: pd.DataFrame, ns: argparse.Namespace, fig_dir: Path) -> None:
