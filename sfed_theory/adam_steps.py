@@ -23,7 +23,7 @@ from functools import lru_cache
 import numpy as np
 import sympy as sp
 
-__all__ = ["SecondStep", "derive_second_step", "second_step_ratio"]
+__all__ = ["SecondStep", "derive_second_step", "second_step_ratio", "second_step_slope"]
 
 x = sp.Symbol("x", real=True)
 beta1, beta2 = sp.symbols("beta1 beta2", positive=True)
@@ -58,15 +58,26 @@ def derive_second_step() -> SecondStep:
     return SecondStep(ratio=ratio, slope=slope, zero=sp.simplify(zero[0]))
 
 
-@lru_cache(maxsize=1)
-def _ratio_function():
-    return sp.lambdify((x, beta1, beta2), derive_second_step().ratio, "numpy")
+@lru_cache(maxsize=2)
+def _function(derivative: bool):
+    ratio = derive_second_step().ratio
+    return sp.lambdify((x, beta1, beta2), sp.diff(ratio, x) if derivative else ratio, "numpy")
+
+
+def _evaluate(derivative: bool, xs, beta1: float, beta2: float) -> np.ndarray:
+    if not (0 < beta1 < 1 and 0 < beta2 < 1):
+        raise ValueError(f"Adam's betas must lie in (0, 1), got beta1={beta1}, beta2={beta2}")
+    return np.asarray(_function(derivative)(np.asarray(xs, dtype=float), beta1, beta2), dtype=float)
 
 
 def second_step_ratio(xs, beta1: float = 0.9, beta2: float = 0.999) -> np.ndarray:
     """f(x): Adam's second step over its first on a coordinate whose gradient the first step changed by the fraction
     ``x`` (a number or an array; defined for every real x, where the second moment stays positive). ValueError for
     betas outside (0, 1)."""
-    if not (0 < beta1 < 1 and 0 < beta2 < 1):
-        raise ValueError(f"Adam's betas must lie in (0, 1), got beta1={beta1}, beta2={beta2}")
-    return np.asarray(_ratio_function()(np.asarray(xs, dtype=float), beta1, beta2), dtype=float)
+    return _evaluate(False, xs, beta1, beta2)
+
+
+def second_step_slope(xs, beta1: float = 0.9, beta2: float = 0.999) -> np.ndarray:
+    """f'(x), the derived derivative of :func:`second_step_ratio`: how strongly the second step answers a small common
+    change of the gradient at ``x``. ValueError for betas outside (0, 1)."""
+    return _evaluate(True, xs, beta1, beta2)

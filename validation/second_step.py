@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sfed_theory.adam_steps import second_step_ratio
+from sfed_theory.adam_steps import second_step_ratio, second_step_slope
 from validation.config import RunConfig
 
 __all__ = ["second_step_changes", "recorded_round", "second_step_summary", "SMALL_GRADIENT"]
@@ -74,13 +74,12 @@ def _kept(g0: torch.Tensor) -> torch.Tensor:
 
 def second_step_summary(x: np.ndarray, beta1: float = 0.9, beta2: float = 0.999) -> dict[str, float]:
     """Quantiles of ``x``, the share below -1/2 and -1, and the means of Adam's second-step ratio ``f(x)`` and of its
-    slope ``f'(x)`` (a central difference of the derived form): how strongly, averaged over the coordinates, the second
+    derived slope ``f'(x)``: how strongly, averaged over the coordinates, the second
     step responds to a small common change of the gradient such as the first step's own effect."""
     x = np.asarray(x, dtype=float)
     if x.size == 0:
         raise ValueError("no coordinates to summarise")
-    h = 1e-5
-    slope = (second_step_ratio(x + h, beta1, beta2) - second_step_ratio(x - h, beta1, beta2)) / (2 * h)
+    slope = second_step_slope(x, beta1, beta2)
     return {"n_coordinates": float(x.size), "x_q10": float(np.quantile(x, 0.1)), "x_median": float(np.median(x)),
             "x_q90": float(np.quantile(x, 0.9)), "share_below_half": float(np.mean(x < -0.5)),
             "share_below_one": float(np.mean(x < -1.0)), "f_mean": float(second_step_ratio(x, beta1, beta2).mean()),
