@@ -28,7 +28,8 @@ from validation.analysis import TOLERANCE, loglog_slope
 from validation.metrics import ALL
 from validation.refined import RefinedParams, pilot_curvature, predict_points
 
-__all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes", "measured_n_ratio", "curvature_rise"]
+__all__ = ["model_secant_curvature", "measured_rank_slope", "secant_slopes", "measured_n_ratio", "curvature_rise",
+           "seed_bootstrap"]
 
 
 def model_secant_curvature(p: RefinedParams, rule: str, ranks, ns, ks, alpha: float) -> np.ndarray:
@@ -52,10 +53,10 @@ def measured_rank_slope(rows: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -
     ranks = wide.columns.to_numpy(float)
     if ranks.size < 2:
         return float("nan"), float("nan"), float("nan")
-    return _seed_bootstrap(wide.to_numpy(float), lambda means: loglog_slope(ranks, means), n_boot, seed)
+    return seed_bootstrap(wide.to_numpy(float), lambda means: loglog_slope(ranks, means), n_boot, seed)
 
 
-def _seed_bootstrap(values: np.ndarray, statistic, n_boot: int, seed: int) -> tuple[float, float, float]:
+def seed_bootstrap(values: np.ndarray, statistic, n_boot: int, seed: int) -> tuple[float, float, float]:
     """``(statistic, ci_low, ci_high)`` of ``statistic`` of the column means of ``values`` (seed x column): the 95%
     CI resamples the rows (seeds), paired across the columns; draws where the statistic is not finite are left out."""
     est = float(statistic(np.nanmean(values, axis=0)))
@@ -102,7 +103,7 @@ def measured_n_ratio(rows: pd.DataFrame, n_from: int, n_to: int, n_boot: int = 1
     if n_from not in wide or n_to not in wide:
         return float("nan"), float("nan"), float("nan")
     values = wide[[n_from, n_to]].dropna(how="all").to_numpy(float)
-    return _seed_bootstrap(values, lambda means: means[1] / means[0], n_boot, seed)
+    return seed_bootstrap(values, lambda means: means[1] / means[0], n_boot, seed)
 
 
 def curvature_rise(rows: pd.DataFrame, steps=((1, 4), (4, 16)), round: int = 1, n_boot: int = 1000) -> pd.DataFrame:
