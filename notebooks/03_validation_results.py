@@ -288,7 +288,9 @@ display(Markdown(" ".join(txt)))
 # IID and Dirichlet(0.5) splits, N in {1, 4, 16}, r in {4, 16, 64}, 27 seeds, with every quantity
 # measured where the theory takes it. Three predictions per slope: the canonical model at $\rho=0$,
 # the canonical model at each point's measured $\hat\rho$ (follows the data by construction), and
-# the refined model (`sfed_theory` regime `adam-refined`) with its parameters estimated from the
+# the refined model (`sfed_theory` regime `adam-refined`, in the README's form: two vectors, the gradient's input
+# direction and the tokens' spike at the angle measured on the pilot rerun, and lambda following the pilot's measured
+# secant curvature per rule and rank) with its parameters estimated from the
 # runs with N <= 4 only (N = 1 and 4 of the check, and the N = 2 runs of
 # `results/gradient_check_two_clients.parquet`, 9 seeds), its client correlations at every N from the label
 # law fitted on that pilot (below); its slopes that reach N = 16 are out of sample. `within_tol_ceiling` is the
@@ -296,22 +298,29 @@ display(Markdown(" ".join(txt)))
 # given each measured slope's bootstrap spread: the ceiling the measurement's own noise sets.
 
 # %%
+from paper_figures.empirical_figs import refined_params  # noqa: E402
+from paper_figures.exponent_tables import two_vector_inputs  # noqa: E402
 from paper_figures.probe_input_table import stored_nu  # noqa: E402
 from validation.analysis import agreement_summary, refined_fits, with_pilot_runs  # noqa: E402
 from validation.refined_store import read_params  # noqa: E402
 
 grad = experiments.load("gradient_check", results_dir)
 two_clients = experiments.load("gradient_check_two_clients", results_dir)
+coherent = experiments.load("gradient_check_coherent", results_dir)  # the pilot rerun that measured kappa and nu_g
 # the probe's input bulk, measured on its inputs at the round's start (these results predate the harness column)
 nu = stored_nu(grad, results_dir)
 print(f"probe input bulk nu = {nu:.4f} (results/probe_inputs.csv)")
-# the exponent table's fit (results/gradient_check_refined_params.csv) when it was fitted on these very rows, else
-# fitted here (minutes): validation.refined_store checks the rows' fingerprint
+# The README's refined model: two vectors (the gradient's input direction and the tokens' spike) and lambda from the
+# pilot's measured secant curvature per rule and rank. The exponent table's fit
+# (results/gradient_check_two_vectors_measured_curvature_refined_params.csv) is read when it was fitted on these very
+# rows, else fitted here (minutes): validation.refined_store checks the rows' fingerprint
 pilot_rows = with_pilot_runs(grad, two_clients)
-stored = results_dir / "gradient_check_refined_params.csv"
-params = read_params(stored, pilot_rows, nu=nu, kappa=1.0, pilot_max_n=4)
-print("refined parameters:", "fitted here" if params is None else "read from " + stored.name)
-params = refined_fits(pilot_rows, round=ROUND, nu=nu) if params is None else params
+stored = results_dir / "gradient_check_two_vectors_measured_curvature_refined_params.csv"
+kappa, nu_g = two_vector_inputs(pilot_rows, coherent, results_dir)[1:]
+print(f"kappa = {kappa:.3f}, nu_g = {nu_g:.4f} (the pilot rerun)")
+read = read_params(stored, pilot_rows, nu=nu, kappa=kappa, nu_g=nu_g, pilot_max_n=4)
+print("refined parameters:", "fitted here" if read is None else "read from " + stored.name)
+params = read if read is not None else refined_params(pilot_rows, ROUND, stored=stored, pilot=coherent)
 gfits = fit_exponents(grad, round=ROUND, n_boot=N_BOOT, refined=params)
 agree = agreement_summary(gfits)
 agree["inside_ci_share"] = (agree.in_ci / agree.slopes).round(3)
@@ -345,15 +354,16 @@ print("\n".join(p.describe() for p in params.values() if p.scheme == "ffa"))
 # `results/gradient_check_coherent.parquet` reran the check's pilot (N = 1, 4; seeds 0-2) with both. Holding
 # `f_in` at the pilot mean of either (phi and lambda still fitted) gives the stored tables
 # `results/gradient_check_f_in_{top,probe}_exponents.csv` (`python -m paper_figures.exponent_tables --f-in top`,
-# five minutes each; read here, not refitted), beside the fitted model's above:
+# five minutes each; read here, not refitted), beside the same one-vector model with `f_in` fitted
+# (`results/gradient_check_exponents.csv`) and the README's model above (two vectors, measured curvature):
 
 # %%
 from validation.analysis import F_IN_COLUMNS, measured_f_in  # noqa: E402
 
-coherent = experiments.load("gradient_check_coherent", results_dir)
 display(pd.DataFrame({c: measured_f_in(coherent, column=c) for c in F_IN_COLUMNS}).round(3))
-held = {"fitted (above)": gfits}
+held = {"one vector, fitted": pd.read_csv(results_dir / "gradient_check_exponents.csv")}
 held.update({f"held at {c}": pd.read_csv(results_dir / f"gradient_check_f_in_{c}_exponents.csv") for c in ("top", "probe")})
+held["two vectors, measured curvature (above)"] = gfits
 pd.DataFrame({k: f[f.predicted_refined.notna()].groupby("quantity").agrees_refined.sum() for k, f in held.items()}).assign(
     slopes=gfits.groupby("quantity").size()).T
 

@@ -150,10 +150,15 @@ def with_predictions(df: pd.DataFrame, rnd: int = 1, fit_on: pd.DataFrame | dict
     return pd.DataFrame(out)
 
 
-def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None) -> dict:
+def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None,
+                   pilot: pd.DataFrame | None = None) -> dict:
     """The refined model's per-quantity parameters for this results set (empty if it cannot be fitted):
     read from ``stored`` (an exponent table's ``*_refined_params.csv``, whose folder also holds the probe's
-    stored input bulk) when they were fitted on exactly ``df`` at round 1 with the same settings, else fitted."""
+    stored input bulk) when they were fitted on exactly ``df`` at round 1 with the same settings, else fitted.
+    With ``pilot`` (the check's pilot rerun that measured the gradient's input direction,
+    ``gradient_check_coherent``) the model is the README's: two vectors and the pilot's measured secant curvature
+    per rule and rank (``exponent_tables --two-vectors --measured-curvature``); without it, one probe vector and
+    one curvature."""
     import warnings
 
     try:
@@ -165,11 +170,20 @@ def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None) -
         return {}  # results from before the refined model's measurements
     from paper_figures.probe_input_table import rows_nu
 
-    nu = rows_nu(df, stored.parent) if stored is not None else rows_nu(df)
+    from paper_figures.experiments import DEFAULT_RESULTS
+
+    folder = stored.parent if stored is not None else DEFAULT_RESULTS
+    settings: dict = dict(nu=rows_nu(df, folder), kappa=1.0, pilot_max_n=4)
+    if pilot is not None:
+        from paper_figures.exponent_tables import two_vector_inputs
+
+        nu, kappa, nu_g = two_vector_inputs(df, pilot, folder)
+        settings = dict(nu=nu, kappa=kappa, nu_g=nu_g, pilot_max_n=4)
+    law = "measured" if pilot is not None else "one"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return stored_or_fitted(df, stored if rnd == 1 else None, lambda: refined_fits(df, round=rnd, nu=nu),
-                                nu=nu, kappa=1.0, pilot_max_n=4)
+        return stored_or_fitted(df, stored if rnd == 1 else None,
+                                lambda: refined_fits(df, round=rnd, curvature_law=law, **settings), **settings)
 
 
 def _refined_point(params: dict, q: str, r: pd.Series) -> float:

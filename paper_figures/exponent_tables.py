@@ -60,7 +60,8 @@ from paper_figures.experiments import DEFAULT_RESULTS, load
 from paper_figures.probe_input_table import rows_nu
 from validation.config import PILOT_MAX_N  # the pilot's default largest N: slopes reaching N = 16 are predictions
 
-__all__ = ["PILOT_MAX_N", "PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables", "main"]
+__all__ = ["PILOT_MAX_N", "PILOT_RUNS", "MEASURED_F_IN", "F_IN_CHOICES", "GRADIENT_DIRECTION", "exponent_table", "write_tables",
+           "two_vector_inputs", "main"]
 
 PILOT_RUNS = {"gradient_check": "gradient_check_two_clients", "gradient_check_small_lr": "gradient_check_two_clients",
               "gradient_check_one_step": None, "gradient_check_sgd": None}
@@ -168,6 +169,16 @@ def _input_directions(df: pd.DataFrame, pilot: pd.DataFrame | None, results: Pat
     if two_vectors:
         return rows_nu(df, results), measured_kappa(rows), grad_nu
     return grad_nu, 1.0, None
+
+
+def two_vector_inputs(df: pd.DataFrame, pilot: pd.DataFrame,
+                      results: Path = DEFAULT_RESULTS) -> tuple[float, float, float]:
+    """``(nu, kappa, nu_g)`` of the two-vector model (``--two-vectors``) for a check's rows ``df`` and its pilot
+    rerun ``pilot`` (:data:`MEASURED_F_IN`'s experiment): the tokens' bulk, the angle between the gradient's input
+    direction and the tokens' spike, and the gradient direction's bulk, as the stored tables use them."""
+    nu, kappa, nu_g = _input_directions(df, pilot, results, False, True)
+    assert nu_g is not None
+    return nu, kappa, nu_g
 
 
 def write_tables(check: str, results: Path = DEFAULT_RESULTS, n_boot: int = 1000, f_in: str = "fitted",

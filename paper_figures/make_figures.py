@@ -130,19 +130,27 @@ def _with_two_clients(results: dict) -> pd.DataFrame:
     return with_pilot_runs(results["gradient_check"], results.get("gradient_check_two_clients"))
 
 
-_STORED_PARAMS = "_stored_refined_params"
-"""Key of ``results`` (besides the experiments' tables): the exponent table's refined parameters file."""
+_RESULTS_DIR = "_results_dir"
+"""Key of ``results`` (besides the experiments' tables): the folder they were read from."""
+REFINED_PILOT = "gradient_check_coherent"
+"""The pilot rerun that measured the gradient's input direction: when it is stored, the figures' refined model is
+the README's (two vectors, the pilot's measured curvature); else one probe vector and one curvature."""
+STORED_PARAMS = {True: "gradient_check_two_vectors_measured_curvature_refined_params.csv",
+                 False: "gradient_check_refined_params.csv"}
+"""Whether :data:`REFINED_PILOT` is stored -> the exponent table whose refined parameters the figures read."""
 
 
 def _refined(results: dict) -> dict:
     """The refined model fitted once on the gradient check's pilot (N <= 4, with the N = 2 runs), shared by
-    every figure drawn from ``results`` (main, a, b, d, i and p all use it): the exponent table's stored fit
-    when it was fitted on these very rows (:mod:`validation.refined_store`), else fitted here."""
+    every figure drawn from ``results`` (main, a, b, d, i, p and v use it): the exponent table's stored fit
+    (:data:`STORED_PARAMS`) when it was fitted on these very rows (:mod:`validation.refined_store`), else fitted
+    here."""
     if "_refined_gradient_check" not in results:
         from paper_figures.empirical_figs import refined_params
 
-        rows = _with_two_clients(results)
-        results["_refined_gradient_check"] = refined_params(rows, stored=results.get(_STORED_PARAMS))
+        rows, pilot = _with_two_clients(results), results.get(REFINED_PILOT)
+        stored = Path(results[_RESULTS_DIR]) / STORED_PARAMS[pilot is not None] if _RESULTS_DIR in results else None
+        results["_refined_gradient_check"] = refined_params(rows, stored=stored, pilot=pilot)
     return results["_refined_gradient_check"]
 
 
@@ -228,7 +236,10 @@ def build(out: str | Path = "figures", results_dir: str | Path = experiments.DEF
     formats = tuple(formats)
     needed = sorted({e for k in keys for e in _BY_KEY[k].needs})
     results = {exp: experiments.load(exp, results_dir) for exp in needed}  # fail early, before drawing
-    results[_STORED_PARAMS] = Path(results_dir) / "gradient_check_refined_params.csv"
+    if ("gradient_check" in results and REFINED_PILOT not in results
+            and experiments.results_path(REFINED_PILOT, results_dir).is_file()):
+        results[REFINED_PILOT] = experiments.load(REFINED_PILOT, results_dir)  # optional: the refined model's inputs
+    results[_RESULTS_DIR] = Path(results_dir)
     written: list[Path] = []
     for k in keys:
         fig = _BY_KEY[k]

@@ -58,12 +58,28 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
 def test_figures_of_one_build_share_one_refined_fit(tmp_path, monkeypatch):
     calls = []  # an empty fit (no refined lines) is enough to count the calls
     monkeypatch.setattr(empirical_figs, "refined_params",
-                        lambda df, rnd=1, stored=None: calls.append((len(df), stored)) or {})
+                        lambda df, rnd=1, stored=None, pilot=None: calls.append((len(df), stored, len(pilot))) or {})
     make_figures.build(tmp_path, RESULTS, keys=["main", "a", "b", "d"], formats=("png",), verbose=False)
     check, two = experiments.load("gradient_check", RESULTS), experiments.load("gradient_check_two_clients", RESULTS)
     pilot_rows = len(check) + int(two.lr.isin(check.lr.unique()).sum())
-    # the N = 2 runs at the check's learning rate join the pilot; the exponent table's stored fit is offered
-    assert calls == [(pilot_rows, RESULTS / "gradient_check_refined_params.csv")]
+    coherent = len(experiments.load(make_figures.REFINED_PILOT, RESULTS))
+    # the N = 2 runs at the check's learning rate join the pilot; the exponent table's stored fit of the README's
+    # model (two vectors, measured curvature) is offered, with the pilot rerun that measured its inputs
+    assert calls == [(pilot_rows, RESULTS / "gradient_check_two_vectors_measured_curvature_refined_params.csv",
+                      coherent)]
+
+
+def test_figures_without_the_pilot_rerun_fall_back_to_one_vector(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(empirical_figs, "refined_params",
+                        lambda df, rnd=1, stored=None, pilot=None: calls.append((stored.name, pilot)) or {})
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for name in ("gradient_check", "gradient_check_two_clients"):
+        path = experiments.results_path(name, RESULTS)
+        (folder / path.name).symlink_to(path)
+    make_figures.build(tmp_path / "figs", folder, keys=["d"], formats=("png",), verbose=False)
+    assert calls == [("gradient_check_refined_params.csv", None)]
 
 
 def test_committed_main_figure_for_readme_exists():

@@ -128,3 +128,31 @@ def test_the_committed_default_fit_is_what_the_code_fits_now():
             assert getattr(s, name) == pytest.approx(getattr(p, name), rel=1e-6, abs=1e-12), (key, name)
         assert dict(s.rho_by_k) == pytest.approx(dict(p.rho_by_k), rel=1e-6)
         assert s.tau2x2 == pytest.approx(p.tau2x2, rel=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_committed_figures_fit_is_what_the_code_fits_now():
+    # The figures and notebook 03 show the README's model (two vectors, the pilot's measured curvature) from
+    # results/gradient_check_two_vectors_measured_curvature_refined_params.csv: refit one group the same way.
+    import warnings
+
+    from paper_figures.experiments import load
+    from paper_figures.exponent_tables import fitted_rows, two_vector_inputs
+    from validation.analysis import refined_fits
+
+    rows = fitted_rows("gradient_check", RESULTS)
+    nu, kappa, nu_g = two_vector_inputs(rows, load("gradient_check_coherent", RESULTS), RESULTS)
+    settings = dict(nu=nu, kappa=kappa, nu_g=nu_g, pilot_max_n=4)
+    stored = read_params(RESULTS / "gradient_check_two_vectors_measured_curvature_refined_params.csv", rows, **settings)
+    assert stored is not None, "the committed table was fitted on other rows or settings: rewrite it"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refit = refined_fits(rows, curvature_law="measured", only=("ffa", "iid"), **settings)
+    assert len(refit) == 4
+    for key, p in refit.items():
+        s = stored[key]
+        for name in ("f_in", "phi", "lam", "rho_f", "rho_skew", "rho_gap", "rms_log_residual"):
+            assert getattr(s, name) == pytest.approx(getattr(p, name), rel=1e-6, abs=1e-12), (key, name)
+        assert {(u, a): c for u, a, c in s.curvature_measured} == pytest.approx(
+            {(u, a): c for u, a, c in p.curvature_measured}, rel=1e-9)
