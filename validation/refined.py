@@ -654,19 +654,13 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
     miss (inf where undefined)."""
     from scipy.optimize import brentq
 
-    kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
-    one_q, mean_q = PROJECTED_MOMENTS[p.rho_column]
-    args = (pts.rule.to_numpy(object), r, kk, pts.alpha.to_numpy(float), _NODES[:, None])
-    vander = np.vander(_NODES, 4, increasing=True)
-    shape = (_NODES.size, len(pts))  # a moment free of rho comes back with the points' shape only
-    c_one = np.linalg.solve(vander, np.broadcast_to(_moment(p, one_q, _client_scheme(p.scheme), *args), shape))
-    c_mean = np.linalg.solve(vander, np.broadcast_to(_moment(p, mean_q, _mean_scheme(p.rho_column, p.scheme), *args),
-                                                     shape))
+    kk = pts.n_participating.to_numpy(float)
+    moments = _client_and_mean_moments(p, pts)
 
     def corr(rho: float, on: np.ndarray) -> float:
-        pw = rho ** np.arange(4)[:, None]
+        one, mean = moments(rho, on)
         with np.errstate(divide="ignore", invalid="ignore"):
-            v = (kk[on] * np.sum(c_mean[:, on] * pw, 0) / np.sum(c_one[:, on] * pw, 0) - 1.0) / (kk[on] - 1.0)
+            v = (kk[on] * mean / one - 1.0) / (kk[on] - 1.0)
         return float(np.mean(v)) if np.all(np.isfinite(v)) else math.nan
 
     def solve(target: float, on: np.ndarray) -> tuple[float, float]:
@@ -679,6 +673,34 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
         return (a, fa) if abs(fa) < abs(fb) else (b, fb)
 
     return corr, solve
+
+
+def _client_and_mean_moments(p: RefinedParams, pts: pd.DataFrame):
+    """``moments(rho, on) -> (one client's, the mean's)`` moment of ``p.rho_column``'s projection at the points
+    ``on`` of ``pts``. With lambda free of rho (one curvature, a rank law, or the saturating law, whose shared step
+    holds no client noise) both are polynomials of degree <= 3 in rho, read off four nodes once; under the measured
+    curvature lambda is set from the update's response, which changes with rho, so they are evaluated at each rho."""
+    kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
+    rules, alpha = pts.rule.to_numpy(object), pts.alpha.to_numpy(float)
+    one_q, mean_q = PROJECTED_MOMENTS[p.rho_column]
+    one_scheme, mean_scheme = _client_scheme(p.scheme), _mean_scheme(p.rho_column, p.scheme)
+    if p.curvature_measured:
+        def exact(rho: float, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            at = (rules[on], r[on], kk[on], alpha[on], rho)
+            return _moment(p, one_q, one_scheme, *at), _moment(p, mean_q, mean_scheme, *at)
+
+        return exact
+    args = (rules, r, kk, alpha, _NODES[:, None])
+    vander = np.vander(_NODES, 4, increasing=True)
+    shape = (_NODES.size, len(pts))  # a moment free of rho comes back with the points' shape only
+    c_one = np.linalg.solve(vander, np.broadcast_to(_moment(p, one_q, one_scheme, *args), shape))
+    c_mean = np.linalg.solve(vander, np.broadcast_to(_moment(p, mean_q, mean_scheme, *args), shape))
+
+    def polynomial(rho: float, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pw = rho ** np.arange(4)[:, None]
+        return np.sum(c_one[:, on] * pw, 0), np.sum(c_mean[:, on] * pw, 0)
+
+    return polynomial
 
 
 def check_curvature_law(law: str) -> None:
