@@ -173,13 +173,13 @@ def refined_params(df: pd.DataFrame, rnd: int = 1, stored: Path | None = None,
     from paper_figures.experiments import DEFAULT_RESULTS
 
     folder = stored.parent if stored is not None else DEFAULT_RESULTS
-    settings: dict = dict(nu=rows_nu(df, folder), kappa=1.0, pilot_max_n=4)
-    if pilot is not None:
+    if pilot is None:
+        law, settings = "one", dict(nu=rows_nu(df, folder), kappa=1.0, pilot_max_n=4)
+    else:
         from paper_figures.exponent_tables import two_vector_inputs
 
         nu, kappa, nu_g = two_vector_inputs(df, pilot, folder)
-        settings = dict(nu=nu, kappa=kappa, nu_g=nu_g, pilot_max_n=4)
-    law = "measured" if pilot is not None else "one"
+        law, settings = "measured", dict(nu=nu, kappa=kappa, nu_g=nu_g, pilot_max_n=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return stored_or_fitted(df, stored if rnd == 1 else None,

@@ -374,11 +374,16 @@ def _mean_scheme(column: str, scheme: str) -> str:
 def _model_correlation(p: RefinedParams, column: str, rules, r: np.ndarray, kk: np.ndarray, alpha,
                        rho) -> np.ndarray:
     """The harness's ratio estimate (equal weights) of ``column`` in the model at correlation ``rho``."""
-    one_q, mean_q = PROJECTED_MOMENTS[column]
-    one = _moment(p, one_q, _client_scheme(p.scheme), rules, r, kk, alpha, rho)
-    mean = _moment(p, mean_q, _mean_scheme(column, p.scheme), rules, r, kk, alpha, rho)
+    one, mean = _projected_moments(p, column, rules, r, kk, alpha, rho)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (kk * mean / one - 1.0) / (kk - 1.0)
+
+
+def _projected_moments(p: RefinedParams, column: str, rules, r, kk, alpha, rho) -> tuple[np.ndarray, np.ndarray]:
+    """``(one client's, the mean's)`` derived moment of the projection ``column`` measures, at correlation ``rho``."""
+    one_q, mean_q = PROJECTED_MOMENTS[column]
+    return (_moment(p, one_q, _client_scheme(p.scheme), rules, r, kk, alpha, rho),
+            _moment(p, mean_q, _mean_scheme(column, p.scheme), rules, r, kk, alpha, rho))
 
 
 def predicted_correlation(p: RefinedParams, rule: str, ranks, ks, alpha: float) -> np.ndarray:
@@ -682,19 +687,13 @@ def _client_and_mean_moments(p: RefinedParams, pts: pd.DataFrame):
     curvature lambda is set from the update's response, which changes with rho, so they are evaluated at each rho."""
     kk, r = pts.n_participating.to_numpy(float), pts["rank"].to_numpy(float)
     rules, alpha = pts.rule.to_numpy(object), pts.alpha.to_numpy(float)
-    one_q, mean_q = PROJECTED_MOMENTS[p.rho_column]
-    one_scheme, mean_scheme = _client_scheme(p.scheme), _mean_scheme(p.rho_column, p.scheme)
     if p.curvature_measured:
-        def exact(rho: float, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            at = (rules[on], r[on], kk[on], alpha[on], rho)
-            return _moment(p, one_q, one_scheme, *at), _moment(p, mean_q, mean_scheme, *at)
-
-        return exact
-    args = (rules, r, kk, alpha, _NODES[:, None])
+        return lambda rho, on: _projected_moments(p, p.rho_column, rules[on], r[on], kk[on], alpha[on], rho)
+    one, mean = _projected_moments(p, p.rho_column, rules, r, kk, alpha, _NODES[:, None])
     vander = np.vander(_NODES, 4, increasing=True)
     shape = (_NODES.size, len(pts))  # a moment free of rho comes back with the points' shape only
-    c_one = np.linalg.solve(vander, np.broadcast_to(_moment(p, one_q, one_scheme, *args), shape))
-    c_mean = np.linalg.solve(vander, np.broadcast_to(_moment(p, mean_q, mean_scheme, *args), shape))
+    c_one = np.linalg.solve(vander, np.broadcast_to(one, shape))
+    c_mean = np.linalg.solve(vander, np.broadcast_to(mean, shape))
 
     def polynomial(rho: float, on: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pw = rho ** np.arange(4)[:, None]
