@@ -374,7 +374,12 @@ def _mean_scheme(column: str, scheme: str) -> str:
 def _model_correlation(p: RefinedParams, column: str, rules, r: np.ndarray, kk: np.ndarray, alpha,
                        rho) -> np.ndarray:
     """The harness's ratio estimate (equal weights) of ``column`` in the model at correlation ``rho``."""
-    one, mean = _projected_moments(p, column, rules, r, kk, alpha, rho)
+    return _ratio_estimate(kk, *_projected_moments(p, column, rules, r, kk, alpha, rho))
+
+
+def _ratio_estimate(kk: np.ndarray, one: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The harness's equal-weight ratio estimate of a pairwise correlation from one client's and the mean's moment
+    at ``kk`` clients: ``(K E||mean||^2 / E||one||^2 - 1) / (K - 1)`` (undefined at K = 1)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         return (kk * mean / one - 1.0) / (kk - 1.0)
 
@@ -663,9 +668,7 @@ def _correlation_solver(p: RefinedParams, pts: pd.DataFrame):
     moments = _client_and_mean_moments(p, pts)
 
     def corr(rho: float, on: np.ndarray) -> float:
-        one, mean = moments(rho, on)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            v = (kk[on] * mean / one - 1.0) / (kk[on] - 1.0)
+        v = _ratio_estimate(kk[on], *moments(rho, on))
         return float(np.mean(v)) if np.all(np.isfinite(v)) else math.nan
 
     def solve(target: float, on: np.ndarray) -> tuple[float, float]:
