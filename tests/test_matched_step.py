@@ -1,0 +1,41 @@
+"""The matched-step comparison: ratios of seed RMS against a hand computation, and its errors."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from validation.matched_step import matched_step_ratios
+
+
+def _rows(n, gamma, alpha, grads):
+    return pd.DataFrame([{"scheme": "ffa", "partition": "iid", "rule": "sfed", "rank": 4, "n_clients": n,
+                          "gamma": gamma, "alpha": alpha, "layer": "__all__", "round": 1, "diverged": False,
+                          "seed": s, "grad_B_end": g, "grad_A_end": 2.0 * g} for s, g in grads.items()])
+
+
+REFERENCE = pd.concat([_rows(4, 16.0, 16.0, {0: 3.0, 1: 4.0}), _rows(16, 32.0, 16.0, {0: 1.0, 1: 2.0, 2: 9.0})])
+MATCHED = _rows(4, 32.0, 32.0, {0: 2.0, 1: 2.0})
+
+
+def test_ratio_is_the_root_of_a_ratio_of_mean_squares_over_the_common_seeds():
+    t = matched_step_ratios(REFERENCE, MATCHED, n_boot=200).set_index(["against", "column"])
+    # seed 2 exists only in the reference and is left out; a mean of norms would give 4/3, not sqrt(8/5)
+    assert t.loc[("same gamma", "grad_B_end"), "ratio"] == pytest.approx(math.sqrt(8 / 5))
+    assert t.loc[("same N", "grad_B_end"), "ratio"] == pytest.approx(math.sqrt(8 / 25))
+    assert t.loc[("same gamma", "grad_A_end"), "ratio"] == pytest.approx(math.sqrt(8 / 5))  # scale-free
+    assert (t.n_seeds == 2).all()
+    assert t.loc[("same gamma", "grad_B_end"), "ref_n_clients"] == 16
+    assert t.loc[("same N", "grad_B_end"), "ref_gamma"] == 16.0
+    assert not t.loc[("same N", "grad_B_end"), "inside"]  # every bootstrap draw lies below 1
+    lo, hi = t.loc[("same N", "grad_B_end"), ["ci_low", "ci_high"]]
+    assert lo <= t.loc[("same N", "grad_B_end"), "ratio"] <= hi
+
+
+def test_a_matched_cell_without_its_reference_is_an_error():
+    with pytest.raises(ValueError, match="same gamma"):
+        matched_step_ratios(REFERENCE[REFERENCE.n_clients == 4], MATCHED)
+    with pytest.raises(ValueError, match="same N"):
+        matched_step_ratios(REFERENCE[REFERENCE.n_clients == 16], MATCHED)
+    with pytest.raises(ValueError, match="two seeds"):
+        matched_step_ratios(REFERENCE, MATCHED[MATCHED.seed == 0])

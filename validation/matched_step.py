@@ -1,0 +1,71 @@
+"""The same gamma taken by fewer clients: is a gradient at the round's end set by the step or by the client count?
+
+SFed's gamma grows with N, so at N = 16 its step along the direction every client descends is larger than any
+pilot run's at N <= 4. Runs at a small N with a larger alpha (the grid ``gradient_check_matched_gamma``: N = 4,
+alpha 32) take SFed's N = 16 gamma with the same shared step and a noise part sqrt(16/4) = 2 times larger in norm
+(the clients' noise averages as 1/K). :func:`matched_step_ratios` sets each such cell beside the reference runs of the
+same scheme, split, rule and rank at the same gamma (another N) and at the same N (another gamma): the ratio of the
+seed RMS of an end-of-round gradient, with a seed-paired bootstrap CI (a seed fixes the probe and the A init, so
+the start gradients of paired cells agree up to gamma). A ratio of 1 against the same gamma says the step sets the
+gradient whatever the clients' count, so a large-step pilot at N <= 4 would carry it to N = 16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from validation.metrics import ALL
+from validation.secant_curvature import seed_bootstrap
+
+__all__ = ["MATCHED_COLUMNS", "matched_step_ratios"]
+
+MATCHED_COLUMNS = ("grad_B_end", "grad_A_end")
+"""The end-of-round probe gradients compared by default (where the refined model misses most)."""
+
+_CELL = ["scheme", "partition", "rule", "rank"]
+
+
+def _round_one(rows: pd.DataFrame) -> pd.DataFrame:
+    a = rows[(rows.layer == ALL) & (rows["round"] == 1)]
+    return a[~a.diverged.astype(bool)] if "diverged" in a else a
+
+
+def _paired_ratio(m: pd.DataFrame, ref: pd.DataFrame, column: str, n_boot: int, seed: int) -> dict:
+    """sqrt(mean m^2 / mean ref^2) over the seeds both have, with its seed-paired 95% CI."""
+    both = m.set_index("seed")[column].to_frame("m").join(ref.set_index("seed")[column].rename("ref"), how="inner")
+    if len(both) < 2:
+        raise ValueError(f"{column}: fewer than two seeds in common ({len(both)})")
+    if both.index.duplicated().any():
+        raise ValueError(f"{column}: duplicate seeds in a cell")
+    est, lo, hi = seed_bootstrap((both.to_numpy() ** 2), lambda mean: np.sqrt(mean[0] / mean[1]), n_boot, seed)
+    return {"ratio": est, "ci_low": lo, "ci_high": hi, "n_seeds": len(both)}
+
+
+def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, columns=MATCHED_COLUMNS,
+                        n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One row per cell of ``matched`` (harness rows; the ``__all__`` layer of round 1), column and comparison
+    (``against``: ``"same gamma"``, the ``reference`` cell of the same scheme, split, rule and rank with the same gamma
+    at another N; ``"same N"``, the one at the same N with another gamma): the ratio of the seed RMS of ``column``,
+    matched over reference, its 95% CI (seeds paired), ``inside``: the CI contains 1, and both cells' N and gamma.
+    ValueError when a matched cell has no reference at its gamma or at its N, or several."""
+    ref, mat = _round_one(reference), _round_one(matched)
+    out = []
+    for key, m in mat.groupby(_CELL + ["n_clients"]):
+        cell = dict(zip(_CELL + ["n_clients"], key))
+        gamma = float(m.gamma.iloc[0])
+        if not np.allclose(m.gamma, gamma):
+            raise ValueError(f"gamma varies within the matched cell {cell}")
+        same = ref[np.logical_and.reduce([ref[c] == cell[c] for c in _CELL])]
+        targets = {"same gamma": same[np.isclose(same.gamma, gamma) & (same.n_clients != cell["n_clients"])],
+                   "same N": same[(same.n_clients == cell["n_clients"]) & ~np.isclose(same.gamma, gamma)]}
+        for against, t in targets.items():
+            if t.empty or t.n_clients.nunique() != 1 or t.gamma.nunique() != 1:
+                raise ValueError(f"{cell} (gamma {gamma:g}): need exactly one reference cell at {against}, found "
+                                 f"N = {sorted(t.n_clients.unique())}, gamma = {sorted(t.gamma.unique())}")
+            for column in columns:
+                out.append({**cell, "gamma": gamma, "alpha": float(m.alpha.iloc[0]), "against": against,
+                            "ref_n_clients": int(t.n_clients.iloc[0]), "ref_gamma": float(t.gamma.iloc[0]),
+                            "column": column, **_paired_ratio(m, t, column, n_boot, seed)})
+    res = pd.DataFrame(out)
+    return res.assign(inside=(res.ci_low <= 1.0) & (res.ci_high >= 1.0)) if len(res) else res
