@@ -24,6 +24,8 @@ def test_ratio_is_the_root_of_a_ratio_of_mean_squares_over_the_common_seeds():
     assert t.loc[("same gamma", "grad_B_end"), "ratio"] == pytest.approx(math.sqrt(8 / 5))
     assert t.loc[("same N", "grad_B_end"), "ratio"] == pytest.approx(math.sqrt(8 / 25))
     assert t.loc[("same gamma", "grad_A_end"), "ratio"] == pytest.approx(math.sqrt(8 / 5))  # scale-free
+    assert t.loc[("same N", "grad_B_end"), "per_gamma"] == pytest.approx(math.sqrt(8 / 25) * 16 / 32)
+    assert t.loc[("same gamma", "grad_B_end"), "per_gamma"] == pytest.approx(math.sqrt(8 / 5))
     assert (t.n_seeds == 2).all()
     assert t.loc[("same gamma", "grad_B_end"), "ref_n_clients"] == 16
     assert t.loc[("same N", "grad_B_end"), "ref_gamma"] == 16.0

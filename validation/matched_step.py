@@ -47,7 +47,9 @@ def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, colum
     """One row per cell of ``matched`` (harness rows; the ``__all__`` layer of round 1), column and comparison
     (``against``: ``"same gamma"``, the ``reference`` cell of the same scheme, split, rule and rank with the same gamma
     at another N; ``"same N"``, the one at the same N with another gamma): the ratio of the seed RMS of ``column``,
-    matched over reference, its 95% CI (seeds paired), ``inside``: the CI contains 1, and both cells' N and gamma.
+    matched over reference, its 95% CI (seeds paired), ``inside``: the CI contains 1, both cells' N and gamma, and
+    ``per_gamma`` (with ``per_gamma_low``, ``per_gamma_high``): the ratio over the gammas' ratio, the comparison per
+    unit gamma (against the same N, 1 says the end gradient grew with gamma as the start gradient does).
     ValueError when a matched cell has no reference at its gamma or at its N, or several."""
     ref, mat = _round_one(reference), _round_one(matched)
     out = []
@@ -68,4 +70,8 @@ def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, colum
                             "ref_n_clients": int(t.n_clients.iloc[0]), "ref_gamma": float(t.gamma.iloc[0]),
                             "column": column, **_paired_ratio(m, t, column, n_boot, seed)})
     res = pd.DataFrame(out)
-    return res.assign(inside=(res.ci_low <= 1.0) & (res.ci_high >= 1.0)) if len(res) else res
+    if res.empty:
+        return res
+    unit = res.ref_gamma / res.gamma  # a probe gradient scales with gamma at a fixed adapter (peft's gamma B A)
+    return res.assign(inside=(res.ci_low <= 1.0) & (res.ci_high >= 1.0), per_gamma=res.ratio * unit,
+                      per_gamma_low=res.ci_low * unit, per_gamma_high=res.ci_high * unit)
