@@ -34,6 +34,11 @@ run x round x layer, config columns included) with its provenance in ``<results>
   round's update (``response_top_input``, ``response_alignment``), against the refined model's ``lam dW C``.
 * ``gradient_check_one_layer``: the same with one adapted layer instead of twelve: the response without the
   other layers' updates.
+* ``gradient_check_matched_gamma``: the check at N = 4 with alpha 32, so that SFed's gamma equals its gamma at N = 16
+  (alpha 16): the same shared step taken by four clients instead of sixteen. Is the probe gradient's shrink at
+  SFed's largest steps set by gamma, so that a pilot at N <= 4 with large steps could carry it to N = 16?
+* ``gradient_check_matched_gamma_one_client``: the same gamma at N = 1 (alpha 64): with N = 4 it predicts N = 16
+  if the clients' noise part of the squared end gradient averages as 1/K at a fixed gamma.
 * ``lr_transfer``: the learning-rate sweep across N and r per rule: (j).
 * ``hetero_ranks``: clients of ranks (4, 16, 64) cycled to N, one round, per rule: (l).
 * ``hetero_lr``: the same rank mix trained 8 rounds at each rule's tuned learning rate: (m).
@@ -70,7 +75,8 @@ EXPERIMENTS: tuple[str, ...] = ("scaling", "curves", "convergence", "normcheck",
                                 "gradient_check_two_clients", "gradient_check_large_probe", "gradient_check_strong_skew",
                                 "gradient_check_line", "gradient_check_one_step",
                                 "gradient_check_three_steps", "gradient_check_coherent", "gradient_check_response",
-                                "gradient_check_one_layer", "lr_transfer", "hetero_ranks", "hetero_lr")
+                                "gradient_check_one_layer", "gradient_check_matched_gamma",
+                                "gradient_check_matched_gamma_one_client", "lr_transfer", "hetero_ranks", "hetero_lr")
 GRID_EXPERIMENTS: tuple[str, ...] = ("scaling", "curves")  # plain GridConfig files (no extra axes)
 GRID_SETS: tuple[str, ...] = ("cpu", "gpu", "quick")  # quick: the synthetic task, for checks and tests
 DEFAULT_RESULTS = provenance.ROOT / "results"

@@ -63,6 +63,7 @@ class Figure:
         from paper_figures import line_probe_figs as LP
         from paper_figures import local_steps_figs as LS
         from paper_figures import lr_transfer as L
+        from paper_figures import matched_step_figs as MS
         from paper_figures import theory_figs as T
 
         norms = lambda: E.default_slice(results["gradient_check"])  # noqa: E731  FFA, Dirichlet, AdamW
@@ -103,6 +104,8 @@ class Figure:
             "v": lambda: CS.fig_coherent_share(results["gradient_check_coherent"], _refined(results), out, formats),
             "w": lambda: RS.fig_response_shape({"12 layers": results["gradient_check_response"],
                                                 "one layer": results["gradient_check_one_layer"]}, out, formats),
+            "x": lambda: MS.fig_matched_step(results["gradient_check"], results["gradient_check_matched_gamma"], out,
+                                             formats, one_client=results["gradient_check_matched_gamma_one_client"]),
         }
         return fns[self.key]()
 
@@ -209,6 +212,10 @@ FIGURES: tuple[Figure, ...] = (
            "where the probe gradient's change within the round comes from (top input direction, output alignment) "
            "vs rank, twelve adapted layers and one, against the refined model's curvature term",
            also=("gradient_check_one_layer",)),
+    Figure("x", "fig_matched_step", "gradient_check_matched_gamma",
+           "SFed's N = 16 gamma taken by four clients (alpha 32): end-of-round gradients against N = 16 at the same "
+           "gamma, N = 4 at alpha 16, and N = 16 predicted from N = 1 and 4 at its gamma",
+           also=("gradient_check", "gradient_check_matched_gamma_one_client")),
 )
 _BY_KEY = {f.key: f for f in FIGURES}
 

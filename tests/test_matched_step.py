@@ -41,3 +41,18 @@ def test_a_matched_cell_without_its_reference_is_an_error():
         matched_step_ratios(REFERENCE[REFERENCE.n_clients == 16], MATCHED)
     with pytest.raises(ValueError, match="two seeds"):
         matched_step_ratios(REFERENCE, MATCHED[MATCHED.seed == 0])
+
+
+def test_one_over_k_prediction_is_the_line_in_one_over_k_through_the_pilot():
+    from validation.matched_step import one_over_k_prediction
+
+    rows = pd.concat([_rows(1, 32.0, 64.0, {0: 3.0, 1: 5.0}), _rows(4, 32.0, 32.0, {0: 2.0, 1: 4.0}),
+                      _rows(16, 32.0, 16.0, {0: 1.0, 1: 3.0}), _rows(4, 16.0, 16.0, {0: 9.0, 1: 9.0})])
+    t = one_over_k_prediction(rows, columns=("grad_B_end",), n_boot=200)
+    assert len(t) == 1 and t.gamma.iloc[0] == 32.0  # the gamma-16 cell has no N = 1 and 16: left out
+    m1, m4, m16 = (9 + 25) / 2, (4 + 16) / 2, (1 + 9) / 2  # seed means of the squares
+    n = (m1 - m4) / (1 - 1 / 4)  # S + n/K through K = 1 and 4
+    assert t.ratio.iloc[0] == pytest.approx(math.sqrt((m4 - n / 4 + n / 16) / m16))
+    assert t.measured_rms.iloc[0] == pytest.approx(math.sqrt(m16))
+    with pytest.raises(ValueError, match="no .* group"):
+        one_over_k_prediction(rows[rows.n_clients != 1])

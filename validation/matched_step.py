@@ -8,6 +8,10 @@ same scheme, split, rule and rank at the same gamma (another N) and at the same 
 seed RMS of an end-of-round gradient, with a seed-paired bootstrap CI (a seed fixes the probe and the A init, so
 the start gradients of paired cells agree up to gamma). A ratio of 1 against the same gamma says the step sets the
 gradient whatever the clients' count, so a large-step pilot at N <= 4 would carry it to N = 16.
+
+If not, the clients' count enters through their noise. Where that part of a squared gradient averages as 1/K at a
+fixed gamma, ``E||g||^2 = S + n/K``, two client counts at one gamma (N = 1 and 4, a pilot with large steps) fix S
+and n and predict a third (N = 16): :func:`one_over_k_prediction` tests that out of sample.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pandas as pd
 from validation.metrics import ALL
 from validation.secant_curvature import seed_bootstrap
 
-__all__ = ["MATCHED_COLUMNS", "matched_step_ratios"]
+__all__ = ["MATCHED_COLUMNS", "matched_step_ratios", "one_over_k_prediction"]
 
 MATCHED_COLUMNS = ("grad_B_end", "grad_A_end")
 """The end-of-round probe gradients compared by default (where the refined model misses most)."""
@@ -75,3 +79,39 @@ def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, colum
     unit = res.ref_gamma / res.gamma  # a probe gradient scales with gamma at a fixed adapter (peft's gamma B A)
     return res.assign(inside=(res.ci_low <= 1.0) & (res.ci_high >= 1.0), per_gamma=res.ratio * unit,
                       per_gamma_low=res.ci_low * unit, per_gamma_high=res.ci_high * unit)
+
+
+def _one_over_k(pilot_ks: tuple[int, int], target_k: int):
+    """``f(m1, m2) -> m3``: the value at ``target_k`` of the line in 1/K through ``(1/k1, m1)`` and ``(1/k2, m2)``."""
+    (k1, k2), k3 = pilot_ks, target_k
+    w = (1 / k3 - 1 / k2) / (1 / k1 - 1 / k2)
+    return lambda m1, m2: m2 + w * (m1 - m2)
+
+
+def one_over_k_prediction(rows: pd.DataFrame, *, pilot_ks: tuple[int, int] = (1, 4), target_k: int = 16,
+                          columns=MATCHED_COLUMNS, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Per (scheme, partition, rule, rank, gamma) of ``rows`` (harness rows; the ``__all__`` layer of round 1) that
+    has runs at both ``pilot_ks`` and ``target_k`` clients, and per column: the seed mean of its square at
+    ``target_k`` predicted from the pilot's two, ``E||g||^2 = S + n/K``, against the measured, as ``ratio`` =
+    sqrt(predicted/measured) with a 95% CI (seeds common to the three cells, paired; NaN where the prediction is
+    negative), and ``inside``: the CI contains 1. ValueError when no group has the three client counts."""
+    a = _round_one(rows)
+    predict = _one_over_k(pilot_ks, target_k)
+    ks = (*pilot_ks, target_k)
+    out = []
+    for key, g in a.groupby(_CELL + ["gamma"]):
+        if not set(ks) <= set(g.n_clients):
+            continue
+        cells = [g[g.n_clients == k].set_index("seed") for k in ks]
+        if any(c.index.duplicated().any() for c in cells):
+            raise ValueError(f"duplicate seeds in a cell of {dict(zip(_CELL + ['gamma'], key))}")
+        for column in columns:
+            sq = pd.concat([c[column] ** 2 for c in cells], axis=1, join="inner").to_numpy()
+            with np.errstate(invalid="ignore"):
+                est, lo, hi = seed_bootstrap(sq, lambda m: np.sqrt(predict(m[0], m[1]) / m[2]), n_boot, seed)
+            out.append({**dict(zip(_CELL + ["gamma"], key)), "column": column, "n_seeds": len(sq),
+                        "measured_rms": float(np.sqrt(sq[:, 2].mean())), "ratio": est, "ci_low": lo, "ci_high": hi,
+                        "inside": bool(lo <= 1.0 <= hi)})
+    if not out:
+        raise ValueError(f"no (scheme, split, rule, rank, gamma) group has runs at N = {ks}")
+    return pd.DataFrame(out)
