@@ -63,7 +63,8 @@ def fig_matched_step(reference: pd.DataFrame, matched: pd.DataFrame, out: Path, 
     handles = [Line2D([], [], color=style.RULE_COLORS["sfed"], marker=m, mfc="white" if k else None, label=lab)
                for k, (m, lab) in enumerate(_AGAINST.values()) if (t.against == list(_AGAINST)[k]).any()]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=6)
-    same = t[t.against == "same gamma"]
+    same, pred = t[t.against == "same gamma"], t[t.against == "from N = 1 and 4"]
+    negative = f"; the S + n/K prediction negative (not drawn): {int(pred.ratio.isna().sum())}/{len(pred)}" if len(pred) else ""
     fig.suptitle(f"SFed, AdamW, lr 1e-3, one round: N = 4 with alpha 32 takes the gamma of N = 16 (alpha 16). "
-                 f"CI contains 1 against the same gamma: {int(same.inside.sum())}/{len(same)}", fontsize=7)
+                 f"CI contains 1 against the same gamma: {int(same.inside.sum())}/{len(same)}{negative}", fontsize=7)
     return style.save(fig, out, stem, formats)

@@ -37,8 +37,8 @@ def test_cli_writes_every_expected_file_from_committed_results(tmp_path, capsys)
     assert code == 0, capsys.readouterr().err
     expected = make_figures.expected_files(out)
     keys = [f.key for f in make_figures.FIGURES]
-    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w"]
-    assert len(expected) == 2 * len(keys) == 48  # main + (a)..(w), PNG and PDF
+    assert keys == ["main", "a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v", "w", "x"]
+    assert len(expected) == 2 * len(keys) == 50  # main + (a)..(x), PNG and PDF
     assert {p.name for p in expected} >= {"fig_convergence.png", "fig_convergence.pdf", "fig_normcheck.png",
                                           "fig_normcheck.pdf", "fig_lr_transfer.png", "fig_hetero_lr.pdf"}
     written = sorted(out.iterdir())
