@@ -56,3 +56,13 @@ def test_one_over_k_prediction_is_the_line_in_one_over_k_through_the_pilot():
     assert t.measured_rms.iloc[0] == pytest.approx(math.sqrt(m16))
     with pytest.raises(ValueError, match="no .* group"):
         one_over_k_prediction(rows[rows.n_clients != 1])
+
+
+def test_a_negative_one_over_k_prediction_has_no_ratio_and_no_ci():
+    from validation.matched_step import one_over_k_prediction
+
+    # the line in 1/K through K = 1 (mean square 100) and 4 (1) is negative at K = 16
+    rows = pd.concat([_rows(1, 32.0, 64.0, {0: 10.0, 1: 10.0, 2: 1.0}), _rows(4, 32.0, 32.0, {0: 1.0, 1: 1.0, 2: 1.0}),
+                      _rows(16, 32.0, 16.0, {0: 1.0, 1: 1.0, 2: 1.0})])
+    t = one_over_k_prediction(rows, columns=("grad_B_end",), n_boot=200)
+    assert t[["ratio", "ci_low", "ci_high"]].isna().all(axis=None) and not t.inside.iloc[0]

@@ -35,15 +35,24 @@ def _round_one(rows: pd.DataFrame) -> pd.DataFrame:
     return a[~a.diverged.astype(bool)] if "diverged" in a else a
 
 
-def _paired_ratio(m: pd.DataFrame, ref: pd.DataFrame, column: str, n_boot: int, seed: int) -> dict:
-    """sqrt(mean m^2 / mean ref^2) over the seeds both have, with its seed-paired 95% CI."""
-    both = m.set_index("seed")[column].to_frame("m").join(ref.set_index("seed")[column].rename("ref"), how="inner")
-    if len(both) < 2:
-        raise ValueError(f"{column}: fewer than two seeds in common ({len(both)})")
-    if both.index.duplicated().any():
+def _squares_by_seed(cells: list[pd.DataFrame], column: str) -> np.ndarray:
+    """seed x cell: the squares of ``column`` over the seeds every cell has (the bootstrap pairs them)."""
+    if any(c.seed.duplicated().any() for c in cells):
         raise ValueError(f"{column}: duplicate seeds in a cell")
-    est, lo, hi = seed_bootstrap((both.to_numpy() ** 2), lambda mean: np.sqrt(mean[0] / mean[1]), n_boot, seed)
-    return {"ratio": est, "ci_low": lo, "ci_high": hi, "n_seeds": len(both)}
+    sq = pd.concat([c.set_index("seed")[column] ** 2 for c in cells], axis=1, join="inner").to_numpy()
+    if len(sq) < 2:
+        raise ValueError(f"{column}: fewer than two seeds in common ({len(sq)})")
+    return sq
+
+
+def _ratio_with_ci(sq: np.ndarray, statistic, n_boot: int, seed: int) -> dict:
+    """``statistic`` of the seed means with its seed-paired 95% CI; where the estimate itself is not finite, no CI
+    (one built from the draws where it is would describe another quantity)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        est, lo, hi = seed_bootstrap(sq, statistic, n_boot, seed)
+    if not np.isfinite(est):
+        lo = hi = np.nan
+    return {"n_seeds": len(sq), "ratio": est, "ci_low": lo, "ci_high": hi, "inside": bool(lo <= 1.0 <= hi)}
 
 
 def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, columns=MATCHED_COLUMNS,
@@ -72,13 +81,13 @@ def matched_step_ratios(reference: pd.DataFrame, matched: pd.DataFrame, *, colum
             for column in columns:
                 out.append({**cell, "gamma": gamma, "alpha": float(m.alpha.iloc[0]), "against": against,
                             "ref_n_clients": int(t.n_clients.iloc[0]), "ref_gamma": float(t.gamma.iloc[0]),
-                            "column": column, **_paired_ratio(m, t, column, n_boot, seed)})
+                            "column": column, **_ratio_with_ci(_squares_by_seed([m, t], column),
+                                                               lambda mean: np.sqrt(mean[0] / mean[1]), n_boot, seed)})
     res = pd.DataFrame(out)
     if res.empty:
         return res
     unit = res.ref_gamma / res.gamma  # a probe gradient scales with gamma at a fixed adapter (peft's gamma B A)
-    return res.assign(inside=(res.ci_low <= 1.0) & (res.ci_high >= 1.0), per_gamma=res.ratio * unit,
-                      per_gamma_low=res.ci_low * unit, per_gamma_high=res.ci_high * unit)
+    return res.assign(per_gamma=res.ratio * unit, per_gamma_low=res.ci_low * unit, per_gamma_high=res.ci_high * unit)
 
 
 def _one_over_k(pilot_ks: tuple[int, int], target_k: int):
@@ -93,8 +102,8 @@ def one_over_k_prediction(rows: pd.DataFrame, *, pilot_ks: tuple[int, int] = (1,
     """Per (scheme, partition, rule, rank, gamma) of ``rows`` (harness rows; the ``__all__`` layer of round 1) that
     has runs at both ``pilot_ks`` and ``target_k`` clients, and per column: the seed mean of its square at
     ``target_k`` predicted from the pilot's two, ``E||g||^2 = S + n/K``, against the measured, as ``ratio`` =
-    sqrt(predicted/measured) with a 95% CI (seeds common to the three cells, paired; NaN where the prediction is
-    negative), and ``inside``: the CI contains 1. ValueError when no group has the three client counts."""
+    sqrt(predicted/measured) with a 95% CI (seeds common to the three cells, paired; the ratio and its CI NaN where
+    the prediction is negative), and ``inside``: the CI contains 1. ValueError when no group has the three client counts."""
     a = _round_one(rows)
     predict = _one_over_k(pilot_ks, target_k)
     ks = (*pilot_ks, target_k)
@@ -102,16 +111,12 @@ def one_over_k_prediction(rows: pd.DataFrame, *, pilot_ks: tuple[int, int] = (1,
     for key, g in a.groupby(_CELL + ["gamma"]):
         if not set(ks) <= set(g.n_clients):
             continue
-        cells = [g[g.n_clients == k].set_index("seed") for k in ks]
-        if any(c.index.duplicated().any() for c in cells):
-            raise ValueError(f"duplicate seeds in a cell of {dict(zip(_CELL + ['gamma'], key))}")
+        cells = [g[g.n_clients == k] for k in ks]
         for column in columns:
-            sq = pd.concat([c[column] ** 2 for c in cells], axis=1, join="inner").to_numpy()
-            with np.errstate(invalid="ignore"):
-                est, lo, hi = seed_bootstrap(sq, lambda m: np.sqrt(predict(m[0], m[1]) / m[2]), n_boot, seed)
-            out.append({**dict(zip(_CELL + ["gamma"], key)), "column": column, "n_seeds": len(sq),
-                        "measured_rms": float(np.sqrt(sq[:, 2].mean())), "ratio": est, "ci_low": lo, "ci_high": hi,
-                        "inside": bool(lo <= 1.0 <= hi)})
+            sq = _squares_by_seed(cells, column)
+            out.append({**dict(zip(_CELL + ["gamma"], key)), "column": column,
+                        "measured_rms": float(np.sqrt(sq[:, 2].mean())),
+                        **_ratio_with_ci(sq, lambda m: np.sqrt(predict(m[0], m[1]) / m[2]), n_boot, seed)})
     if not out:
         raise ValueError(f"no (scheme, split, rule, rank, gamma) group has runs at N = {ks}")
     return pd.DataFrame(out)
