@@ -51,8 +51,8 @@ def fig_matched_step(reference: pd.DataFrame, matched: pd.DataFrame, out: Path, 
                 h = g[g.against == against].sort_values("rank")
                 x = h["rank"] * 1.08 ** (k - 1)  # the comparisons side by side
                 ax.errorbar(x, h.per_gamma, yerr=[h.per_gamma - h.per_gamma_low, h.per_gamma_high - h.per_gamma],
-                            marker=marker, ms=3.5,
-                            lw=1, capsize=2, color=style.RULE_COLORS["sfed"], mfc="white" if k else None)
+                            marker=marker, ms=3.5, lw=1, capsize=2, color=style.RULE_COLORS["sfed"],
+                            mfc="white" if k else None)
             ax.axhline(1, color="0.6", lw=0.6)
             ax.set(xscale="log", xticks=[4, 16, 64], xticklabels=["4", "16", "64"])
             ax.minorticks_off()
@@ -61,7 +61,7 @@ def fig_matched_step(reference: pd.DataFrame, matched: pd.DataFrame, out: Path, 
     for ax in axes[-1]:
         ax.set_xlabel("rank r")
     handles = [Line2D([], [], color=style.RULE_COLORS["sfed"], marker=m, mfc="white" if k else None, label=lab)
-               for k, (m, lab) in enumerate(_AGAINST.values()) if (t.against == list(_AGAINST)[k]).any()]
+               for k, (against, (m, lab)) in enumerate(_AGAINST.items()) if (t.against == against).any()]
     fig.legend(handles=handles, loc="outside lower center", ncol=2, fontsize=6)
     same, pred = t[t.against == "same gamma"], t[t.against == "from N = 1 and 4"]
     negative = f"; the S + n/K prediction negative (not drawn): {int(pred.ratio.isna().sum())}/{len(pred)}" if len(pred) else ""
